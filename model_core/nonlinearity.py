@@ -1,0 +1,63 @@
+"""The nonlinearity σ, as a proximal operator (math notes §1, Appendix C.2 of the paper).
+
+Both are prox operators of indicators of convex sets, so the splitting methods apply:
+
+* :class:`ReLU`: the prox of the indicator of ``{z ≥ 0}``.
+* :class:`BorderReLU`: the prox of the indicator of ``{z ≥ 0, z = 0 on a one-pixel border}``.
+  Padded convolutional models use it so that circular convolutions never wrap real pixels
+  around the image edge.
+
+Their derivatives ``J = σ'(v)`` are 0/1 masks, which the backward solvers rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Nonlinearity(nn.Module):
+    """σ: a proximal operator applied elementwise to ``(B, *z_shape)`` tensors."""
+
+    def forward(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def derivative(self, v: Tensor) -> Tensor:
+        """``J = σ'(v)`` as a 0/1 tensor shaped like ``v``."""
+        raise NotImplementedError
+
+
+class ReLU(Nonlinearity):
+    """``σ(v) = max(v, 0)``."""
+
+    def forward(self, v: Tensor) -> Tensor:
+        return torch.relu(v)
+
+    def derivative(self, v: Tensor) -> Tensor:
+        return (v > 0).to(v.dtype)
+
+
+class BorderReLU(Nonlinearity):
+    """``σ(v) = max(v, 0)`` inside, 0 on the masked-out border.
+
+    Args:
+        mask: 0/1 tensor of shape ``z_shape`` (or broadcastable to it), 0 on the border.
+    """
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        # A buffer, so it follows .to(device) but is rebuilt from the config, not stored.
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return torch.relu(v) * self.mask.to(v.dtype)
+
+    def derivative(self, v: Tensor) -> Tensor:
+        return (v > 0).to(v.dtype) * self.mask.to(v.dtype)
+
+
+def border_mask(size: int, width: int = 1) -> Tensor:
+    """``(size, size)`` float mask, 1 inside and 0 on a border ``width`` pixels wide."""
+    mask = torch.zeros(size, size)
+    mask[width : size - width, width : size - width] = 1.0
+    return mask

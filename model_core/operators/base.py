@@ -1,0 +1,134 @@
+"""The interface every monotone linear operator implements (math notes §1–§5)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Resolvents kept per operator. Serving holds one α and builds the next one aside while
+# retuning; training needs one per optimizer step. Four covers both with room to spare.
+RESOLVENT_CACHE_SIZE = 4
+
+
+class Resolvent:
+    """``V = (I + α(I − W))⁻¹`` and ``Vᵀ``, prepared once for one (weights, α).
+
+    Built by :meth:`MonotoneOperator.resolvent`; holds no autograd graph.
+    """
+
+    def __init__(self, op: MonotoneOperator, alpha: float, data: Any):
+        self.op = op
+        self.alpha = alpha
+        self.data = data
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """``V z`` for ``z`` of shape ``(B, *op.z_shape)``."""
+        return self.op._apply_inverse(self.data, z, transpose=False)
+
+    def inverse_transpose(self, z: Tensor) -> Tensor:
+        """``Vᵀ z`` for ``z`` of shape ``(B, *op.z_shape)``."""
+        return self.op._apply_inverse(self.data, z, transpose=True)
+
+
+class MonotoneOperator(nn.Module):
+    """A linear layer ``z ↦ W z + U x + b`` with ``I − W ⪰ m I`` by construction.
+
+    Concrete operators implement ``_k`` (apply ``I − W`` or its transpose), ``_prepare``
+    and ``_apply_inverse`` (the resolvent), ``bias`` and ``injection_norm``. Everything
+    else, and the caching of resolvents per (weights, α), lives here.
+
+    Attributes:
+        m: the monotonicity parameter ``m > 0``.
+        z_shape: per-sample shape of the hidden state ``z``.
+    """
+
+    m: float
+    z_shape: tuple[int, ...]
+
+    def __init__(self, m: float):
+        super().__init__()
+        if not m > 0:
+            raise ValueError(f"m must be > 0 for a monotone operator, got {m}")
+        self.m = float(m)
+        self._resolvents: OrderedDict[tuple, Resolvent] = OrderedDict()
+
+    # ---- the written-down interface -------------------------------------------------
+    def bias(self, x: Tensor) -> Tensor:
+        """``U x + b``: ``(B, C, H, W)`` (or ``(B, D)``) input to ``(B, *z_shape)``."""
+        raise NotImplementedError
+
+    def multiply(self, z: Tensor) -> Tensor:
+        """``W z`` for ``z`` of shape ``(B, *z_shape)``."""
+        return z - self._k(z, transpose=False)
+
+    def multiply_transpose(self, z: Tensor) -> Tensor:
+        """``Wᵀ z`` for ``z`` of shape ``(B, *z_shape)``."""
+        return z - self._k(z, transpose=True)
+
+    def resolvent(self, alpha: float) -> Resolvent:
+        """``(I + α(I − W))⁻¹`` for the current weights, cached per (weights, α)."""
+        alpha = float(alpha)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        key = (alpha, *self._weights_key())
+        hit = self._resolvents.get(key)
+        if hit is not None:
+            self._resolvents.move_to_end(key)
+            return hit
+        with torch.no_grad():
+            res = Resolvent(self, alpha, self._prepare(alpha))
+        self._resolvents[key] = res
+        while len(self._resolvents) > RESOLVENT_CACHE_SIZE:
+            self._resolvents.popitem(last=False)
+        return res
+
+    def injection_norm(self) -> float:
+        """``‖U‖₂``, the spectral norm of the input injection (for §7's Lipschitz bound)."""
+        raise NotImplementedError
+
+    # ---- what concrete operators implement ------------------------------------------
+    def _k(self, z: Tensor, transpose: bool) -> Tensor:
+        """``(I − W) z`` or ``(I − W)ᵀ z``."""
+        raise NotImplementedError
+
+    def _prepare(self, alpha: float) -> Any:
+        """Whatever ``_apply_inverse`` needs for this α (computed without autograd)."""
+        raise NotImplementedError
+
+    def _apply_inverse(self, data: Any, z: Tensor, transpose: bool) -> Tensor:
+        raise NotImplementedError
+
+    # ---- helpers ------------------------------------------------------------------
+    def _weights_key(self) -> tuple:
+        """Identifies the current weights: storage, in-place version, dtype and device.
+
+        Optimizer steps and ``load_state_dict`` bump ``_version``; ``.to()`` changes the
+        storage. Either invalidates cached resolvents and spectra.
+        """
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+
+    def clear_cache(self) -> None:
+        """Drop cached resolvents (they are rebuilt on demand)."""
+        self._resolvents.clear()
+
+    @torch.no_grad()
+    def operator_norm_estimate(self, iters: int = 50, seed: int = 0) -> float:
+        """``‖I − W‖₂`` by power iteration on ``(I − W)ᵀ(I − W)`` (for the FB step bound)."""
+        p = next(self.parameters())
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn((1, *self.z_shape), generator=gen, dtype=p.dtype).to(p.device)
+        v = v / v.norm()
+        sigma = 0.0
+        for _ in range(iters):
+            w = self._k(self._k(v, transpose=False), transpose=True)
+            sigma = w.norm().sqrt().item()
+            v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
+        return sigma
+
+    def forward_backward_alpha(self) -> float:
+        """A safe FB step: half the bound ``2m / ‖I − W‖²`` of Algorithm 1."""
+        norm = self.operator_norm_estimate()
+        return self.m / max(norm * norm, 1e-12)

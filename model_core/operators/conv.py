@@ -1,0 +1,319 @@
+"""Convolutional monotone operators: single circular conv and multi-tier (math notes §4, §5).
+
+One class covers both: a single-conv model is the one-tier case. Tier ``i`` holds ``n_i``
+channels on an ``s_i × s_i`` grid. The image is zero-padded by one pixel, so
+``s_1 = image + 2``, and ``s_(i+1) = s_i/2 + 1`` (stride-2 conv, then the embedding ``P``
+that appends a zero row and column).
+
+Parameters, in the paper's weight-norm form (§1) with the scale on ``AᵀA`` kept
+non-negative by storing its logarithm:
+
+* ``A_i = √g_i · A0_i/‖A0_i‖_F``  (``n_i → n_i``, 3×3), ``g_i = exp(log_g[i])``
+* ``S_i = √gn_i · S0_i/‖S0_i‖_F`` (``n_i → n_(i+1)``, 3×3, stride 2)
+* ``B_i = h_i · B0_i/‖B0_i‖_F``    (``n_i → n_i``, 3×3)
+* ``U``: ``in_channels → n_1``, 3×3 with bias, on the padded image.
+
+``W = (1 − m) I − L + B − Bᵀ`` where ``L`` is block lower triangular with diagonal blocks
+``A_iᵀA_i + S_iᵀS_i`` and sub-diagonal blocks ``2 A_(i+1)ᵀ P S_i`` (§5): its symmetric part
+is ``AᵀA ⪰ 0``, so ``I − W ⪰ m I``. ``I + α(I − W)`` is block lower triangular; its inverse
+runs tier by tier (forward substitution), each diagonal block inverted per alias group
+with the Woodbury identity, the middle inverse an ``n_(i+1) × n_(i+1)`` matrix per
+low-resolution frequency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nonlinearity import border_mask
+from .base import MonotoneOperator
+from .spectral import AliasGroups, block_diag4, from_spectrum, to_spectrum, transfer
+
+_SPECTRA_CACHE_SIZE = 2
+
+
+def tier_sizes(image_size: int, tiers: int) -> list[int]:
+    """Grid sizes ``s_i``: ``s_1 = image + 2``, ``s_(i+1) = s_i/2 + 1`` (§5)."""
+    sizes = [image_size + 2]
+    for _ in range(tiers - 1):
+        if sizes[-1] % 2:
+            raise ValueError(
+                f"tier grid {sizes[-1]} is odd, so a stride-2 tier cannot follow it; "
+                f"image size {image_size} supports fewer tiers"
+            )
+        sizes.append(sizes[-1] // 2 + 1)
+    return sizes
+
+
+@dataclass
+class _TierSpectra:
+    """Per-frequency blocks of one tier (autograd-tracked when built with grad).
+
+    ``k``: the diagonal block of ``I − W``: ``(F, n, n)`` for the last tier, ``(F', 4n, 4n)``
+    (alias-group layout) for the others. ``a_hat``: ``(F, n, n)`` transfer of ``A_i``.
+    ``kd``: ``(F, n, n)``, ``m I + ÂᴴÂ − B̂ + B̂ᴴ``. ``s_grp``: ``(F', 4, n_(i+1), n)``, ``½ ĉ`` of
+    ``S_i`` per alias (``None`` for the last tier).
+    """
+
+    k: Tensor
+    a_hat: Tensor
+    kd: Tensor
+    s_grp: Tensor | None
+
+    @property
+    def s_blk(self) -> Tensor:
+        """``(F', n_(i+1), 4n)``: ``S_i`` in group layout."""
+        g, four, n2, n = self.s_grp.shape
+        return self.s_grp.permute(0, 2, 1, 3).reshape(g, n2, four * n)
+
+
+class MultiTierOperator(MonotoneOperator):
+    """Multi-tier (and, with one tier, single) circular-convolution monotone operator.
+
+    Args:
+        in_channels: image channels.
+        channels: ``[n_1, …, n_L]``.
+        image_size: image height = width (before the one-pixel pad).
+        m: monotonicity parameter.
+        kernel_size: odd kernel size of every conv.
+
+    ``z_shape`` is ``(n_1, s_1, s_1)`` for one tier and ``(Σ n_i s_i²,)`` (tiers flattened
+    and concatenated) for several.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: list[int],
+        image_size: int,
+        m: float = 1.0,
+        kernel_size: int = 3,
+    ):
+        super().__init__(m)
+        if not channels:
+            raise ValueError("channels must name at least one tier")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.channels = [int(c) for c in channels]
+        self.sizes = tier_sizes(image_size, len(self.channels))
+        self.kernel_size = kernel_size
+        n, k, tiers = self.channels, kernel_size, len(self.channels)
+
+        self.U = nn.Conv2d(in_channels, n[0], k)
+        self.A = nn.ParameterList(_kernel(c, c, k) for c in n)
+        self.B = nn.ParameterList(_kernel(c, c, k) for c in n)
+        self.S = nn.ParameterList(_kernel(n[i + 1], n[i], k) for i in range(tiers - 1))
+        self.log_g = nn.Parameter(torch.zeros(tiers))
+        self.log_gn = nn.Parameter(torch.zeros(tiers - 1)) if tiers > 1 else None
+        self.h = nn.Parameter(torch.ones(tiers))
+
+        self.numels = [c * s * s for c, s in zip(n, self.sizes, strict=True)]
+        self.z_shape = (n[0], self.sizes[0], self.sizes[0]) if tiers == 1 else (sum(self.numels),)
+        self._groups: dict[tuple[int, torch.device], AliasGroups] = {}
+        self._spectra: OrderedDict[tuple, list[_TierSpectra]] = OrderedDict()
+
+    # ---- layout -------------------------------------------------------------------
+    @property
+    def tiers(self) -> int:
+        return len(self.channels)
+
+    def split(self, z: Tensor) -> list[Tensor]:
+        """``(B, *z_shape)`` → per tier ``(B, n_i, s_i, s_i)`` (views)."""
+        b = z.shape[0]
+        if self.tiers == 1:
+            return [z.view(b, self.channels[0], self.sizes[0], self.sizes[0])]
+        out, start = [], 0
+        for c, s, size in zip(self.channels, self.sizes, self.numels, strict=True):
+            out.append(z[:, start : start + size].view(b, c, s, s))
+            start += size
+        return out
+
+    def merge(self, tiers: list[Tensor]) -> Tensor:
+        """Inverse of :meth:`split`."""
+        if self.tiers == 1:
+            return tiers[0]
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tiers], dim=1)
+
+    def border_mask(self) -> Tensor:
+        """0/1 mask of ``z_shape`` zeroing a one-pixel border of every tier (§5)."""
+        masks = [
+            border_mask(s).expand(c, s, s) for c, s in zip(self.channels, self.sizes, strict=True)
+        ]
+        if self.tiers == 1:
+            return masks[0][:1].clone()  # (1, s, s) broadcasts over channels
+        return torch.cat([mk.reshape(-1) for mk in masks])
+
+    def _alias(self, i: int, device: torch.device) -> AliasGroups:
+        key = (i, device)
+        if key not in self._groups:
+            self._groups[key] = AliasGroups(self.sizes[i], device=device)
+        return self._groups[key]
+
+    # ---- effective weights --------------------------------------------------------
+    def weights(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Effective kernels ``(A_i, B_i, S_i)`` after the weight-norm scaling."""
+        a = [
+            torch.exp(0.5 * self.log_g[i]) * w / w.norm()
+            for i, w in enumerate(self.A)  # √g A0/‖A0‖
+        ]
+        b = [self.h[i] * w / w.norm() for i, w in enumerate(self.B)]
+        s = [torch.exp(0.5 * self.log_gn[i]) * w / w.norm() for i, w in enumerate(self.S)]
+        return a, b, s
+
+    def spectra(self) -> list[_TierSpectra]:
+        """Per-tier frequency blocks; cached per weights when autograd is off."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self._build_spectra()
+        key = self._weights_key()
+        hit = self._spectra.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = self._build_spectra()
+            self._spectra[key] = hit
+            while len(self._spectra) > _SPECTRA_CACHE_SIZE:
+                self._spectra.popitem(last=False)
+        return hit
+
+    def _build_spectra(self) -> list[_TierSpectra]:
+        a_w, b_w, s_w = self.weights()
+        out = []
+        for i, (c, s) in enumerate(zip(self.channels, self.sizes, strict=True)):
+            a_hat, b_hat = transfer(a_w[i], s), transfer(b_w[i], s)
+            eye = torch.eye(c, dtype=a_hat.dtype, device=a_hat.device)
+            kd = self.m * eye + a_hat.mH @ a_hat - b_hat + b_hat.mH
+            if i == self.tiers - 1:
+                out.append(_TierSpectra(k=kd, a_hat=a_hat, kd=kd, s_grp=None))
+                continue
+            grp = self._alias(i, a_hat.device)
+            s_grp = 0.5 * grp.group(transfer(s_w[i], s))  # (F', 4, n2, n)
+            spec = _TierSpectra(k=kd, a_hat=a_hat, kd=kd, s_grp=s_grp)
+            s_blk = spec.s_blk
+            spec.k = block_diag4(grp.group(kd)) + s_blk.mH @ s_blk
+            out.append(spec)
+        return out
+
+    # ---- the interface ------------------------------------------------------------
+    def bias(self, x: Tensor) -> Tensor:
+        """``U x + b`` on the zero-padded image, feeding tier 1 only. ``(B, *z_shape)``."""
+        p = self.kernel_size // 2
+        xp = F.pad(x, (1, 1, 1, 1))  # the one-pixel zero border (Appendix C.2)
+        u = F.conv2d(F.pad(xp, (p, p, p, p), mode="circular"), self.U.weight, self.U.bias)
+        if self.tiers == 1:
+            return u
+        rest = u.new_zeros(u.shape[0], sum(self.numels[1:]))
+        return torch.cat([u.reshape(u.shape[0], -1), rest], dim=1)
+
+    def injection_norm(self) -> float:
+        with torch.no_grad():
+            u_hat = transfer(self.U.weight, self.sizes[0])
+            return torch.linalg.matrix_norm(u_hat, ord=2).max().item()
+
+    def _couple(self, spec_next: _TierSpectra, s_blk: Tensor, y_grp: Tensor, i: int) -> Tensor:
+        """``2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout; half layout out."""
+        r = self.sizes[i] // 2
+        low = from_spectrum(s_blk @ y_grp, r)  # S_i y on the r grid, in space
+        lifted = to_spectrum(F.pad(low, (0, 1, 0, 1)))  # P: append a zero row and column
+        return 2.0 * (spec_next.a_hat.mH @ lifted)
+
+    def _couple_transpose(self, spec_next: _TierSpectra, s_blk: Tensor, x_next: Tensor, i: int):
+        """``2 S_iᵀ Pᵀ Â_(i+1) x`` for tier ``i+1``'s half-layout ``x``; group layout out."""
+        r = self.sizes[i] // 2
+        up = from_spectrum(spec_next.a_hat @ x_next, self.sizes[i + 1])[..., :r, :r]  # Pᵀ
+        return 2.0 * (s_blk.mH @ to_spectrum(up))
+
+    def _k(self, z: Tensor, transpose: bool) -> Tensor:
+        """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""
+        specs = self.spectra()
+        xs = [to_spectrum(t) for t in self.split(z)]
+        outs: list[Tensor] = []
+        last = self.tiers - 1
+        incoming: Tensor | None = None  # 2 Â_iᴴ P S_(i-1) z_(i-1), forward direction only
+        for i, (spec, x) in enumerate(zip(specs, xs, strict=True)):
+            k = spec.k.mH if transpose else spec.k
+            if i == last:
+                y = k @ x
+            else:
+                grp = self._alias(i, x.device)
+                xg = grp.group(x).reshape(grp.groups, -1, x.shape[-1])
+                y = k @ xg
+                if transpose:
+                    y = y + self._couple_transpose(specs[i + 1], spec.s_blk, xs[i + 1], i)
+                y = grp.ungroup(y.view(grp.groups, 4, -1, x.shape[-1]))
+            if incoming is not None:
+                y = y + incoming
+            if not transpose and i < last:
+                incoming = self._couple(specs[i + 1], spec.s_blk, xg, i)
+            outs.append(from_spectrum(y, self.sizes[i]))
+        return self.merge(outs)
+
+    def _prepare(self, alpha: float) -> tuple[float, list[tuple[Tensor, Tensor]]]:
+        """α and, per tier, ``(T_i⁻¹, T_i⁻ᴴ)`` of the diagonal blocks ``T_i = I + α K_i``."""
+        blocks = []
+        last = self.tiers - 1
+        for i, spec in enumerate(self.spectra()):
+            eye = torch.eye(spec.kd.shape[-1], dtype=spec.kd.dtype, device=spec.kd.device)
+            d_inv = torch.linalg.inv(eye + alpha * spec.kd)  # per frequency, (F, n, n)
+            if i == last:
+                t_inv = d_inv
+            else:
+                t_inv = _woodbury(self._alias(i, d_inv.device).group(d_inv), spec.s_grp, alpha)
+            blocks.append((t_inv, t_inv.mH.contiguous()))
+        return alpha, blocks
+
+    def _apply_inverse(self, data: tuple, z: Tensor, transpose: bool) -> Tensor:
+        """Block forward substitution for ``V``, backward substitution for ``Vᵀ`` (§5)."""
+        alpha, blocks = data
+        specs = self.spectra()
+        rs = [to_spectrum(t) for t in self.split(z)]
+        ys: list[Tensor] = list(rs)
+        last = self.tiers - 1
+        prev_grp: Tensor | None = None  # tier i-1's solution in group layout (forward)
+        for i in range(last, -1, -1) if transpose else range(self.tiers):
+            t_inv = blocks[i][1] if transpose else blocks[i][0]
+            r = rs[i]
+            if not transpose and i > 0:
+                r = r - alpha * self._couple(specs[i], specs[i - 1].s_blk, prev_grp, i - 1)
+            if i == last:
+                ys[i] = t_inv @ r
+                continue
+            grp = self._alias(i, r.device)
+            rg = grp.group(r).reshape(grp.groups, -1, r.shape[-1])
+            if transpose:
+                rg = rg - alpha * self._couple_transpose(specs[i + 1], specs[i].s_blk, ys[i + 1], i)
+            prev_grp = t_inv @ rg
+            ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
+        return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
+
+
+def _kernel(n_out: int, n_in: int, k: int) -> nn.Parameter:
+    """A conv kernel initialised like ``nn.Conv2d`` (Kaiming uniform, a = √5)."""
+    w = torch.empty(n_out, n_in, k, k)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    return nn.Parameter(w)
+
+
+def _woodbury(d_inv_grp: Tensor, s_grp: Tensor, alpha: float) -> Tensor:
+    """``(D + α SᴴS)⁻¹ = D⁻¹ − D⁻¹Sᴴ(α⁻¹I + S D⁻¹ Sᴴ)⁻¹ S D⁻¹`` per alias group (§5).
+
+    Args:
+        d_inv_grp: ``(F', 4, n, n)``, ``D⁻¹`` at the four aliases of each group.
+        s_grp: ``(F', 4, n2, n)``, the blocks of ``S`` per alias.
+
+    Returns:
+        ``(F', 4n, 4n)``.
+    """
+    g, four, n2, n = s_grp.shape
+    ds = d_inv_grp @ s_grp.mH  # (F', 4, n, n2): D⁻¹Sᴴ per alias
+    sd = s_grp @ d_inv_grp  # (F', 4, n2, n): S D⁻¹ per alias
+    eye = torch.eye(n2, dtype=s_grp.dtype, device=s_grp.device)
+    middle = eye / alpha + (s_grp @ ds).sum(dim=1)  # (F', n2, n2)
+    correction = ds.reshape(g, four * n, n2) @ torch.linalg.solve(
+        middle, sd.permute(0, 2, 1, 3).reshape(g, n2, four * n)
+    )
+    return block_diag4(d_inv_grp) - correction

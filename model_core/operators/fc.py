@@ -1,0 +1,53 @@
+"""Fully connected monotone operator (math notes §1, paper §3, Proposition 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import MonotoneOperator
+
+
+class FCOperator(MonotoneOperator):
+    """Dense ``W = (1 − m) I − AᵀA + B − Bᵀ`` with injection ``U x + b``.
+
+    Parameter names follow the paper's reference code (``U``, ``A``, ``B`` as
+    ``nn.Linear``), so its state dicts map one to one.
+
+    Args:
+        in_features: input dimension ``D`` (inputs are flattened).
+        hidden: hidden width ``n``; ``z_shape = (n,)``.
+        m: monotonicity parameter.
+    """
+
+    def __init__(self, in_features: int, hidden: int, m: float = 1.0):
+        super().__init__(m)
+        self.U = nn.Linear(in_features, hidden)
+        self.A = nn.Linear(hidden, hidden, bias=False)
+        self.B = nn.Linear(hidden, hidden, bias=False)
+        self.z_shape = (hidden,)
+
+    def bias(self, x: Tensor) -> Tensor:
+        return self.U(x.reshape(x.shape[0], -1))
+
+    def k_matrix(self) -> Tensor:
+        """``I − W = m I + AᵀA − B + Bᵀ``, ``(n, n)``."""
+        a, b = self.A.weight, self.B.weight
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return self.m * eye + a.T @ a - b + b.T
+
+    def _k(self, z: Tensor, transpose: bool) -> Tensor:
+        # Rows are samples: (K z)ᵀ = zᵀ Kᵀ.
+        k = self.k_matrix()
+        return z @ (k if transpose else k.T)
+
+    def _prepare(self, alpha: float) -> Tensor:
+        k = self.k_matrix()
+        eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        return torch.linalg.inv(eye + alpha * k)
+
+    def _apply_inverse(self, data: Tensor, z: Tensor, transpose: bool) -> Tensor:
+        return z @ (data if transpose else data.T)
+
+    def injection_norm(self) -> float:
+        return torch.linalg.matrix_norm(self.U.weight.detach(), ord=2).item()

@@ -1,0 +1,132 @@
+"""Fourier-domain machinery for circular convolutions on square grids (math notes §4, §5).
+
+Conventions, fixed here once:
+
+* Every FFT is ``norm="ortho"``, so the DFT is unitary and the adjoint of an operator is the
+  conjugate transpose of its per-frequency blocks.
+* Spectra are kept in *half layout* ``(F, n, B)``: the ``F = s·(s//2 + 1)`` frequencies of
+  ``rfft2`` first, then channels, then the batch. Batched matmuls with per-frequency
+  ``(F, n_out, n_in)`` blocks apply an operator to the whole batch at once.
+* A kernel's *transfer function* is the per-frequency matrix of the circular
+  cross-correlation ``y[p] = Σ_d w[d] x[p + d − k//2]`` (PyTorch's ``conv2d`` with circular
+  padding). Conv theorem: ``ŷ(K) = ĥ(K) x̂(K)``, ``ĥ(K) = conj(DFT(w placed at d − k//2))``.
+
+A stride-2 circular convolution on an ``s`` grid (``s`` even, ``r = s/2``) folds the four
+*aliases* ``K + (a·r, b·r)``, ``a, b ∈ {0, 1}``, of each ``r``-grid frequency ``k'`` into one
+(§5): ``(S x)^(k') = ½ Σ_a ĉ(K_a) x̂(K_a)``. :class:`AliasGroups` gathers half-layout
+spectra into *group layout* ``(F', 4n, B)``, one row per ``r``-grid half frequency, so that
+``S`` and everything that couples aliases is again a batched matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def transfer(weight: Tensor, s: int) -> Tensor:
+    """Per-frequency matrices of a circular cross-correlation on an ``s × s`` grid.
+
+    Args:
+        weight: ``(n_out, n_in, k, k)`` kernel, ``k`` odd and ``≤ s``.
+        s: grid size.
+
+    Returns:
+        ``(F, n_out, n_in)`` complex, ``F = s·(s//2 + 1)`` (``rfft2`` half layout).
+    """
+    n_out, n_in, k, _ = weight.shape
+    if k > s:
+        raise ValueError(f"kernel size {k} exceeds grid size {s}")
+    p = k // 2
+    emb = F.pad(weight, (0, s - k, 0, s - k))
+    emb = torch.roll(emb, shifts=(-p, -p), dims=(-2, -1))  # w[d] sits at (d - p) mod s
+    spec = torch.fft.rfft2(emb).conj()  # (n_out, n_in, s, s//2+1); unnormalised on purpose
+    return spec.reshape(n_out, n_in, -1).permute(2, 0, 1)
+
+
+def to_spectrum(x: Tensor) -> Tensor:
+    """``(B, n, s, s)`` real → ``(F, n, B)`` complex half layout (unitary ``rfft2``)."""
+    b, n = x.shape[:2]
+    return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0)
+
+
+def from_spectrum(spec: Tensor, s: int) -> Tensor:
+    """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``)."""
+    _, n, b = spec.shape
+    half = spec.permute(2, 1, 0).reshape(b, n, s, s // 2 + 1)
+    return torch.fft.irfft2(half, s=(s, s), norm="ortho")
+
+
+def _conj_where(x: Tensor, mask: Tensor) -> Tensor:
+    """``conj(x)`` on the rows of dim 0 where ``mask``; ``x`` elsewhere."""
+    return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.conj(), x)
+
+
+def block_diag4(blocks: Tensor) -> Tensor:
+    """``(G, 4, n, n)`` → ``(G, 4n, 4n)`` block diagonal."""
+    g, four, n, _ = blocks.shape
+    out = blocks.new_zeros(g, four, n, four, n)
+    for a in range(four):
+        out[:, a, :, a, :] = blocks[:, a]
+    return out.reshape(g, four * n, four * n)
+
+
+class AliasGroups:
+    """Index maps between an even ``s`` grid's half layout and its alias-group layout.
+
+    Group ``g`` is the ``r``-grid half frequency ``k' = (k1, l1)``, ``r = s/2``; slot ``a``
+    holds the ``s``-grid frequency ``(k1 + a1·r, l1 + b1·r)``, ``a = 2·a1 + b1``. Where that
+    frequency lies outside the ``rfft2`` half plane we read its mirror and conjugate
+    (real signals: ``X(−K) = conj X(K)``).
+
+    Attributes:
+        s, r: the two grid sizes.
+        groups: ``F' = r·(r//2 + 1)``, the number of groups.
+    """
+
+    def __init__(self, s: int, device: torch.device | None = None):
+        if s % 2:
+            raise ValueError(f"a stride-2 tier needs an even grid, got {s}")
+        r = s // 2
+        hr = r // 2 + 1
+        self.s, self.r, self.groups = s, r, r * hr
+
+        # group layout -> half layout of the s grid
+        k1 = torch.arange(r).view(r, 1, 1)
+        l1 = torch.arange(hr).view(1, hr, 1)
+        a1 = torch.tensor([0, 0, 1, 1]).view(1, 1, 4)
+        b1 = torch.tensor([0, 1, 0, 1]).view(1, 1, 4)
+        kk, ll = torch.broadcast_tensors(k1 + a1 * r, l1 + b1 * r)  # (r, hr, 4)
+        conj = ll > r
+        kk = torch.where(conj, (-kk) % s, kk)
+        ll = torch.where(conj, s - ll, ll)
+        self.gather_index = (kk * (r + 1) + ll).reshape(-1).to(device)
+        self.gather_conj = conj.reshape(-1).to(device)
+
+        # half layout of the s grid -> group layout
+        k = torch.arange(s).view(s, 1)
+        col = torch.arange(r + 1).view(1, r + 1)
+        direct = (col % r) < hr
+        k_m, l_m = (-k) % s, (s - col) % s
+        kk = torch.where(direct, k, k_m)
+        ll = torch.where(direct, col, l_m)
+        slot = (kk // r) * 2 + (ll // r)
+        group = (kk % r) * hr + (ll % r)
+        self.scatter_index = (group * 4 + slot).reshape(-1).to(device)
+        self.scatter_conj = (~direct).expand(s, r + 1).reshape(-1).to(device)
+
+    def to(self, device: torch.device) -> AliasGroups:
+        for name in ("gather_index", "gather_conj", "scatter_index", "scatter_conj"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def group(self, x: Tensor) -> Tensor:
+        """Half layout ``(F, ...)`` → ``(F', 4, ...)`` alias groups."""
+        y = _conj_where(x.index_select(0, self.gather_index), self.gather_conj)
+        return y.view(self.groups, 4, *x.shape[1:])
+
+    def ungroup(self, y: Tensor) -> Tensor:
+        """``(F', 4, ...)`` alias groups → half layout ``(F, ...)``."""
+        flat = y.reshape(self.groups * 4, *y.shape[2:])
+        return _conj_where(flat.index_select(0, self.scatter_index), self.scatter_conj)
