@@ -1,0 +1,47 @@
+"""model_core: monotone operator equilibrium networks (Winston & Kolter, NeurIPS 2020).
+
+The public API is this page; everything else is implementation.
+
+* :func:`build_model` / :class:`MonDEQClassifier`: classifiers from a config dict.
+* :func:`save_checkpoint` / :func:`load_checkpoint` / :class:`CheckpointError`.
+* :func:`tune_alpha`: the step-size search (math notes §6).
+* :func:`solve_forward` / :func:`solve_backward` / :class:`SolveStats` / :data:`SOLVERS`.
+* Operators (:class:`FCOperator`, :class:`MultiTierOperator`) and nonlinearities.
+"""
+
+from .checkpoint import SCHEMA_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from .equilibrium import EquilibriumLayer, SolverSettings
+from .models import InferenceResult, MonDEQClassifier, build_model, normalize_config
+from .nonlinearity import BorderReLU, Nonlinearity, ReLU
+from .operators import FCOperator, MonotoneOperator, MultiTierOperator, Resolvent
+from .solvers import SOLVERS, SolveStats, get_solver, solve_backward, solve_forward
+from .tuning import AlphaTuning, tune_alpha
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SOLVERS",
+    "AlphaTuning",
+    "BorderReLU",
+    "CheckpointError",
+    "EquilibriumLayer",
+    "FCOperator",
+    "InferenceResult",
+    "MonDEQClassifier",
+    "MonotoneOperator",
+    "MultiTierOperator",
+    "Nonlinearity",
+    "ReLU",
+    "Resolvent",
+    "SolveStats",
+    "SolverSettings",
+    "build_model",
+    "get_solver",
+    "load_checkpoint",
+    "normalize_config",
+    "save_checkpoint",
+    "solve_backward",
+    "solve_forward",
+    "tune_alpha",
+]

@@ -22,9 +22,14 @@ import torch
 from torch import Tensor
 
 from .nonlinearity import Nonlinearity
-from .operators import MonotoneOperator
+from .operators import MonotoneOperator, Resolvent
 
 State = dict[str, Tensor]
+
+# On the CPU the loop runs the batch in chunks of about this many bytes of iterate, so that
+# a chunk's FFTs, transposes and matmuls stay in cache (measured on a 2-core EPYC: conv 81 ch
+# at batch 64 solves about 1.5x faster in chunks of 16). GPUs get the whole batch at once.
+CPU_CHUNK_BYTES = 8 << 20
 
 # The loop rebuilds the working batch without its finished rows once at least this share of
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise
@@ -110,6 +115,15 @@ def iterate(
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
+    if device.type == "cpu" and batch > 1:
+        rows_per_chunk = max(1, CPU_CHUNK_BYTES // max(1, x0[0].numel() * x0.element_size()))
+        if batch > rows_per_chunk:
+            parts = [
+                iterate(step, {k: v[i : i + rows_per_chunk] for k, v in state.items()},
+                        tol=tol, max_iter=max_iter)
+                for i in range(0, batch, rows_per_chunk)
+            ]
+            return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
     result = torch.empty_like(x0)
     iterations = torch.full((batch,), max_iter, dtype=torch.int64, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -156,10 +170,14 @@ class SplittingMethod:
     name: str = ""
     needs_resolvent: bool = False
 
-    def __init__(self, op: MonotoneOperator, alpha: float):
+    def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
         self.alpha = float(alpha)
-        self.resolvent = op.resolvent(self.alpha) if self.needs_resolvent else None
+        if resolvent is not None and resolvent.alpha != self.alpha:
+            raise ValueError(f"resolvent was built for alpha={resolvent.alpha}, not {alpha}")
+        if self.needs_resolvent and resolvent is None:
+            resolvent = op.resolvent(self.alpha)
+        self.resolvent = resolvent
 
     def init_forward(self, bias: Tensor) -> State:
         raise NotImplementedError
@@ -266,6 +284,7 @@ def solve_forward(
     tol: float,
     max_iter: int,
     compute_residual: bool = True,
+    resolvent: Resolvent | None = None,
 ) -> tuple[Tensor, SolveStats]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
@@ -279,13 +298,14 @@ def solve_forward(
         max_iter: iteration cap.
         compute_residual: spend one more multiply to fill ``stats.residual``; callers that
             apply the layer once more anyway (training) compute it from that and skip this.
+        resolvent: a resolvent built aside for this α (else the operator's cached one).
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``.
     """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    solver = get_solver(method)(op, alpha)
+    solver = get_solver(method)(op, alpha, resolvent)
     t0 = _timed_sync(bias.device)
     z, iterations, converged = iterate(
         lambda s: solver.step_forward(s, nonlin),

@@ -68,18 +68,27 @@ class MonotoneOperator(nn.Module):
         """``Wᵀ z`` for ``z`` of shape ``(B, *z_shape)``."""
         return z - self._k(z, transpose=True)
 
-    def resolvent(self, alpha: float) -> Resolvent:
-        """``(I + α(I − W))⁻¹`` for the current weights, cached per (weights, α)."""
+    def resolvent(self, alpha: float, *, cache: bool = True) -> Resolvent:
+        """``(I + α(I − W))⁻¹`` for the current weights, cached per (weights, α).
+
+        ``cache=False`` builds one aside without touching the cache (α searches).
+        """
         alpha = float(alpha)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        key = (alpha, *self._weights_key())
+        weights = self._weights_key()
+        key = (alpha, weights)
         hit = self._resolvents.get(key)
         if hit is not None:
             self._resolvents.move_to_end(key)
             return hit
         with torch.no_grad():
             res = Resolvent(self, alpha, self._prepare(alpha))
+        if not cache:
+            return res
+        # Resolvents of older weights can never be hit again (training steps): drop them.
+        for old in [k for k in self._resolvents if k[1] != weights]:
+            del self._resolvents[old]
         self._resolvents[key] = res
         while len(self._resolvents) > RESOLVENT_CACHE_SIZE:
             self._resolvents.popitem(last=False)

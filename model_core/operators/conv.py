@@ -24,7 +24,6 @@ low-resolution frequency.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +33,6 @@ from torch import Tensor, nn
 from ..nonlinearity import border_mask
 from .base import MonotoneOperator
 from .spectral import AliasGroups, block_diag4, from_spectrum, to_spectrum, transfer
-
-_SPECTRA_CACHE_SIZE = 2
-
 
 def tier_sizes(image_size: int, tiers: int) -> list[int]:
     """Grid sizes ``s_i``: ``s_1 = image + 2``, ``s_(i+1) = s_i/2 + 1`` (§5)."""
@@ -53,24 +49,30 @@ def tier_sizes(image_size: int, tiers: int) -> list[int]:
 
 @dataclass
 class _TierSpectra:
-    """Per-frequency blocks of one tier (autograd-tracked when built with grad).
+    """Per-frequency blocks of one tier, each stored contiguous (bmm copies strided operands
+    matrix by matrix). Autograd-tracked when built with grad.
 
-    ``k``: the diagonal block of ``I − W``: ``(F, n, n)`` for the last tier, ``(F', 4n, 4n)``
-    (alias-group layout) for the others. ``a_hat``: ``(F, n, n)`` transfer of ``A_i``.
-    ``kd``: ``(F, n, n)``, ``m I + ÂᴴÂ − B̂ + B̂ᴴ``. ``s_grp``: ``(F', 4, n_(i+1), n)``, ``½ ĉ`` of
-    ``S_i`` per alias (``None`` for the last tier).
+    Attributes:
+        kd: ``(F, n, n)``, ``m I + ÂᴴÂ − B̂ + B̂ᴴ``.
+        k, k_h: the diagonal block of ``I − W`` and its adjoint: ``(F, n, n)`` for the last
+            tier, ``(F', 4n, 4n)`` (alias-group layout) for the others.
+        a_hat, a_hat_h: ``(F, n, n)`` transfer of ``A_i`` and its adjoint.
+        s_grp: ``(F', 4, n_(i+1), n)``, ``½ ĉ`` of ``S_i`` per alias (``None`` for the last tier).
+        s_blk, s_blk_h: ``(F', n_(i+1), 4n)``, ``S_i`` in group layout, and its adjoint.
     """
 
-    k: Tensor
-    a_hat: Tensor
     kd: Tensor
-    s_grp: Tensor | None
+    k: Tensor
+    k_h: Tensor
+    a_hat: Tensor
+    a_hat_h: Tensor
+    s_grp: Tensor | None = None
+    s_blk: Tensor | None = None
+    s_blk_h: Tensor | None = None
 
-    @property
-    def s_blk(self) -> Tensor:
-        """``(F', n_(i+1), 4n)``: ``S_i`` in group layout."""
-        g, four, n2, n = self.s_grp.shape
-        return self.s_grp.permute(0, 2, 1, 3).reshape(g, n2, four * n)
+
+def _adjoint(x: Tensor) -> Tensor:
+    return x.mH.contiguous()
 
 
 class MultiTierOperator(MonotoneOperator):
@@ -116,7 +118,7 @@ class MultiTierOperator(MonotoneOperator):
         self.numels = [c * s * s for c, s in zip(n, self.sizes, strict=True)]
         self.z_shape = (n[0], self.sizes[0], self.sizes[0]) if tiers == 1 else (sum(self.numels),)
         self._groups: dict[tuple[int, torch.device], AliasGroups] = {}
-        self._spectra: OrderedDict[tuple, list[_TierSpectra]] = OrderedDict()
+        self._spectra: dict[tuple, list[_TierSpectra]] = {}
 
     # ---- layout -------------------------------------------------------------------
     @property
@@ -175,9 +177,8 @@ class MultiTierOperator(MonotoneOperator):
         if hit is None:
             with torch.no_grad():
                 hit = self._build_spectra()
+            self._spectra.clear()  # one set of weights at a time: older ones are dead
             self._spectra[key] = hit
-            while len(self._spectra) > _SPECTRA_CACHE_SIZE:
-                self._spectra.popitem(last=False)
         return hit
 
     def _build_spectra(self) -> list[_TierSpectra]:
@@ -185,17 +186,19 @@ class MultiTierOperator(MonotoneOperator):
         out = []
         for i, (c, s) in enumerate(zip(self.channels, self.sizes, strict=True)):
             a_hat, b_hat = transfer(a_w[i], s), transfer(b_w[i], s)
+            a_hat_h = _adjoint(a_hat)
             eye = torch.eye(c, dtype=a_hat.dtype, device=a_hat.device)
-            kd = self.m * eye + a_hat.mH @ a_hat - b_hat + b_hat.mH
+            kd = self.m * eye + a_hat_h @ a_hat - b_hat + _adjoint(b_hat)
             if i == self.tiers - 1:
-                out.append(_TierSpectra(k=kd, a_hat=a_hat, kd=kd, s_grp=None))
+                out.append(_TierSpectra(kd, kd, _adjoint(kd), a_hat, a_hat_h))
                 continue
             grp = self._alias(i, a_hat.device)
             s_grp = 0.5 * grp.group(transfer(s_w[i], s))  # (F', 4, n2, n)
-            spec = _TierSpectra(k=kd, a_hat=a_hat, kd=kd, s_grp=s_grp)
-            s_blk = spec.s_blk
-            spec.k = block_diag4(grp.group(kd)) + s_blk.mH @ s_blk
-            out.append(spec)
+            g, four, n2, _ = s_grp.shape
+            s_blk = s_grp.permute(0, 2, 1, 3).reshape(g, n2, four * c)
+            s_blk_h = _adjoint(s_blk)
+            k = block_diag4(grp.group(kd)) + s_blk_h @ s_blk
+            out.append(_TierSpectra(kd, k, _adjoint(k), a_hat, a_hat_h, s_grp, s_blk, s_blk_h))
         return out
 
     # ---- the interface ------------------------------------------------------------
@@ -214,18 +217,17 @@ class MultiTierOperator(MonotoneOperator):
             u_hat = transfer(self.U.weight, self.sizes[0])
             return torch.linalg.matrix_norm(u_hat, ord=2).max().item()
 
-    def _couple(self, spec_next: _TierSpectra, s_blk: Tensor, y_grp: Tensor, i: int) -> Tensor:
+    def _couple(self, specs: list[_TierSpectra], y_grp: Tensor, i: int) -> Tensor:
         """``2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout; half layout out."""
-        r = self.sizes[i] // 2
-        low = from_spectrum(s_blk @ y_grp, r)  # S_i y on the r grid, in space
+        low = from_spectrum(specs[i].s_blk @ y_grp, self.sizes[i] // 2)  # S_i y, r grid, space
         lifted = to_spectrum(F.pad(low, (0, 1, 0, 1)))  # P: append a zero row and column
-        return 2.0 * (spec_next.a_hat.mH @ lifted)
+        return 2.0 * (specs[i + 1].a_hat_h @ lifted)
 
-    def _couple_transpose(self, spec_next: _TierSpectra, s_blk: Tensor, x_next: Tensor, i: int):
+    def _couple_transpose(self, specs: list[_TierSpectra], x_next: Tensor, i: int) -> Tensor:
         """``2 S_iᵀ Pᵀ Â_(i+1) x`` for tier ``i+1``'s half-layout ``x``; group layout out."""
         r = self.sizes[i] // 2
-        up = from_spectrum(spec_next.a_hat @ x_next, self.sizes[i + 1])[..., :r, :r]  # Pᵀ
-        return 2.0 * (s_blk.mH @ to_spectrum(up))
+        up = from_spectrum(specs[i + 1].a_hat @ x_next, self.sizes[i + 1])[..., :r, :r]  # Pᵀ
+        return 2.0 * (specs[i].s_blk_h @ to_spectrum(up))
 
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""
@@ -235,7 +237,7 @@ class MultiTierOperator(MonotoneOperator):
         last = self.tiers - 1
         incoming: Tensor | None = None  # 2 Â_iᴴ P S_(i-1) z_(i-1), forward direction only
         for i, (spec, x) in enumerate(zip(specs, xs, strict=True)):
-            k = spec.k.mH if transpose else spec.k
+            k = spec.k_h if transpose else spec.k
             if i == last:
                 y = k @ x
             else:
@@ -243,12 +245,12 @@ class MultiTierOperator(MonotoneOperator):
                 xg = grp.group(x).reshape(grp.groups, -1, x.shape[-1])
                 y = k @ xg
                 if transpose:
-                    y = y + self._couple_transpose(specs[i + 1], spec.s_blk, xs[i + 1], i)
+                    y = y + self._couple_transpose(specs, xs[i + 1], i)
                 y = grp.ungroup(y.view(grp.groups, 4, -1, x.shape[-1]))
             if incoming is not None:
                 y = y + incoming
             if not transpose and i < last:
-                incoming = self._couple(specs[i + 1], spec.s_blk, xg, i)
+                incoming = self._couple(specs, xg, i)
             outs.append(from_spectrum(y, self.sizes[i]))
         return self.merge(outs)
 
@@ -278,14 +280,14 @@ class MultiTierOperator(MonotoneOperator):
             t_inv = blocks[i][1] if transpose else blocks[i][0]
             r = rs[i]
             if not transpose and i > 0:
-                r = r - alpha * self._couple(specs[i], specs[i - 1].s_blk, prev_grp, i - 1)
+                r = r - alpha * self._couple(specs, prev_grp, i - 1)
             if i == last:
                 ys[i] = t_inv @ r
                 continue
             grp = self._alias(i, r.device)
             rg = grp.group(r).reshape(grp.groups, -1, r.shape[-1])
             if transpose:
-                rg = rg - alpha * self._couple_transpose(specs[i + 1], specs[i].s_blk, ys[i + 1], i)
+                rg = rg - alpha * self._couple_transpose(specs, ys[i + 1], i)
             prev_grp = t_inv @ rg
             ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
         return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])

@@ -48,13 +48,14 @@ def transfer(weight: Tensor, s: int) -> Tensor:
 def to_spectrum(x: Tensor) -> Tensor:
     """``(B, n, s, s)`` real → ``(F, n, B)`` complex half layout (unitary ``rfft2``)."""
     b, n = x.shape[:2]
-    return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0)
+    # One explicit transpose copy: bmm on the strided view would copy matrix by matrix.
+    return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0).contiguous()
 
 
 def from_spectrum(spec: Tensor, s: int) -> Tensor:
     """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``)."""
     _, n, b = spec.shape
-    half = spec.permute(2, 1, 0).reshape(b, n, s, s // 2 + 1)
+    half = spec.permute(2, 1, 0).contiguous().view(b, n, s, s // 2 + 1)  # c2r is slow on views
     return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 

@@ -1,0 +1,179 @@
+"""The equilibrium layer: forward solve without autograd, implicit backward (math notes §3)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .nonlinearity import Nonlinearity
+from .operators import MonotoneOperator
+from .solvers import SolveStats, forward_residual, get_solver, solve_backward, solve_forward
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Solver defaults; forward and backward come in pairs (``backward_*`` ``None`` = same).
+
+    Attributes:
+        method: registered solver name (``"peaceman_rachford"`` or ``"forward_backward"``).
+        alpha: step size α (PR: any α > 0; FB: ``α ≤ 2m/‖I − W‖²``, ``None`` = half that bound).
+        tol: per-sample relative-change tolerance (the paper trains with 1e-2).
+        max_iter: iteration cap (the paper uses 300).
+    """
+
+    method: str = "peaceman_rachford"
+    alpha: float | None = 1.0
+    tol: float = 1e-2
+    max_iter: int = 300
+    backward_method: str | None = None
+    backward_alpha: float | None = None
+    backward_tol: float | None = None
+    backward_max_iter: int | None = None
+
+    def __post_init__(self):
+        get_solver(self.method)  # raises ValueError naming the valid solvers
+        if self.backward_method is not None:
+            get_solver(self.backward_method)
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"solver alpha must be > 0, got {self.alpha}")
+        if not self.tol > 0:
+            raise ValueError(f"solver tol must be > 0, got {self.tol}")
+        if int(self.max_iter) < 1:
+            raise ValueError(f"solver max_iter must be >= 1, got {self.max_iter}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SolverSettings:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown solver settings {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def backward(self) -> SolverSettings:
+        """The settings the backward pass uses."""
+        method = self.backward_method or self.method
+        alpha = self.backward_alpha
+        if alpha is None and method == self.method:
+            alpha = self.alpha
+        return replace(
+            self,
+            method=method,
+            alpha=alpha,
+            tol=self.backward_tol if self.backward_tol is not None else self.tol,
+            max_iter=self.backward_max_iter or self.max_iter,
+        )
+
+
+class EquilibriumLayer(nn.Module):
+    """``x ↦ z*`` with ``z* = σ(W z* + U x + b)``.
+
+    ``forward`` trains: the solve runs without autograd; the layer is then applied once
+    more with autograd, ``ẑ = σ(W z* + U x + b)``, and the gradient reaching ``ẑ`` is
+    replaced by the implicit one (Theorem 2), found by the backward solver. Memory is O(1)
+    in the number of iterations.
+
+    After each call, ``last_forward_stats`` and ``last_backward_stats`` hold the
+    :class:`SolveStats` of the latest solves.
+    """
+
+    def __init__(self, op: MonotoneOperator, nonlin: Nonlinearity, settings: SolverSettings):
+        super().__init__()
+        self.op = op
+        self.nonlin = nonlin
+        self.settings = settings
+        self.last_forward_stats: SolveStats | None = None
+        self.last_backward_stats: SolveStats | None = None
+        self._fb_alpha: tuple[tuple, float] | None = None
+
+    def resolve_alpha(self, method: str, alpha: float | None) -> float:
+        """The α to use: explicit, else the settings' for their method, else a safe FB step."""
+        if alpha is not None:
+            return float(alpha)
+        if method == self.settings.method and self.settings.alpha is not None:
+            return float(self.settings.alpha)
+        if method == "forward_backward":
+            key = self.op._weights_key()
+            if self._fb_alpha is None or self._fb_alpha[0] != key:
+                self._fb_alpha = (key, self.op.forward_backward_alpha())
+            return self._fb_alpha[1]
+        return 1.0
+
+    def solve(
+        self,
+        x: Tensor,
+        *,
+        method: str | None = None,
+        alpha: float | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> tuple[Tensor, SolveStats]:
+        """Solve without autograd. ``x`` → ``(z*, stats)``, ``z*`` of ``(B, *z_shape)``."""
+        method = method or self.settings.method
+        with torch.no_grad():
+            z, stats = solve_forward(
+                self.op,
+                self.nonlin,
+                self.op.bias(x),
+                method=method,
+                alpha=self.resolve_alpha(method, alpha),
+                tol=self.settings.tol if tol is None else tol,
+                max_iter=self.settings.max_iter if max_iter is None else max_iter,
+            )
+        self.last_forward_stats = stats
+        return z, stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, ...)`` input → ``(B, *z_shape)`` equilibrium, differentiable implicitly."""
+        if not torch.is_grad_enabled():
+            return self.solve(x)[0]
+        s = self.settings
+        bias = self.op.bias(x)
+        z, stats = solve_forward(
+            self.op,
+            self.nonlin,
+            bias.detach(),
+            method=s.method,
+            alpha=self.resolve_alpha(s.method, s.alpha),
+            tol=s.tol,
+            max_iter=s.max_iter,
+            compute_residual=False,
+        )
+        pre = self.op.multiply(z) + bias
+        z_hat = self.nonlin(pre)
+        stats.residual = forward_residual(z, z_hat.detach())
+        self.last_forward_stats = stats
+        if not z_hat.requires_grad:
+            return z_hat
+        return _ImplicitBackward.apply(z_hat, self, self.nonlin.derivative(pre.detach()))
+
+
+class _ImplicitBackward(torch.autograd.Function):
+    """Identity forward; backward maps ``g`` to ``g + Wᵀũ`` with ``ũ = J(g + Wᵀũ)`` (§3)."""
+
+    @staticmethod
+    def forward(ctx, z_hat: Tensor, layer: EquilibriumLayer, jac: Tensor) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(jac)
+        return z_hat.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (jac,) = ctx.saved_tensors
+        layer: EquilibriumLayer = ctx.layer
+        s = layer.settings.backward()
+        out, stats = solve_backward(
+            layer.op,
+            jac,
+            grad.contiguous(),
+            method=s.method,
+            alpha=layer.resolve_alpha(s.method, s.alpha),
+            tol=s.tol,
+            max_iter=s.max_iter,
+        )
+        layer.last_backward_stats = stats
+        return out, None, None
