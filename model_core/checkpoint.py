@@ -125,6 +125,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read and validate the raw checkpoint dict. Raises :class:`CheckpointError`."""
     path = Path(path)
@@ -136,10 +141,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused by the safe loader (it holds pickled objects, not plain data): {e}"
+            f"{path}: unreadable: the safe (weights_only) loader refused it; it is corrupt or "
+            f"holds pickled Python objects rather than plain data ({_first_line(e)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({e})") from None
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({_first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
         if isinstance(payload, dict) and any(str(k).startswith("mon.") for k in payload):

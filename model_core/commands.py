@@ -1,0 +1,121 @@
+"""model_core's own subcommands: ``import-locuslab`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28), got {text!r}") from None
+    return c, h, w
+
+
+def import_locuslab(sub) -> None:
+    p = sub.add_parser(
+        "import-locuslab",
+        help="convert a state dict from the paper's reference code into a checkpoint",
+        description="Convert a state dict saved by the paper's reference code (FC model, "
+        "keys mon.linear_module.{U,A,B}, Wout) into a self-describing mondeq checkpoint.",
+    )
+    p.add_argument("src", metavar="SRC", help="state dict file (.pt) from the reference code")
+    p.add_argument("--arch", default="fc", choices=["fc"], help="architecture (only fc)")
+    p.add_argument("--hidden", type=int, required=True, help="hidden width, e.g. 87")
+    p.add_argument("--m", type=float, default=1.0, help="monotonicity parameter (default 1.0)")
+    p.add_argument("--in-shape", type=_shape, default=(1, 28, 28), help="C,H,W (default 1,28,28)")
+    p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.1307")
+    p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.3081")
+    p.add_argument("--class-names", default=None, help="comma-separated class names")
+    p.add_argument("--dataset", default=None, help="dataset name to record, e.g. mnist")
+    p.add_argument("--alpha", type=float, default=1.0, help="PR step size α (default 1.0)")
+    p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")
+    p.add_argument("--max-iter", type=int, default=300, help="iteration cap (default 300)")
+    p.add_argument("--out", required=True, metavar="DST", help="checkpoint to write")
+    p.set_defaults(handler=_run_import_locuslab)
+
+
+def _run_import_locuslab(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError, save_checkpoint
+    from .locuslab import import_locuslab as convert
+    from .locuslab import read_locuslab_state_dict
+
+    try:
+        model = convert(
+            read_locuslab_state_dict(args.src),
+            arch=args.arch,
+            hidden=args.hidden,
+            m=args.m,
+            in_shape=args.in_shape,
+            mean=args.mean,
+            std=args.std,
+            class_names=args.class_names.split(",") if args.class_names else None,
+            solver={"method": "peaceman_rachford", "alpha": args.alpha, "tol": args.tol,
+                    "max_iter": args.max_iter},
+        )
+    except (CheckpointError, ValueError) as e:
+        print(f"mondeq import-locuslab: {e}", file=sys.stderr)
+        return 1
+    out = save_checkpoint(
+        model,
+        args.out,
+        source="locuslab/monotone_op_net",
+        source_file=Path(args.src).name,
+        dataset=args.dataset,
+    )
+    print(
+        f"wrote {out}: fc, hidden {args.hidden}, m {args.m}, "
+        f"{model.num_parameters():,} parameters, Lipschitz bound {model.lipschitz_bound():.3g}"
+    )
+    return 0
+
+
+def bench(sub) -> None:
+    from .benchmark import DEFAULT_MODELS, PAPER_MODELS
+
+    p = sub.add_parser(
+        "bench",
+        help="time inference and train steps of the paper's CIFAR models",
+        description="Inference ms/batch, train-step ms and iterations of the paper's CIFAR "
+        "models on the current device, beside the reference code's figures.",
+    )
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated, from {','.join(PAPER_MODELS)}")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")
+    p.add_argument("--alpha", type=float, default=1.0, help="PR step size (default 1.0)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, median (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .benchmark import format_table, run_benchmark
+
+    try:
+        rows = run_benchmark(
+            [m.strip() for m in args.models.split(",") if m.strip()],
+            batch=args.batch,
+            device=args.device,
+            tol=args.tol,
+            alpha=args.alpha,
+            repeats=args.repeats,
+        )
+    except ValueError as e:
+        print(f"mondeq bench: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
