@@ -57,7 +57,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _check_plain(value: Any, where: str) -> None:
     """Metadata must load under weights_only: primitives, tensors, lists, dicts of str keys."""
-    if isinstance(value, _PRIMITIVES) or isinstance(value, torch.Tensor):
+    if isinstance(value, (*_PRIMITIVES, torch.Tensor)):
         return
     if isinstance(value, list | tuple):
         for i, v in enumerate(value):
@@ -145,11 +145,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"holds pickled Python objects rather than plain data ({_first_line(e)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: unreadable, truncated or corrupt ({_first_line(e)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
         if isinstance(payload, dict) and any(str(k).startswith("mon.") for k in payload):
-            hint = "; it looks like the paper's state dict: convert it with `mondeq import-locuslab`"
+            hint = (
+                "; it looks like the paper's state dict: convert it with `mondeq import-locuslab`"
+            )
         raise CheckpointError(f"{path}: not a monDEQ checkpoint{hint}")
     version = payload.get("schema_version")
     if not isinstance(version, int):

@@ -11,7 +11,9 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -62,8 +64,12 @@ def _run_import_locuslab(args) -> int:
             mean=args.mean,
             std=args.std,
             class_names=args.class_names.split(",") if args.class_names else None,
-            solver={"method": "peaceman_rachford", "alpha": args.alpha, "tol": args.tol,
-                    "max_iter": args.max_iter},
+            solver={
+                "method": "peaceman_rachford",
+                "alpha": args.alpha,
+                "tol": args.tol,
+                "max_iter": args.max_iter,
+            },
         )
     except (CheckpointError, ValueError) as e:
         print(f"mondeq import-locuslab: {e}", file=sys.stderr)
@@ -91,8 +97,11 @@ def bench(sub) -> None:
         description="Inference ms/batch, train-step ms and iterations of the paper's CIFAR "
         "models on the current device, beside the reference code's figures.",
     )
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated, from {','.join(PAPER_MODELS)}")
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, from {','.join(PAPER_MODELS)}",
+    )
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")

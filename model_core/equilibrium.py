@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator
-from .solvers import SolveStats, forward_residual, get_solver, solve_backward, solve_forward
+from .solvers import SolveStats, get_solver, relative_residual, solve_backward, solve_forward
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class EquilibriumLayer(nn.Module):
         )
         pre = self.op.multiply(z) + bias
         z_hat = self.nonlin(pre)
-        stats.residual = forward_residual(z, z_hat.detach())
+        stats.residual = relative_residual(z, z_hat.detach())
         self.last_forward_stats = stats
         if not z_hat.requires_grad:
             return z_hat

@@ -78,8 +78,14 @@ def normalize_config(config: dict) -> dict:
             )
     else:
         ch = cfg.get("channels")
-        if not isinstance(ch, list | tuple) or len(ch) < 2 or not all(isinstance(c, int) for c in ch):
-            raise ValueError(f"multi_tier config needs 'channels' as a list of >= 2 ints, got {ch!r}")
+        if (
+            not isinstance(ch, list | tuple)
+            or len(ch) < 2
+            or not all(isinstance(c, int) for c in ch)
+        ):
+            raise ValueError(
+                f"multi_tier config needs 'channels' as a list of >= 2 ints, got {ch!r}"
+            )
         cfg["channels"] = [int(c) for c in ch]
     cfg["solver"] = SolverSettings.from_dict(cfg.get("solver")).to_dict()
     return cfg

@@ -96,6 +96,7 @@ def iterate(
     *,
     tol: float,
     max_iter: int,
+    fallback: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample meets ``‖x⁺ − x‖ ≤ tol‖x⁺‖``.
 
@@ -107,6 +108,10 @@ def iterate(
         state: the initial state, every tensor with leading dimension ``B``.
         tol: relative-change tolerance, applied per sample.
         max_iter: iteration cap.
+        fallback: a state entry whose relative change decides for rows where ``x⁺ = 0``.
+            Under PR, ``z = σ(u)`` can sit at 0 for several steps while ``u`` still moves,
+            so ``0 ≤ tol·0`` would stop it early; the rule on ``u`` decides there. Without a
+            fallback (FB), ``x⁺ = x = 0`` is an exact fixed point and counts as converged.
 
     Returns:
         ``(x, iterations, converged)``: the final iterate ``(B, ...)``, and per-sample
@@ -119,8 +124,13 @@ def iterate(
         rows_per_chunk = max(1, CPU_CHUNK_BYTES // max(1, x0[0].numel() * x0.element_size()))
         if batch > rows_per_chunk:
             parts = [
-                iterate(step, {k: v[i : i + rows_per_chunk] for k, v in state.items()},
-                        tol=tol, max_iter=max_iter)
+                iterate(
+                    step,
+                    {k: v[i : i + rows_per_chunk] for k, v in state.items()},
+                    tol=tol,
+                    max_iter=max_iter,
+                    fallback=fallback,
+                )
                 for i in range(0, batch, rows_per_chunk)
             ]
             return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
@@ -134,10 +144,17 @@ def iterate(
     live = torch.ones(batch, dtype=torch.bool, device=device)  # working rows not finished
     n_live = batch
     for k in range(1, max_iter + 1):
-        prev = state["x"]
+        prev, prev_fb = state["x"], state[fallback] if fallback else None
         state = step(state)
         x = state["x"]
-        done = (_row_norms(x - prev) <= tol * _row_norms(x)) & live
+        x_norm = _row_norms(x)
+        done = _row_norms(x - prev) <= tol * x_norm
+        if fallback is not None:
+            zero = x_norm == 0
+            if bool(zero.any()):
+                f = state[fallback]
+                done = torch.where(zero, _row_norms(f - prev_fb) <= tol * _row_norms(f), done)
+        done &= live
         n_done = int(done.sum())  # the one host sync per iteration
         if n_done == 0:
             continue
@@ -169,6 +186,7 @@ class SplittingMethod:
 
     name: str = ""
     needs_resolvent: bool = False
+    fallback: str | None = None  # see iterate()
 
     def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
@@ -229,6 +247,7 @@ class PeacemanRachford(SplittingMethod):
 
     name = "peaceman_rachford"
     needs_resolvent = True
+    fallback = "u"
 
     def init_forward(self, bias: Tensor) -> State:
         zero = torch.zeros_like(bias)
@@ -312,10 +331,11 @@ def solve_forward(
         solver.init_forward(bias),
         tol=tol,
         max_iter=max_iter,
+        fallback=solver.fallback,
     )
     elapsed = _timed_sync(bias.device) - t0
     if compute_residual:
-        residual = forward_residual(z, nonlin(op.multiply(z) + bias))
+        residual = relative_residual(z, nonlin(op.multiply(z) + bias))
     else:
         residual = torch.full_like(iterations, float("nan"), dtype=bias.dtype)
     stats = SolveStats(
@@ -332,13 +352,15 @@ def solve_forward(
     return z, stats
 
 
-def forward_residual(z: Tensor, fz: Tensor) -> Tensor:
-    """``‖z − f(z)‖ / ‖z‖`` per sample, with ``f(z) = σ(Wz + Ux + b)`` given as ``fz``.
+def relative_residual(x: Tensor, fx: Tensor) -> Tensor:
+    """``‖x − f(x)‖ / ‖x‖`` per sample (forward: ``f(z) = σ(Wz + Ux + b)``, §2).
 
-    A zero ``z`` that is its own image has residual 0.
+    Where ``x = 0`` the denominator is ``‖f(x)‖`` instead: a zero that is its own image
+    has residual 0, a zero that is not has residual 1.
     """
-    num = _row_norms(z - fz)
-    return num / _row_norms(z).clamp_min(torch.finfo(z.dtype).tiny)
+    x_norm, fx_norm = _row_norms(x), _row_norms(fx)
+    denom = torch.where(x_norm > 0, x_norm, fx_norm).clamp_min(torch.finfo(x.dtype).tiny)
+    return _row_norms(x - fx) / denom
 
 
 @torch.no_grad()
@@ -369,12 +391,16 @@ def solve_backward(
     solver = get_solver(method)(op, alpha)
     t0 = _timed_sync(grad.device)
     u, iterations, converged = iterate(
-        solver.step_backward, solver.init_backward(grad, jac), tol=tol, max_iter=max_iter
+        solver.step_backward,
+        solver.init_backward(grad, jac),
+        tol=tol,
+        max_iter=max_iter,
+        fallback=solver.fallback,
     )
     wtu = op.multiply_transpose(u)
     out = grad + wtu
     elapsed = _timed_sync(grad.device) - t0
-    residual = _row_norms(u - jac * out) / _row_norms(u).clamp_min(torch.finfo(u.dtype).tiny)
+    residual = relative_residual(u, jac * out)
     stats = SolveStats(
         iterations=iterations,
         residual=residual,

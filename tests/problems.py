@@ -35,17 +35,29 @@ def dense_w_multitier(op: MultiTierOperator) -> Tensor:
     """``W = (1 − m) I − L + B − Bᵀ`` (§5) from space-domain convolutions."""
     a_w, b_w, s_w = op.weights()
     ch, sz = op.channels, op.sizes
-    mats_a = [dense_of(lambda x, w=w: circ_conv(x, w), c * s * s, (c, s, s)) for w, c, s in zip(a_w, ch, sz)]
-    mats_b = [dense_of(lambda x, w=w: circ_conv(x, w), c * s * s, (c, s, s)) for w, c, s in zip(b_w, ch, sz)]
+    mats_a = [
+        dense_of(lambda x, w=w: circ_conv(x, w), c * s * s, (c, s, s))
+        for w, c, s in zip(a_w, ch, sz, strict=True)
+    ]
+    mats_b = [
+        dense_of(lambda x, w=w: circ_conv(x, w), c * s * s, (c, s, s))
+        for w, c, s in zip(b_w, ch, sz, strict=True)
+    ]
     mats_s = [
-        dense_of(lambda x, w=w: circ_conv(x, w, stride=2), ch[i] * sz[i] ** 2, (ch[i], sz[i], sz[i]))
+        dense_of(
+            lambda x, w=w: circ_conv(x, w, stride=2), ch[i] * sz[i] ** 2, (ch[i], sz[i], sz[i])
+        )
         for i, w in enumerate(s_w)
     ]
     mats_p = [
-        dense_of(lambda x: F.pad(x, (0, 1, 0, 1)), ch[i + 1] * (sz[i] // 2) ** 2, (ch[i + 1], sz[i] // 2, sz[i] // 2))
+        dense_of(
+            lambda x: F.pad(x, (0, 1, 0, 1)),
+            ch[i + 1] * (sz[i] // 2) ** 2,
+            (ch[i + 1], sz[i] // 2, sz[i] // 2),
+        )
         for i in range(len(ch) - 1)
     ]
-    sizes = [c * s * s for c, s in zip(ch, sz)]
+    sizes = [c * s * s for c, s in zip(ch, sz, strict=True)]
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     total = sum(sizes)
     L = torch.zeros(total, total, dtype=torch.float64)

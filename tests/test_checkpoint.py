@@ -28,7 +28,9 @@ def test_round_trip_reproduces_logits_and_metadata(tmp_path, config):
         "class_names": [f"c{i}" for i in range(10)],
     }
     model.set_solver(alpha=0.35)
-    path = save_checkpoint(model, tmp_path / "sub" / "model.pt", dataset="toy", metrics={"acc": 0.5})
+    path = save_checkpoint(
+        model, tmp_path / "sub" / "model.pt", dataset="toy", metrics={"acc": 0.5}
+    )
     assert path.exists()
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left
 

@@ -34,6 +34,7 @@ from ..nonlinearity import border_mask
 from .base import MonotoneOperator
 from .spectral import AliasGroups, block_diag4, from_spectrum, to_spectrum, transfer
 
+
 def tier_sizes(image_size: int, tiers: int) -> list[int]:
     """Grid sizes ``s_i``: ``s_1 = image + 2``, ``s_(i+1) = s_i/2 + 1`` (§5)."""
     sizes = [image_size + 2]

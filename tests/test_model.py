@@ -1,0 +1,142 @@
+"""Classifiers: config validation, heads, infer, Lipschitz bound, certified radius, α search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model_core import build_model, tune_alpha
+from model_core.operators.spectral import transfer
+
+FC = {"arch": "fc", "in_channels": 1, "image_size": 6, "hidden": 8}
+CONV = {"arch": "conv", "in_channels": 2, "image_size": 6, "channels": 4}
+MT = {"arch": "multi_tier", "in_channels": 1, "image_size": 6, "channels": [3, 4]}
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"arch": "rnn", "in_channels": 1, "image_size": 4}, "arch"),
+        ({"arch": "fc", "in_channels": 1, "image_size": 4}, "hidden"),
+        ({"arch": "conv", "in_channels": 1, "image_size": 4, "channels": [3]}, "channels"),
+        ({"arch": "multi_tier", "in_channels": 1, "image_size": 4, "channels": 3}, "channels"),
+        ({**FC, "image_size": 0}, "image_size"),
+        ({**FC, "m": 0.0}, "m must be > 0"),
+        ({**FC, "solver": {"method": "newton"}}, "unknown solver"),
+        ({**FC, "solver": {"alpha": -1.0}}, "alpha"),
+        ({**FC, "solver": {"tol": 0}}, "tol"),
+        ({**FC, "solver": {"speed": 3}}, "unknown solver settings"),
+        # 28 + 2 = 30 -> 16 -> 9 is odd: a 4th tier cannot follow
+        ({"arch": "multi_tier", "in_channels": 1, "image_size": 28, "channels": [2] * 4}, "odd"),
+    ],
+)
+def test_bad_configs_raise_value_error(config, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(config)
+
+
+@pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
+def test_infer_shapes_and_agreement_with_forward(config):
+    torch.manual_seed(0)
+    model = build_model({**config, "solver": {"tol": 1e-8, "max_iter": 1000}}).double()
+    x = torch.randn(5, config["in_channels"], 6, 6, dtype=torch.float64)
+    out = model.infer(x)
+    assert out.logits.shape == (5, 10)
+    assert out.stats.iterations.shape == (5,) and out.stats.iterations.dtype == torch.int64
+    assert out.stats.converged.all()
+    assert out.certified_radius.shape == (5,) and (out.certified_radius >= 0).all()
+    assert out.labels.shape == (5,)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out.logits, rtol=1e-6, atol=1e-7)
+    # train-mode forward (autograd on) gives the same logits and fills the residual
+    logits = model(x)
+    torch.testing.assert_close(logits.detach(), out.logits, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(model.deq.last_forward_stats.residual).all()
+
+
+def test_infer_overrides_do_not_change_defaults():
+    model = build_model(CONV)
+    x = torch.randn(3, 2, 6, 6)
+    out = model.infer(x, method="forward_backward", tol=1e-3, max_iter=7)
+    assert out.stats.method == "forward_backward" and out.stats.max_iter == 7
+    assert out.stats.alpha == pytest.approx(model.op.forward_backward_alpha())
+    assert model.deq.settings.method == "peaceman_rachford"
+    assert model.infer(x).stats.tol == model.deq.settings.tol
+
+
+def test_lipschitz_bound_fc_matches_dense_norms():
+    torch.manual_seed(1)
+    model = build_model({**FC, "m": 2.0})
+    expect = (
+        torch.linalg.matrix_norm(model.head.weight, 2)
+        * torch.linalg.matrix_norm(model.op.U.weight, 2)
+        / 2.0
+    )
+    assert model.lipschitz_bound() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_conv_injection_norm_is_exact_for_the_circular_conv():
+    """The FFT value equals the dense spectral norm of the circular conv on the padded grid."""
+    torch.manual_seed(2)
+    model = build_model(CONV).double()
+    s = model.op.sizes[0]
+    w = model.op.U.weight
+    c = w.shape[1]
+    eye = torch.eye(c * s * s, dtype=torch.float64).reshape(-1, c, s, s)
+    dense = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(eye, (1, 1, 1, 1), mode="circular"), w
+    )
+    dense = dense.reshape(c * s * s, -1).T
+    assert model.op.injection_norm() == pytest.approx(
+        torch.linalg.matrix_norm(dense, 2).item(), rel=1e-9
+    )
+    assert transfer(w, s).shape == (s * (s // 2 + 1), w.shape[0], c)
+
+
+@pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
+def test_certified_radius_holds_against_attacks(config):
+    """No perturbation inside the radius flips a label: random and gradient directions."""
+    torch.manual_seed(3)
+    model = build_model({**config, "solver": {"tol": 1e-9, "max_iter": 3000}}).double()
+    x = torch.randn(6, config["in_channels"], 6, 6, dtype=torch.float64)
+    out = model.infer(x)
+    radius = out.certified_radius
+    assert (radius > 0).all()
+    # the bound itself: |Δlogit margin| <= ‖w_y − w_j‖ · L_z · ‖δ‖ along the worst direction
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    top2 = logits.topk(2, dim=1).values
+    (top2[:, 0] - top2[:, 1]).sum().backward()
+    direction = -xg.grad / xg.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    for scale in (0.5, 0.99):
+        for d in (direction, torch.randn_like(x)):
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            moved = model.infer(x + scale * radius.view(-1, 1, 1, 1) * d)
+            assert torch.equal(moved.labels, out.labels)
+
+
+def test_tune_alpha_returns_the_best_of_its_curve_and_leaves_the_model_alone():
+    torch.manual_seed(4)
+    model = build_model(CONV)
+    x = torch.randn(8, 2, 6, 6)
+    model.infer(x)
+    cached = dict(model.op._resolvents)
+    result = tune_alpha(model, x, grid=5, refine=4)
+    alphas = [r["alpha"] for r in result.curve]
+    assert alphas == sorted(alphas) and len(alphas) >= 6
+    best = min(result.curve, key=lambda r: (r["iterations_mean"], r["time_s"]))
+    assert result.alpha == best["alpha"]
+    assert result.baseline["alpha"] == 1.0
+    assert result.curve and all(math.isfinite(r["time_s"]) for r in result.curve)
+    assert model.deq.settings.alpha == 1.0
+    assert dict(model.op._resolvents) == cached  # the serving resolvent was not evicted
+    model.set_solver(alpha=result.alpha)
+    assert model.infer(x).stats.iterations.double().mean() == pytest.approx(best["iterations_mean"])
+
+
+def test_infer_moves_input_to_the_model_device_and_dtype():
+    model = build_model(FC).double()
+    out = model.infer(torch.randn(2, 1, 6, 6))  # float32 in, float64 model
+    assert out.logits.dtype == torch.float64
