@@ -145,7 +145,8 @@ class EquilibriumLayer(nn.Module):
         )
         pre = self.op.multiply(z) + bias
         z_hat = self.nonlin(pre)
-        stats.residual = relative_residual(z, z_hat.detach())
+        if stats.residual.isnan().any():  # methods without a free residual
+            stats.residual = relative_residual(z, z_hat.detach())
         self.last_forward_stats = stats
         if not z_hat.requires_grad:
             return z_hat

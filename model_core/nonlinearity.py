@@ -50,7 +50,7 @@ class BorderReLU(Nonlinearity):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, v: Tensor) -> Tensor:
-        return torch.relu(v) * self.mask.to(v.dtype)
+        return torch.mul(v, self.mask.to(v.dtype)).clamp_min_(0.0)
 
     def derivative(self, v: Tensor) -> Tensor:
         return (v > 0).to(v.dtype) * self.mask.to(v.dtype)

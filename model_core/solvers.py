@@ -90,6 +90,22 @@ def _row_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 
+class _Rows(dict):
+    """A state restricted to some rows, gathered only for the entries ``finish`` reads."""
+
+    def __init__(self, state: State, index: Tensor):
+        super().__init__()
+        self._state, self._index = state, index
+
+    def __missing__(self, key: str) -> Tensor:
+        value = self[key] = self._state[key].index_select(0, self._index)
+        return value
+
+
+def _keep_x(state: State) -> dict[str, Tensor]:
+    return {"x": state["x"]}
+
+
 def iterate(
     step: Callable[[State], State],
     state: State,
@@ -97,7 +113,8 @@ def iterate(
     tol: float,
     max_iter: int,
     fallback: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    finish: Callable[[State], dict[str, Tensor]] | None = None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample meets ``‖x⁺ − x‖ ≤ tol‖x⁺‖``.
 
     Args:
@@ -112,11 +129,14 @@ def iterate(
             Under PR, ``z = σ(u)`` can sit at 0 for several steps while ``u`` still moves,
             so ``0 ≤ tol·0`` would stop it early; the rule on ``u`` decides there. Without a
             fallback (FB), ``x⁺ = x = 0`` is an exact fixed point and counts as converged.
+        finish: maps the state of the rows that just stopped to the per-row outputs
+            (default: ``{"x": state["x"]}``); it runs once per row, on that row's last state.
 
     Returns:
-        ``(x, iterations, converged)``: the final iterate ``(B, ...)``, and per-sample
-        ``(B,)`` iteration counts and stopping flags.
+        ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample, and
+        per-sample ``(B,)`` iteration counts and stopping flags.
     """
+    finish = finish or _keep_x
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
@@ -130,15 +150,24 @@ def iterate(
                     tol=tol,
                     max_iter=max_iter,
                     fallback=fallback,
+                    finish=finish,
                 )
                 for i in range(0, batch, rows_per_chunk)
             ]
-            return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
-    result = torch.empty_like(x0)
+            outputs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+            return outputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     iterations = torch.full((batch,), max_iter, dtype=torch.int64, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     if batch == 0 or max_iter <= 0:
-        return x0.clone(), iterations.zero_(), converged
+        return finish(state), iterations.zero_(), converged
+
+    outputs: dict[str, Tensor] = {}
+
+    def record(where: Tensor, mask: Tensor) -> None:
+        for name, value in finish(_Rows(state, mask.nonzero().squeeze(1))).items():
+            if name not in outputs:
+                outputs[name] = value.new_empty((batch, *value.shape[1:]))
+            outputs[name][where] = value
 
     rows = torch.arange(batch, device=device)  # working row -> original sample
     live = torch.ones(batch, dtype=torch.bool, device=device)  # working rows not finished
@@ -159,22 +188,21 @@ def iterate(
         if n_done == 0:
             continue
         finished = rows[done]
-        result[finished] = x[done]
+        record(finished, done)
         iterations[finished] = k
         converged[finished] = True
         live &= ~done
         n_live -= n_done
         if n_live == 0:
-            return result, iterations, converged
+            return outputs, iterations, converged
         if (len(rows) - n_live) >= COMPACT_SHARE * len(rows):
             keep = live.nonzero().squeeze(1)
             state = {name: t.index_select(0, keep) for name, t in state.items()}
             rows = rows.index_select(0, keep)
             live = torch.ones(len(rows), dtype=torch.bool, device=device)
-    # Rows still live ran out of iterations: they keep their last iterate, unconverged.
-    x = state["x"]
-    result[rows[live]] = x[live]
-    return result, iterations, converged
+    # Rows still live ran out of iterations: they keep their last state, unconverged.
+    record(rows[live], live)
+    return outputs, iterations, converged
 
 
 class SplittingMethod:
@@ -187,6 +215,7 @@ class SplittingMethod:
     name: str = ""
     needs_resolvent: bool = False
     fallback: str | None = None  # see iterate()
+    free_residual: bool = False  # finish_forward() gives the equilibrium and its residual
 
     def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
@@ -207,6 +236,10 @@ class SplittingMethod:
         raise NotImplementedError
 
     def step_backward(self, state: State) -> State:
+        raise NotImplementedError
+
+    def finish_forward(self, state: State, nonlin: Nonlinearity) -> dict[str, Tensor]:
+        """``{"x": z*, "residual": ...}`` from a final state, where ``free_residual``."""
         raise NotImplementedError
 
 
@@ -248,17 +281,25 @@ class PeacemanRachford(SplittingMethod):
     name = "peaceman_rachford"
     needs_resolvent = True
     fallback = "u"
+    free_residual = True
 
     def init_forward(self, bias: Tensor) -> State:
         zero = torch.zeros_like(bias)
-        return {"x": zero, "u": zero, "bias": bias}
+        return {"x": zero, "u": zero, "bias": bias, "z_half": zero, "u_half": zero}
 
     def step_forward(self, state: State, nonlin: Nonlinearity) -> State:
         z, u, bias = state["x"], state["u"], state["bias"]
-        u_half = 2.0 * z - u
-        z_half = self.resolvent.inverse(u_half + self.alpha * bias)
-        u = 2.0 * z_half - u_half
-        return {"x": nonlin(u), "u": u, "bias": bias}
+        u_half = torch.lerp(u, z, 2.0)  # 2z − u, in one pass
+        z_half = self.resolvent.inverse(torch.add(u_half, bias, alpha=self.alpha))
+        u = torch.lerp(u_half, z_half, 2.0)
+        return {"x": nonlin(u), "u": u, "bias": bias, "z_half": z_half, "u_half": u_half}
+
+    def finish_forward(self, state: State, nonlin: Nonlinearity) -> dict[str, Tensor]:
+        """Return ``z½`` with its exact residual, which costs no multiply (§2): from
+        ``(I + α(I − W)) z½ = u½ + α(Ux + b)``, ``W z½ + Ux + b = ((1 + α) z½ − u½) / α``."""
+        z_half, a = state["z_half"], self.alpha
+        image = nonlin(((1.0 + a) * z_half - state["u_half"]) / a)
+        return {"x": z_half, "residual": relative_residual(z_half, image)}
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
         zero = torch.zeros_like(grad)
@@ -266,10 +307,10 @@ class PeacemanRachford(SplittingMethod):
 
     def step_backward(self, state: State) -> State:
         x, u, g, jac = state["x"], state["u"], state["grad"], state["jac"]
-        u_half = 2.0 * x - u
+        u_half = torch.lerp(u, x, 2.0)
         z_half = self.resolvent.inverse_transpose(u_half)
-        u = 2.0 * z_half - u_half
-        return {"x": jac * (u + self.alpha * g), "u": u, "grad": g, "jac": jac}
+        u = torch.lerp(u_half, z_half, 2.0)
+        return {"x": jac * torch.add(u, g, alpha=self.alpha), "u": u, "grad": g, "jac": jac}
 
 
 SOLVERS: dict[str, type[SplittingMethod]] = {
@@ -315,8 +356,9 @@ def solve_forward(
         alpha: step size α > 0.
         tol: per-sample relative-change tolerance.
         max_iter: iteration cap.
-        compute_residual: spend one more multiply to fill ``stats.residual``; callers that
-            apply the layer once more anyway (training) compute it from that and skip this.
+        compute_residual: for methods without a free residual (FB), spend one more multiply
+            to fill ``stats.residual``; callers that apply the layer once more anyway
+            (training) compute it from that and skip this. PR's comes free (§2).
         resolvent: a resolvent built aside for this α (else the operator's cached one).
 
     Returns:
@@ -326,18 +368,23 @@ def solve_forward(
         raise ValueError(f"alpha must be > 0, got {alpha}")
     solver = get_solver(method)(op, alpha, resolvent)
     t0 = _timed_sync(bias.device)
-    z, iterations, converged = iterate(
+    free = solver.free_residual
+    outputs, iterations, converged = iterate(
         lambda s: solver.step_forward(s, nonlin),
         solver.init_forward(bias),
         tol=tol,
         max_iter=max_iter,
         fallback=solver.fallback,
+        finish=(lambda s: solver.finish_forward(s, nonlin)) if free else None,
     )
-    elapsed = _timed_sync(bias.device) - t0
-    if compute_residual:
+    z = outputs["x"]
+    if free:
+        residual = outputs["residual"]
+    elif compute_residual:
         residual = relative_residual(z, nonlin(op.multiply(z) + bias))
     else:
         residual = torch.full_like(iterations, float("nan"), dtype=bias.dtype)
+    elapsed = _timed_sync(bias.device) - t0
     stats = SolveStats(
         iterations=iterations,
         residual=residual,
@@ -390,13 +437,14 @@ def solve_backward(
     """
     solver = get_solver(method)(op, alpha)
     t0 = _timed_sync(grad.device)
-    u, iterations, converged = iterate(
+    outputs, iterations, converged = iterate(
         solver.step_backward,
         solver.init_backward(grad, jac),
         tol=tol,
         max_iter=max_iter,
         fallback=solver.fallback,
     )
+    u = outputs["x"]
     wtu = op.multiply_transpose(u)
     out = grad + wtu
     elapsed = _timed_sync(grad.device) - t0

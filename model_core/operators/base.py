@@ -54,6 +54,7 @@ class MonotoneOperator(nn.Module):
             raise ValueError(f"m must be > 0 for a monotone operator, got {m}")
         self.m = float(m)
         self._resolvents: OrderedDict[tuple, Resolvent] = OrderedDict()
+        self._norm_cache: tuple[tuple, float] | None = None
 
     # ---- the written-down interface -------------------------------------------------
     def bias(self, x: Tensor) -> Tensor:
@@ -95,7 +96,17 @@ class MonotoneOperator(nn.Module):
         return res
 
     def injection_norm(self) -> float:
-        """``‖U‖₂``, the spectral norm of the input injection (for §7's Lipschitz bound)."""
+        """``‖U‖₂``, the spectral norm of the input injection (for §7's Lipschitz bound).
+
+        Cached per weights: ``infer`` asks for it on every batch.
+        """
+        key = self._weights_key()
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, float(self._injection_norm()))
+        return self._norm_cache[1]
+
+    def _injection_norm(self) -> float:
         raise NotImplementedError
 
     # ---- what concrete operators implement ------------------------------------------

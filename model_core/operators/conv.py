@@ -213,10 +213,9 @@ class MultiTierOperator(MonotoneOperator):
         rest = u.new_zeros(u.shape[0], sum(self.numels[1:]))
         return torch.cat([u.reshape(u.shape[0], -1), rest], dim=1)
 
-    def injection_norm(self) -> float:
-        with torch.no_grad():
-            u_hat = transfer(self.U.weight, self.sizes[0])
-            return torch.linalg.matrix_norm(u_hat, ord=2).max().item()
+    def _injection_norm(self) -> float:
+        u_hat = transfer(self.U.weight, self.sizes[0])  # exact: max σ over frequencies
+        return torch.linalg.matrix_norm(u_hat, ord=2).max().item()
 
     def _couple(self, specs: list[_TierSpectra], y_grp: Tensor, i: int) -> Tensor:
         """``2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout; half layout out."""

@@ -49,5 +49,5 @@ class FCOperator(MonotoneOperator):
     def _apply_inverse(self, data: Tensor, z: Tensor, transpose: bool) -> Tensor:
         return z @ (data if transpose else data.T)
 
-    def injection_norm(self) -> float:
+    def _injection_norm(self) -> float:
         return torch.linalg.matrix_norm(self.U.weight.detach(), ord=2).item()

@@ -20,6 +20,8 @@ spectra into *group layout* ``(F', 4n, B)``, one row per ``r``-grid half frequen
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,9 +47,62 @@ def transfer(weight: Tensor, s: int) -> Tensor:
     return spec.reshape(n_out, n_in, -1).permute(2, 0, 1)
 
 
+# On the CPU the grids are small (≤ 34) and awkward for FFTs (34 = 2·17): dense DFT matrices
+# applied with GEMMs run 1.3–2.6× faster than rfft2/irfft2 here, and they emit the
+# frequency-major layout directly. CUDA keeps cuFFT.
+USE_DFT_MATMUL_ON_CPU = True
+_DFT_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _dft_matrices(s: int, dtype: torch.dtype, device: torch.device):
+    """Unitary real-to-half DFT factors for an ``s`` grid, cached per (s, dtype, device).
+
+    Returns ``(dw, dw_inv, dh, dh_inv)``: ``dw`` ``(s, 2L)`` maps a real row to its ``L =
+    s//2 + 1`` half-spectrum coefficients as interleaved (re, im); ``dh`` ``(s, s)`` is the
+    complex DFT along the other axis; the ``_inv`` ones undo them (``dw_inv`` applies the
+    Hermitian extension, doubling the bins that stand for two, as ``irfft`` does).
+    """
+    key = (s, dtype, device)
+    hit = _DFT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    n_half = s // 2 + 1
+    pos = torch.arange(s, dtype=torch.float64)
+    theta = 2 * math.pi * torch.outer(pos, torch.arange(n_half, dtype=torch.float64)) / s
+    root = math.sqrt(s)
+    dw = torch.stack([torch.cos(theta), -torch.sin(theta)], dim=-1).reshape(s, 2 * n_half) / root
+    weight = torch.full((n_half, 1), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if s % 2 == 0:
+        weight[-1] = 1.0
+    dw_inv = (
+        torch.stack([weight * torch.cos(theta.T), -weight * torch.sin(theta.T)], dim=1).reshape(
+            2 * n_half, s
+        )
+        / root
+    )
+    phase = 2 * math.pi * torch.outer(pos, pos) / s
+    ones = torch.ones_like(phase)
+    dh, dh_inv = torch.polar(ones, -phase) / root, torch.polar(ones, phase) / root
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    hit = (
+        dw.to(device=device, dtype=dtype),
+        dw_inv.to(device=device, dtype=dtype),
+        dh.to(device=device, dtype=cdtype),
+        dh_inv.to(device=device, dtype=cdtype),
+    )
+    _DFT_CACHE[key] = hit
+    return hit
+
+
 def to_spectrum(x: Tensor) -> Tensor:
     """``(B, n, s, s)`` real → ``(F, n, B)`` complex half layout (unitary ``rfft2``)."""
-    b, n = x.shape[:2]
+    b, n, s, _ = x.shape
+    if x.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:
+        dw, _, dh, _ = _dft_matrices(s, x.dtype, x.device)
+        rows = (x.reshape(-1, s) @ dw).view(b, n, s, s // 2 + 1, 2)  # along the last axis
+        rows = torch.view_as_complex(rows).permute(2, 3, 1, 0).reshape(s, -1)
+        return (dh @ rows).view(-1, n, b)  # along the first axis, frequency-major
     # One explicit transpose copy: bmm on the strided view would copy matrix by matrix.
     return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0).contiguous()
 
@@ -55,7 +110,14 @@ def to_spectrum(x: Tensor) -> Tensor:
 def from_spectrum(spec: Tensor, s: int) -> Tensor:
     """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``)."""
     _, n, b = spec.shape
-    half = spec.permute(2, 1, 0).contiguous().view(b, n, s, s // 2 + 1)  # c2r is slow on views
+    n_half = s // 2 + 1
+    if spec.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:
+        real = spec.real.dtype
+        _, dw_inv, _, dh_inv = _dft_matrices(s, real, spec.device)
+        cols = (dh_inv @ spec.reshape(s, -1)).view(s, n_half, n, b).permute(3, 2, 0, 1)
+        cols = torch.view_as_real(cols.contiguous()).reshape(-1, 2 * n_half)
+        return (cols @ dw_inv).view(b, n, s, s)
+    half = spec.permute(2, 1, 0).contiguous().view(b, n, s, n_half)  # c2r is slow on views
     return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 
