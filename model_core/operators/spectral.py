@@ -121,9 +121,17 @@ def from_spectrum(spec: Tensor, s: int) -> Tensor:
     return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 
-def _conj_where(x: Tensor, mask: Tensor) -> Tensor:
-    """``conj(x)`` on the rows of dim 0 where ``mask``; ``x`` elsewhere."""
-    return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.conj(), x)
+def _gather_conj(x: Tensor, index: Tensor, conj: Tensor, sign: Tensor) -> Tensor:
+    """``x[index]`` along dim 0, conjugated on the rows where ``conj`` (``sign`` = ∓1 there).
+
+    Without autograd the gathered copy is fixed in place (one pass over its imaginary
+    parts); with autograd, an out-of-place ``where``.
+    """
+    y = x.index_select(0, index)
+    if y.requires_grad:
+        return torch.where(conj.view(-1, *([1] * (x.dim() - 1))), y.conj(), y)
+    torch.view_as_real(y).select(-1, 1).mul_(sign.view(-1, *([1] * (x.dim() - 1))))
+    return y
 
 
 def block_diag4(blocks: Tensor) -> Tensor:
@@ -166,6 +174,7 @@ class AliasGroups:
         ll = torch.where(conj, s - ll, ll)
         self.gather_index = (kk * (r + 1) + ll).reshape(-1).to(device)
         self.gather_conj = conj.reshape(-1).to(device)
+        self.gather_sign = 1.0 - 2.0 * self.gather_conj.float()
 
         # half layout of the s grid -> group layout
         k = torch.arange(s).view(s, 1)
@@ -178,18 +187,14 @@ class AliasGroups:
         group = (kk % r) * hr + (ll % r)
         self.scatter_index = (group * 4 + slot).reshape(-1).to(device)
         self.scatter_conj = (~direct).expand(s, r + 1).reshape(-1).to(device)
-
-    def to(self, device: torch.device) -> AliasGroups:
-        for name in ("gather_index", "gather_conj", "scatter_index", "scatter_conj"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+        self.scatter_sign = 1.0 - 2.0 * self.scatter_conj.float()
 
     def group(self, x: Tensor) -> Tensor:
         """Half layout ``(F, ...)`` → ``(F', 4, ...)`` alias groups."""
-        y = _conj_where(x.index_select(0, self.gather_index), self.gather_conj)
+        y = _gather_conj(x, self.gather_index, self.gather_conj, self.gather_sign)
         return y.view(self.groups, 4, *x.shape[1:])
 
     def ungroup(self, y: Tensor) -> Tensor:
         """``(F', 4, ...)`` alias groups → half layout ``(F, ...)``."""
         flat = y.reshape(self.groups * 4, *y.shape[2:])
-        return _conj_where(flat.index_select(0, self.scatter_index), self.scatter_conj)
+        return _gather_conj(flat, self.scatter_index, self.scatter_conj, self.scatter_sign)
