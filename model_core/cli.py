@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in registered:  # running from a source tree that is not installed
             register(sub)
     for name in sorted(registered):
-        registered[name].load()(sub)
+        try:
+            register = registered[name].load()
+        except (ImportError, AttributeError) as e:  # a broken plug-in must not take the CLI down
+            print(f"mondeq: command {name!r} unavailable: {e}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 
