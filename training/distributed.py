@@ -1,0 +1,99 @@
+"""torch.distributed plumbing: one process per device, nccl on GPUs, gloo on CPUs.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`setup` joins the process group; otherwise every
+helper here is the single-process identity, so the training loop has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum plain numbers over ranks (float64 on the device)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        return self.all_sum([float(flag)])[0] > 0
+
+    def gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate per-rank tensors of possibly different lengths along dim 0."""
+        if not self.enabled:
+            return t
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, t.cpu())
+        return torch.cat(parts)
+
+    def interleave(self, t: Tensor) -> Tensor:
+        """Rebuild a global batch from equal shards ``rank::world`` (DistributedSampler order)."""
+        if not self.enabled:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts, dim=1).flatten(0, 1)
+
+    def broadcast_float(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local rank>`` when a GPU is present, else ``cpu``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup(device: str) -> Dist:
+    """Join the process group if launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world <= 1:
+        return Dist(0, 1, dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""``mondeq export``: turn a training run into a served model with its model card.
+
+Writes ``MODELS/<name>/<version>/``:
+
+* ``model.pt``: the checkpoint without training state (optimizer, history), calibration
+  batch kept so the server can tune α at load;
+* ``card.json``: machine-readable card (the service reads ``test_accuracy`` from it);
+* ``README.md``: the model card for people; ``curves.png``: the training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from model_core import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's model, card and curves into a model repository",
+        description="Export a training run (its last or best checkpoint) to "
+        "MODELS/NAME/VERSION/{model.pt,card.json,README.md,curves.png} for `mondeq serve`.",
+    )
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder written by `mondeq train`")
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="last (default: the final epoch) or best (best test accuracy)")  # fmt: skip
+    p.add_argument("--name", default=None, help="model name (default: the preset)")
+    p.add_argument("--version", type=int, default=1, help="version number (default 1)")
+    p.add_argument("--models", type=Path, default=Path("models"), help="repository root")
+    p.add_argument("--note", default=None, help="a remark for the model card")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    try:
+        folder = export_run(args.run, args.models, name=args.name, version=args.version,
+                            which=args.which, note=args.note)  # fmt: skip
+    except (CheckpointError, ValueError) as e:
+        print(f"mondeq export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
+    return 0
+
+
+def export_run(
+    run: Path,
+    models: Path,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    which: str = "last",
+    note: str | None = None,
+) -> Path:
+    """Export ``run/<which>.pt`` to ``models/<name>/<version>/``; returns that folder."""
+    model = load_checkpoint(run / f"{which}.pt")
+    meta = dict(model.metadata)
+    history = (load_checkpoint(run / "last.pt").metadata.get("train") or {}).get("progress", {})
+    history = history.get("history", [])
+    name = name or meta.get("preset")
+    if not name:
+        raise ValueError("the checkpoint names no preset; pass --name")
+    meta.pop("train", None)
+    meta.pop("package_version", None)
+    folder = models / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, folder / "model.pt", **meta)
+    metrics = meta.get("metrics") or {}
+    epoch_times = [r["epoch_time_s"] for r in history if "epoch_time_s" in r]
+    card = {
+        "name": name,
+        "version": version,
+        "preset": meta.get("preset"),
+        "dataset": meta.get("dataset"),
+        "architecture": model.arch,
+        "parameters": model.num_parameters(),
+        "command": meta.get("command"),
+        "seed": meta.get("seed"),
+        "epochs": meta.get("epoch"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "mean_iterations": metrics.get("test_iterations_mean"),
+        "p99_iterations": metrics.get("test_iterations_p99"),
+        "mean_residual": metrics.get("test_residual_mean"),
+        "lipschitz_bound": model.lipschitz_bound(),
+        "certified_accuracy": metrics.get("certified"),
+        "alpha": model.deq.settings.alpha,
+        "solver": model.deq.settings.to_dict(),
+        "train_time_s": meta.get("train_time_s"),
+        "seconds_per_epoch": statistics.median(epoch_times) if epoch_times else None,
+        "machine": meta.get("machine"),
+        "package_version": model.metadata.get("package_version"),
+        "checkpoint": which,
+        "note": note,
+    }
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (folder / "README.md").write_text(_card_markdown(card, history))
+    if (run / "curves.png").is_file():
+        shutil.copyfile(run / "curves.png", folder / "curves.png")
+    return folder
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _card_markdown(card: dict, history: list[dict]) -> str:
+    cert = card.get("certified_accuracy") or {}
+    lines = [
+        f"# {card['name']} (version {card['version']})",
+        "",
+        f"A monDEQ {card['architecture']} classifier ({card['parameters']:,} parameters) trained "
+        f"on {card['dataset']} with this package's `mondeq train`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| command | `{card['command']}` |",
+        f"| seed | {card['seed']} |",
+        f"| epochs | {card['epochs']} |",
+        f"| test accuracy | {_pct(card['test_accuracy'])} |",
+        f"| forward iterations (test, mean / p99) | {card['mean_iterations']:.2f} / "
+        f"{card['p99_iterations']:.0f} |",
+        f"| solver | {card['solver']['method']}, α {card['alpha']:.3g}, tol "
+        f"{card['solver']['tol']:g}, max_iter {card['solver']['max_iter']} |",
+        f"| Lipschitz bound (ℓ2, logits) | {card['lipschitz_bound']:.4g} |",
+        "| certified accuracy (ℓ2 ε) | "
+        + ", ".join(f"{r}: {_pct(a)}" for r, a in cert.items())
+        + " |",
+        f"| training time | {card['train_time_s'] / 60:.1f} min "
+        f"({card['seconds_per_epoch']:.1f} s per epoch, median; evaluation excluded) |",
+        f"| machine | {card['machine']} |",
+        f"| package version | {card['package_version']} |",
+        "",
+    ]
+    if card.get("note"):
+        lines += [card["note"], ""]
+    if history:
+        lines += [
+            "## Per epoch",
+            "",
+            "| epoch | train loss | test acc | fwd it | bwd it | α | s |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['epoch']} | {r['train_loss']:.4f} | {_pct(r['test_accuracy'])} | "
+            f"{r['train_fwd_iterations']:.1f} | {r['train_bwd_iterations']:.1f} | "
+            f"{r['alpha']:.3g} | {r['epoch_time_s']:.1f} |"
+            for r in history
+        ]
+        lines += ["", "![training curves](curves.png)", ""]
+    return "\n".join(lines)

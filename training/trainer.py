@@ -1,0 +1,517 @@
+"""The training loop: Adam, LR/β1 schedules, α retuning, evaluation, resumable checkpoints.
+
+Files written to ``--out`` (rank 0 only, each atomically):
+
+* ``last.pt``: the latest model plus everything needed to resume (optimizer, position in the
+  epoch, partial epoch sums, history), written after every epoch and on Ctrl-C / SIGTERM;
+* ``best.pt``: the model with the best test accuracy so far (no training state);
+* ``metrics.jsonl``: one line per epoch; ``curves.png``: loss, accuracy, iterations and α.
+
+Data order is a function of ``(seed, epoch)`` (DistributedSampler's permutation) and
+augmentation of ``(seed, epoch, step)``, so a run resumed from ``last.pt`` takes exactly the
+steps the uninterrupted run would have taken, and 2 ranks with batch B/2 each take the steps
+one process takes with batch B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from model_core import build_model, load_checkpoint, save_checkpoint, tune_alpha
+
+from . import distributed
+from .data import DATASETS, Data, Normalizer, augment, load_dataset
+from .evaluate import evaluate
+from .presets import Preset, get_preset
+
+CALIBRATION_SAMPLES = 64
+TUNE_EARLY_STEP = 10  # α is retuned at this step of every epoch and at mid-epoch
+TUNE_SAMPLES = 64
+TUNE_MAX_ITER = 60
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run depends on; stored in ``last.pt`` so ``--resume`` needs nothing else."""
+
+    preset: str
+    out: str
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    download: bool = False
+    dataset: str | None = None  # override the preset's, e.g. "synthetic"
+    synthetic_size: int = 2048
+    steps_per_epoch: int | None = None  # cap, for smoke tests
+    eval_limit: int | None = None  # evaluate on the first N test samples only
+    tune_alpha: bool = True
+    progress: bool = True
+    command: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class Interrupted(Exception):
+    """Raised out of :func:`train` after a signal, once the resumable checkpoint is written."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; resume from {path}")
+        self.signum, self.path = signum, path
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag the loop checks after each step; a second one aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
+            "checkpoint (send again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
+
+
+# ---- small helpers ----------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _optimizer_to_plain(state: dict) -> dict:
+    """Optimizer state with str keys (checkpoint metadata must load under weights_only)."""
+    return {
+        "state": {str(k): v for k, v in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def _optimizer_from_plain(state: dict) -> dict:
+    groups = [
+        dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in state["param_groups"]
+    ]
+    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def _aug_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+
+
+def steps_in_epoch(n: int, batch_size: int, cap: int | None) -> int:
+    steps = n // batch_size  # the last partial batch is dropped, as in DistributedSampler
+    return min(steps, cap) if cap else steps
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    opts: TrainOptions
+    preset: Preset
+    data: Data
+    epochs: int
+    batch_size: int
+    lr: float
+    dist: distributed.Dist
+
+
+def _resolve(opts: TrainOptions, dist: distributed.Dist) -> _Setup:
+    preset = get_preset(opts.preset)
+    name = opts.dataset or preset.dataset
+    shape = DATASETS[preset.dataset][0]
+    data = load_dataset(
+        name,
+        opts.data_dir,
+        download=opts.download,
+        shape=shape,
+        synthetic_size=opts.synthetic_size,
+        seed=opts.seed,
+    )
+    batch = opts.batch_size or preset.batch_size
+    if batch % dist.world:
+        raise ValueError(f"batch size {batch} must divide evenly over {dist.world} processes")
+    if len(data.train_x) < batch:
+        raise ValueError(f"{len(data.train_x)} training samples cannot fill a batch of {batch}")
+    return _Setup(
+        opts, preset, data, opts.epochs or preset.epochs, batch, opts.lr or preset.lr, dist
+    )
+
+
+def train(opts: TrainOptions, *, resume: bool = False) -> dict:
+    """Run (or resume) a training run; returns the final epoch's metrics.
+
+    Raises:
+        Interrupted: after SIGINT/SIGTERM, once ``last.pt`` is written.
+        DataError, ValueError: bad data or options (before any file is written).
+    """
+    dist = distributed.setup(opts.device)
+    try:
+        with _StopFlag() as stop:  # from here on a signal stops cleanly, at a step boundary
+            return _train(opts, dist, resume, stop)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _StopFlag) -> dict:
+    out = Path(opts.out)
+    st = _resolve(opts, dist)
+    data, device = st.data, dist.device
+    mean, std = data.channel_stats()
+    torch.manual_seed(opts.seed)
+    model = build_model(st.preset.model_config(data.shape, len(data.class_names)))
+    model.input_spec = {
+        "shape": list(data.shape),
+        "mean": mean,
+        "std": std,
+        "class_names": list(data.class_names),
+    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=st.lr)
+    progress = {"epoch": 0, "step": 0, "sums": None, "history": [], "best": -1.0, "elapsed": 0.0}
+    if resume:
+        saved = load_checkpoint(out / "last.pt")
+        train_meta = saved.metadata.get("train") or {}
+        model.load_state_dict(saved.state_dict())
+        model.set_solver(**saved.deq.settings.to_dict())
+        optimizer.load_state_dict(_optimizer_from_plain(train_meta["optimizer"]))
+        progress = dict(train_meta["progress"])
+    model.to(device)
+    _optimizer_to_device(optimizer, device)
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if dist.enabled
+        else model
+    )
+    normalize = Normalizer(mean, std, device)
+    calibration = data.train_x[
+        torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(opts.seed))[
+            :CALIBRATION_SAMPLES
+        ]
+    ]
+    test_x, test_y = data.test_x, data.test_y
+    if opts.eval_limit:
+        test_x, test_y = test_x[: opts.eval_limit], test_y[: opts.eval_limit]
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _log(
+            f"{opts.preset}: {model.arch}, {model.num_parameters():,} parameters, "
+            f"{data.name} from {data.source} ({len(data.train_x):,} train / "
+            f"{len(test_x):,} test), batch {st.batch_size}"
+            + (f" over {dist.world} processes" if dist.enabled else "")
+            + f", {st.epochs} epochs on {device}"
+        )
+
+    def save(path: Path, *, with_state: bool, metrics: dict | None) -> None:
+        meta = {
+            "preset": opts.preset,
+            "dataset": data.name,
+            "command": opts.command,
+            "seed": opts.seed,
+            "epoch": progress["epoch"],
+            "alpha": model.deq.settings.alpha,
+            "metrics": metrics or {},
+            "train_time_s": progress["elapsed"],
+            "machine": _machine(device),
+            "calibration": calibration.clone(),
+        }
+        if with_state:
+            meta["train"] = {
+                "options": asdict(opts),
+                "optimizer": _optimizer_to_plain(optimizer.state_dict()),
+                "progress": progress,
+            }
+        save_checkpoint(model, path, **meta)
+
+    last_metrics = _metrics_summary(progress["history"][-1]) if progress["history"] else {}
+    for epoch in range(progress["epoch"], st.epochs):
+        progress["epoch"] = epoch
+        row = _run_epoch(st, model, net, optimizer, normalize, progress, stop)
+        if row is None:  # interrupted mid-epoch
+            if dist.is_main:
+                save(out / "last.pt", with_state=True, metrics=last_metrics)
+            dist.barrier()
+            raise Interrupted(stop.signum, out / "last.pt")
+        model.eval()
+        t0 = time.perf_counter()
+        test = evaluate(model, test_x, test_y, normalize, dist=dist)
+        row.update({f"test_{k}": v for k, v in test.items() if k != "certified"})
+        row["test_certified"] = test["certified"]
+        row["eval_time_s"] = time.perf_counter() - t0
+        progress["history"].append(row)
+        progress["epoch"], progress["step"], progress["sums"] = epoch + 1, 0, None
+        last_metrics = _metrics_summary(row)
+        if dist.is_main:
+            _log(_epoch_line(row, st.epochs))
+            if test["accuracy"] > progress["best"]:
+                progress["best"] = test["accuracy"]
+                save(out / "best.pt", with_state=False, metrics=last_metrics)
+            save(out / "last.pt", with_state=True, metrics=last_metrics)
+            _write_metrics(out, progress["history"])
+            _plot_curves(out / "curves.png", progress["history"], opts.preset)
+        dist.barrier()
+        if stop.signum is not None and epoch + 1 < st.epochs:
+            raise Interrupted(stop.signum, out / "last.pt")
+    return last_metrics
+
+
+def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | None:
+    """Train one epoch from ``progress["step"]``; None if a signal stopped it part-way."""
+    opts, dist, data, epoch = st.opts, st.dist, st.data, progress["epoch"]
+    sampler = DistributedSampler(
+        range(len(data.train_x)),
+        num_replicas=dist.world,
+        rank=dist.rank,
+        shuffle=True,
+        seed=opts.seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler))
+    local = st.batch_size // dist.world
+    steps = steps_in_epoch(len(order) * dist.world, st.batch_size, opts.steps_per_epoch)
+    tune_at = {min(TUNE_EARLY_STEP, steps // 4), steps // 2} if opts.tune_alpha else set()
+    keys = ("loss", "correct", "count", "fwd", "bwd", "time")
+    sums = dict(progress["sums"] or dict.fromkeys(keys, 0.0))
+    bar = None
+    if opts.progress and dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=steps,
+            initial=progress["step"],
+            desc=f"epoch {epoch + 1}/{st.epochs}",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+    model.train()
+    alphas = []
+    for step in range(progress["step"], steps):
+        t0 = time.perf_counter()
+        idx = order[step * local : (step + 1) * local]
+        xb = data.train_x[idx]
+        if st.preset.augment:
+            g = _aug_generator(opts.seed, epoch, step)
+            positions = torch.arange(dist.rank, st.batch_size, dist.world)
+            xb = augment(xb, g, positions=positions, global_batch=st.batch_size)
+        x, y = normalize(xb), data.train_y[idx].to(normalize.device)
+        fraction = epoch + step / steps
+        lr, beta1 = st.preset.schedule.at(st.lr, fraction, st.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if beta1 is not None:
+                group["betas"] = (beta1, group["betas"][1])
+        if step in tune_at:
+            calib = dist.interleave(x)  # the global batch, in single-process order
+            model.eval()
+            alpha = _retune(model, calib)
+            model.train()
+            model.set_solver(alpha=dist.broadcast_float(alpha))
+            alphas.append(model.deq.settings.alpha)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        fwd = model.deq.last_forward_stats.iterations.double().mean().item()
+        bwd = model.deq.last_backward_stats.iterations.double().mean().item()
+        sums["loss"] += loss.item() * len(y)
+        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["count"] += len(y)
+        sums["fwd"] += fwd * len(y)
+        sums["bwd"] += bwd * len(y)
+        sums["time"] += time.perf_counter() - t0
+        progress["step"], progress["sums"] = step + 1, dict(sums)
+        progress["elapsed"] += time.perf_counter() - t0
+        if bar is not None:
+            n = sums["count"]
+            bar.set_postfix(
+                loss=f"{sums['loss'] / n:.3f}",
+                acc=f"{100 * sums['correct'] / n:.1f}%",
+                fwd=f"{fwd:.1f}",
+                bwd=f"{bwd:.1f}",
+                α=f"{model.deq.settings.alpha:.3g}",
+                refresh=False,
+            )
+            bar.update(1)
+        if dist.any(stop.signum is not None) and step + 1 < steps:
+            if bar is not None:
+                bar.close()
+            return None
+    if bar is not None:
+        bar.close()
+    total = dict(zip(keys, dist.all_sum([sums[k] for k in keys]), strict=True))
+    n = max(total["count"], 1.0)
+    return {
+        "epoch": epoch + 1,
+        "lr": lr if steps else st.lr,
+        "alpha": model.deq.settings.alpha,
+        "alphas_tuned": alphas,
+        "train_loss": total["loss"] / n,
+        "train_accuracy": total["correct"] / n,
+        "train_fwd_iterations": total["fwd"] / n,
+        "train_bwd_iterations": total["bwd"] / n,
+        "epoch_time_s": sums["time"],
+        "steps": steps,
+    }
+
+
+def _retune(model, x) -> float:
+    """α search around the current α, cheap enough to run twice an epoch (§6).
+
+    A decade either side of the current α on up to ``TUNE_SAMPLES`` samples, with the
+    iteration cap at ``TUNE_MAX_ITER``: an α that needs more is a bad α anyway.
+    """
+    log_a = math.log10(model.deq.settings.alpha or 1.0)
+    result = tune_alpha(
+        model,
+        x[:TUNE_SAMPLES],
+        log10_range=(log_a - 1.0, log_a + 1.0),
+        grid=5,
+        refine=2,
+        max_iter=min(TUNE_MAX_ITER, model.deq.settings.max_iter),
+    )
+    return result.alpha
+
+
+def _optimizer_to_device(optimizer, device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+
+def _metrics_summary(row: dict) -> dict:
+    keep = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "test_loss")
+    out = {k: row[k] for k in keep if k in row}
+    out.update(
+        {
+            "test_iterations_mean": row.get("test_iterations_mean"),
+            "test_iterations_p99": row.get("test_iterations_p99"),
+            "test_residual_mean": row.get("test_residual_mean"),
+            "lipschitz": row.get("test_lipschitz"),
+            "certified": row.get("test_certified"),
+            "epoch_time_s": row.get("epoch_time_s"),
+        }
+    )
+    return out
+
+
+def _machine(device: torch.device) -> str:
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, "
+        f"train {100 * row['train_accuracy']:.2f}%, test {100 * row['test_accuracy']:.2f}%, "
+        f"fwd {row['train_fwd_iterations']:.1f} it, bwd {row['train_bwd_iterations']:.1f} it, "
+        f"test {row['test_iterations_mean']:.1f} it, α {row['alpha']:.3g}, "
+        f"{row['epoch_time_s']:.1f} s (+{row['eval_time_s']:.1f} s eval)"
+    )
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    _atomic_write(out / "metrics.jsonl", write)
+
+
+def _plot_curves(path: Path, history: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    ax[0, 0].plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    ax[0, 0].plot(ep, [r["test_loss"] for r in history], "s--", label="test")
+    ax[0, 0].set(title="cross-entropy loss", xlabel="epoch")
+    ax[0, 1].plot(ep, [100 * r["train_accuracy"] for r in history], "o-", label="train")
+    ax[0, 1].plot(ep, [100 * r["test_accuracy"] for r in history], "s--", label="test")
+    ax[0, 1].set(title="accuracy (%)", xlabel="epoch")
+    ax[1, 0].plot(ep, [r["train_fwd_iterations"] for r in history], "o-", label="forward (train)")
+    ax[1, 0].plot(ep, [r["train_bwd_iterations"] for r in history], "^-", label="backward (train)")
+    ax[1, 0].plot(ep, [r["test_iterations_mean"] for r in history], "s--", label="forward (test)")
+    ax[1, 0].set(title="solver iterations per sample (mean)", xlabel="epoch")
+    ax[1, 1].plot(ep, [r["alpha"] for r in history], "o-", color="C3", label="α")
+    ax[1, 1].set(title="PR step size α (tuned)", xlabel="epoch", yscale="log")
+    lr_ax = ax[1, 1].twinx()
+    lr_ax.plot(ep, [r["lr"] for r in history], ":", color="C7", label="learning rate")
+    lr_ax.set(yscale="log", ylabel="learning rate")
+    for a in ax.flat:
+        a.grid(alpha=0.3)
+        a.legend(loc="best", fontsize=8)
+    fig.suptitle(f"{title}: training curves")
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def command_line() -> str:
+    return shlex.join(["mondeq", *sys.argv[1:]]) if sys.argv else ""
+
+
+__all__ = ["Interrupted", "TrainOptions", "command_line", "steps_in_epoch", "train"]
