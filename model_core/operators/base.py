@@ -131,8 +131,17 @@ class MonotoneOperator(nn.Module):
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
 
     def clear_cache(self) -> None:
-        """Drop cached resolvents (they are rebuilt on demand)."""
+        """Drop everything cached per weights (resolvents, spectra, norms); rebuilt on demand.
+
+        Needed only after writing weights through ``.data``, which bypasses the version
+        counter the caches key on; optimizer steps and ``load_state_dict`` need no call.
+        """
         self._resolvents.clear()
+        self._norm_cache = None
+        for name in ("_spectra",):
+            cache = getattr(self, name, None)
+            if cache is not None:
+                cache.clear()
 
     @torch.no_grad()
     def operator_norm_estimate(self, iters: int = 50, seed: int = 0) -> float:

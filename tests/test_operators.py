@@ -1,0 +1,172 @@
+"""Each monotone operator against its dense matrix, built independently (tests/problems.py).
+
+float64, tiny sizes, exact answers: W and Wᵀ, strong monotonicity, the resolvent
+(I + α(I − W))⁻¹ and its transpose, the FFT multiply against direct circular convolution,
+the injection, and the resolvent cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier, randomize_
+
+from model_core.operators import FCOperator, MultiTierOperator
+
+ALPHAS = [0.05, 0.5, 1.0, 3.0, 20.0]
+
+
+def fc(m=1.0, seed=0):
+    torch.manual_seed(seed)
+    op = FCOperator(7, 9, m=m).double()
+    with torch.no_grad():
+        op.B.weight.mul_(3.0)  # a strong skew part
+    return op
+
+
+def tiers(channels, size, m=1.0, seed=0, in_channels=2):
+    torch.manual_seed(seed)
+    return randomize_(MultiTierOperator(in_channels, channels, size, m=m).double(), seed)
+
+
+OPERATORS = {
+    "fc": lambda m=1.0: (fc(m), None),
+    "conv-even": lambda m=1.0: (tiers([3], 4, m), None),
+    "conv-odd": lambda m=1.0: (tiers([2], 5, m), None),
+    "2-tier": lambda m=1.0: (tiers([2, 3], 4, m), None),
+    "2-tier-odd-input": lambda m=1.0: (tiers([2, 2], 6, m, in_channels=1), None),
+    "3-tier": lambda m=1.0: (tiers([1, 2, 2], 4, m), None),  # grids 6, 4, 3
+}
+
+
+def dense_w(op) -> torch.Tensor:
+    return dense_w_fc(op) if isinstance(op, FCOperator) else dense_w_multitier(op)
+
+
+def n_of(op) -> int:
+    return int(torch.Size(op.z_shape).numel())
+
+
+@pytest.fixture(params=list(OPERATORS), ids=list(OPERATORS))
+def op(request):
+    return OPERATORS[request.param]()[0]
+
+
+@torch.no_grad()
+def test_multiply_and_transpose_equal_the_dense_matrix(op):
+    w = dense_w(op)
+    n = n_of(op)
+    torch.testing.assert_close(dense_of(op.multiply, n, op.z_shape), w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        dense_of(op.multiply_transpose, n, op.z_shape), w.T, rtol=0, atol=1e-12
+    )
+
+
+@torch.no_grad()
+def test_transpose_is_the_adjoint(op):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, *op.z_shape, generator=g, dtype=torch.float64)
+    b = torch.randn(3, *op.z_shape, generator=g, dtype=torch.float64)
+    lhs = (op.multiply(a) * b).flatten(1).sum(1)
+    rhs = (a * op.multiply_transpose(b)).flatten(1).sum(1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [0.1, 1.0])
+@pytest.mark.parametrize("name", list(OPERATORS))
+@torch.no_grad()
+def test_strongly_monotone(name, m):
+    op, _ = OPERATORS[name](m)
+    k = torch.eye(n_of(op), dtype=torch.float64) - dense_w(op)
+    eig = torch.linalg.eigvalsh((k + k.T) / 2)
+    assert eig.min().item() >= m - 1e-10
+    assert eig.min().item() <= m + 5.0  # non-trivial weights: not m·I plus nothing
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@torch.no_grad()
+def test_resolvent_inverts_i_plus_alpha_i_minus_w(op, alpha):
+    n = n_of(op)
+    a_mat = (1 + alpha) * torch.eye(n, dtype=torch.float64) - alpha * dense_w(op)
+    res = op.resolvent(alpha)
+    v = dense_of(res.inverse, n, op.z_shape)
+    vt = dense_of(res.inverse_transpose, n, op.z_shape)
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(v @ a_mat, eye, rtol=0, atol=1e-8)
+    torch.testing.assert_close(a_mat @ v, eye, rtol=0, atol=1e-8)
+    torch.testing.assert_close(vt @ a_mat.T, eye, rtol=0, atol=1e-8)
+    torch.testing.assert_close(vt, v.T, rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_resolvent_cache_reuses_and_rebuilds_on_weight_change():
+    op = tiers([2, 2], 4)
+    first = op.resolvent(0.7)
+    assert op.resolvent(0.7) is first
+    cached = dict(op._resolvents)
+    aside = op.resolvent(0.3, cache=False)  # an α search: built aside, cache untouched
+    assert aside.alpha == 0.3 and dict(op._resolvents) == cached
+    op.A[0].add_(0.3 * torch.randn_like(op.A[0]))  # in place: same storage, new version
+    fresh = op.resolvent(0.7)
+    assert fresh is not first
+    n = n_of(op)
+    a_mat = 1.7 * torch.eye(n, dtype=torch.float64) - 0.7 * dense_w(op)
+    v = dense_of(fresh.inverse, n, op.z_shape)
+    torch.testing.assert_close(v @ a_mat, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-8)
+    stale = dense_of(first.inverse, n, op.z_shape)
+    assert (stale @ a_mat - torch.eye(n, dtype=torch.float64)).abs().max() > 1e-4
+    # Writes through .data bypass the version counter: clear_cache() is the way out.
+    op.B[1].data.mul_(-2.0)
+    assert op.resolvent(0.7) is fresh  # stale, as documented
+    op.clear_cache()
+    a_mat = 1.7 * torch.eye(n, dtype=torch.float64) - 0.7 * dense_w(op)
+    v = dense_of(op.resolvent(0.7).inverse, n, op.z_shape)
+    torch.testing.assert_close(v @ a_mat, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(dense_of(op.multiply, n, op.z_shape), dense_w(op), rtol=0,
+                               atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [4, 5, 7])
+@torch.no_grad()
+def test_fft_multiply_equals_direct_circular_convolution(size):
+    """Single tier: W z = (1 − m) z − Aᵀ(A z) + B z − Bᵀ z with circular 3×3 convolutions."""
+    op = tiers([3], size, m=0.5)
+    (a,), (b,), _ = op.weights()
+    z = torch.randn(2, *op.z_shape, dtype=torch.float64)
+
+    def conv_t(x, w):  # adjoint of circular conv: correlate with the flipped, transposed kernel
+        return circ_conv(x, w.flip(-1, -2).transpose(0, 1))
+
+    direct = 0.5 * z - conv_t(circ_conv(z, a), a) + circ_conv(z, b) - conv_t(z, b)
+    torch.testing.assert_close(op.multiply(z), direct, rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_injection_is_u_x_plus_b():
+    op = fc()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(op.bias(x), x @ op.U.weight.T + op.U.bias, rtol=0, atol=1e-12)
+    conv = tiers([2, 3], 4, in_channels=2)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    u = conv.bias(x)
+    assert u.shape == (3, *conv.z_shape)
+    first = conv.split(u)[0]  # U is a 3×3 conv on the zero-padded image, into tier 1 only
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 2, 2)), conv.U.weight,
+                                      conv.U.bias)  # fmt: skip
+    torch.testing.assert_close(first, want, rtol=0, atol=1e-12)
+    assert all(t.abs().max() == 0 for t in conv.split(u)[1:])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@torch.no_grad()
+def test_cuda_matches_cpu():
+    for name in OPERATORS:
+        op, _ = OPERATORS[name]()
+        z = torch.randn(3, *op.z_shape, dtype=torch.float64)
+        want = (op.multiply(z), op.multiply_transpose(z), op.resolvent(0.9).inverse(z))
+        op = op.cuda()
+        zc = z.cuda()
+        got = (op.multiply(zc), op.multiply_transpose(zc), op.resolvent(0.9).inverse(zc))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.cpu(), w, rtol=0, atol=1e-10)

@@ -1,0 +1,141 @@
+"""Solvers against dense answers: fixed points, FB = PR, α range, stats, per-sample stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import dense_w_fc
+
+from model_core import solvers
+from model_core.nonlinearity import ReLU
+from model_core.operators import FCOperator
+from model_core.solvers import SOLVERS, get_solver, solve_forward
+
+TIGHT = {"tol": 1e-11, "max_iter": 20_000}
+
+
+def problem(seed=0, hidden=12, batch=6, scale=1.0):
+    torch.manual_seed(seed)
+    op = FCOperator(5, hidden, m=0.5).double()
+    with torch.no_grad():
+        op.A.weight.mul_(2.0)
+        op.B.weight.mul_(2.0)
+    x = scale * torch.randn(batch, 5, dtype=torch.float64)
+    return op, op.bias(x).detach()
+
+
+def dense_fixed_point_residual(op, bias, z):
+    w = dense_w_fc(op)
+    return (z - torch.relu(z @ w.T + bias)).norm(dim=1)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@torch.no_grad()
+def test_fixed_point_satisfies_the_equation(method):
+    op, bias = problem()
+    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    z, stats = solve_forward(op, ReLU(), bias, method=method, alpha=alpha, **TIGHT)
+    assert stats.converged.all()
+    assert (dense_fixed_point_residual(op, bias, z) <= 1e-8 * z.norm(dim=1).clamp_min(1)).all()
+    # Both sides of the ReLU are exercised (PR returns z½, exact zeros only up to rounding).
+    assert (z > 1e-3).any() and (z.abs() < 1e-9).any()
+
+
+@torch.no_grad()
+def test_fb_and_pr_reach_the_same_point():
+    op, bias = problem(seed=1)
+    z_pr, _ = solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=1.0, **TIGHT)
+    z_fb, _ = solve_forward(
+        op, ReLU(), bias, method="forward_backward", alpha=op.forward_backward_alpha(), **TIGHT
+    )
+    torch.testing.assert_close(z_pr, z_fb, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("alpha", [1e-2, 1e-1, 1.0, 10.0, 1e2])
+@torch.no_grad()
+def test_pr_converges_for_alpha_over_four_decades(alpha):
+    op, bias = problem(seed=2)
+    ref, _ = solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=1.0, **TIGHT)
+    z, stats = solve_forward(
+        op, ReLU(), bias, method="peaceman_rachford", alpha=alpha, tol=1e-10, max_iter=200_000
+    )
+    assert stats.converged.all()
+    torch.testing.assert_close(z, ref, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@torch.no_grad()
+def test_stats_report_the_true_residual(method):
+    op, bias = problem(seed=3)
+    alpha = 0.8 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    z, stats = solve_forward(op, ReLU(), bias, method=method, alpha=alpha, tol=1e-3, max_iter=500)
+    b = bias.shape[0]
+    assert stats.iterations.shape == (b,) and stats.iterations.dtype == torch.int64
+    assert stats.residual.shape == (b,) and stats.converged.shape == (b,)
+    assert stats.converged.dtype == torch.bool
+    assert stats.method == method and stats.alpha == pytest.approx(alpha)
+    assert stats.tol == 1e-3 and stats.max_iter == 500 and stats.time_s > 0
+    w = dense_w_fc(op)
+    fz = torch.relu(z @ w.T + bias)
+    norm = z.norm(dim=1)
+    true = (z - fz).norm(dim=1) / torch.where(norm > 0, norm, fz.norm(dim=1))
+    torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-12)
+    assert (stats.iterations >= 1).all() and (stats.iterations <= 500).all()
+
+
+@torch.no_grad()
+def test_unconverged_samples_are_reported_at_max_iter():
+    op, bias = problem(seed=4)
+    _, stats = solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=1e-3,
+                             tol=1e-12, max_iter=3)  # fmt: skip
+    assert not stats.converged.any()
+    assert (stats.iterations == 3).all()
+    assert (stats.residual > 1e-12).all()
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@torch.no_grad()
+def test_per_sample_stopping_equals_solo_solves(method):
+    """Easy (tiny injection) and hard samples mixed: each gets its solo answer and count."""
+    op, bias = problem(seed=5, batch=8)
+    bias = bias * torch.tensor([1e-3, 1, 1e-3, 3, 1, 1e-3, 2, 1], dtype=torch.float64)[:, None]
+    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    kw = {"method": method, "alpha": alpha, "tol": 1e-6, "max_iter": 2000}
+    z, stats = solve_forward(op, ReLU(), bias, **kw)
+    assert stats.iterations.unique().numel() > 1  # the batch really is mixed
+    for i in range(len(bias)):
+        zi, si = solve_forward(op, ReLU(), bias[i : i + 1], **kw)
+        assert si.iterations.item() == stats.iterations[i].item()
+        torch.testing.assert_close(z[i : i + 1], zi, rtol=0, atol=1e-12)
+        torch.testing.assert_close(stats.residual[i : i + 1], si.residual, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@torch.no_grad()
+def test_chunking_and_compaction_do_not_change_answers(method, monkeypatch):
+    op, bias = problem(seed=6, batch=40)
+    bias = bias * torch.linspace(1e-3, 3, 40, dtype=torch.float64)[:, None]
+    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    kw = {"method": method, "alpha": alpha, "tol": 1e-7, "max_iter": 2000}
+    monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(solvers, "COMPACT_SHARE", 0.0)  # never compact
+    z0, s0 = solve_forward(op, ReLU(), bias, **kw)
+    monkeypatch.setattr(solvers, "COMPACT_SHARE", 1.0)  # compact whenever anyone stops
+    z1, s1 = solve_forward(op, ReLU(), bias, **kw)
+    monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1)  # one-row chunks
+    z2, s2 = solve_forward(op, ReLU(), bias, **kw)
+    for z, s in ((z1, s1), (z2, s2)):
+        torch.testing.assert_close(z, z0, rtol=0, atol=1e-12)
+        assert torch.equal(s.iterations, s0.iterations)
+        assert torch.equal(s.converged, s0.converged)
+
+
+def test_registry_and_errors():
+    assert {"peaceman_rachford", "forward_backward"} <= set(SOLVERS)
+    assert get_solver("peaceman_rachford") is SOLVERS["peaceman_rachford"]
+    with pytest.raises(ValueError, match="peaceman_rachford"):
+        get_solver("newton")
+    op, bias = problem()
+    with pytest.raises(ValueError, match="alpha"):
+        solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=0.0, tol=1e-3,
+                      max_iter=10)  # fmt: skip
