@@ -267,10 +267,8 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(
-    tmp_path, reference_run, signum
-):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(tmp_path, reference_run, signum):
     out = tmp_path / "run"
     proc = _start(out)
     _wait_for(lambda: (out / "metrics.jsonl").exists(), proc)  # inside epoch 2
