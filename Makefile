@@ -39,10 +39,9 @@ format: $(STAMP)
 test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
+# Serves the default models in models/ on http://127.0.0.1:8000 (MONDEQ_* variables apply).
 run: $(STAMP)
-	@echo "make run: the HTTP service is not built yet (see the service issue)."
-	@echo "Meanwhile: $(BIN)/mondeq --help"
-	@exit 1
+	$(BIN)/mondeq serve --model-dir models
 
 bench: $(STAMP)
 	$(BIN)/mondeq bench
