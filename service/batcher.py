@@ -1,0 +1,265 @@
+"""Dynamic batching: one queue and one worker per served model version.
+
+Callers :meth:`Batcher.submit` a ``(b, ...)`` tensor with a hashable key (the solver
+parameters). The worker takes the oldest waiting request and collects the requests that
+share its key until the batch holds the rows worth waiting for (the offered load: the most
+rows queued or solving at once lately, at most ``max_batch_size``) or ``max_delay`` has
+passed since that request arrived; a lone caller therefore never waits. It concatenates
+them, runs one solve in its own thread (the event loop stays free), and hands every caller
+back its own rows. Requests with other keys wait for a later batch: rows solved under
+different ``tol``/``max_iter``/``method`` never share a solve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("mondeq.service")
+
+
+class QueueFull(Exception):
+    """The model's queue holds ``max_queue`` rows already; ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Closed(Exception):
+    """The batcher stopped accepting work (shutdown or the version was replaced)."""
+
+
+class SolveFailed(Exception):
+    """The solve itself raised (a bug, not the client's fault)."""
+
+
+@dataclass
+class BatchOutput:
+    """What the solve function returns for a batch of ``N`` rows.
+
+    Attributes:
+        rows: per-row tensors, each with leading dimension ``N`` (sliced per caller).
+        info: batch-wide values (α, method, solve time, ...), copied to every caller.
+    """
+
+    rows: dict[str, Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    """One caller's share of a batch: its own ``b`` rows and the batch-wide info."""
+
+    rows: dict[str, Tensor]
+    info: dict[str, Any]
+    queue_s: float
+    batch_rows: int
+
+
+@dataclass
+class _Item:
+    x: Tensor
+    key: Hashable
+    future: asyncio.Future
+    t_enqueued: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+
+class Batcher:
+    """Queue plus worker for one model.
+
+    Args:
+        name: for logs and thread names.
+        solve: ``solve(x, key) -> BatchOutput`` with ``x`` of shape ``(N, ...)``, run in the
+            batcher's own thread, one batch at a time.
+        max_batch_size: rows per solve (a single larger request is solved alone).
+        max_delay_s: how long the oldest request may wait for company.
+        max_queue: rows allowed to wait; past it :meth:`submit` raises :class:`QueueFull`.
+        on_batch: called in the event loop after each solve with ``(n_rows, [queue_s])``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        solve: Callable[[Tensor, Hashable], BatchOutput],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, list[float]], None] | None = None,
+    ):
+        self.name = name
+        self._solve = solve
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._pending: deque[_Item] = deque()
+        self._pending_rows = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"solve-{name}")
+        self._solve_s_ema: float | None = None  # for Retry-After
+        # Offered load: the most rows queued or solving at once, per recent batch.
+        self._solving_rows = 0
+        self._load_peak = 0
+        self._recent_load: deque[int] = deque(maxlen=8)
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batch-{name}")
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending_rows
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    def submit(self, x: Tensor, key: Hashable) -> asyncio.Future:
+        """Queue ``x`` ``(b, ...)`` for solving under ``key``; await the future for an
+        :class:`Answer`. Enqueues synchronously, so a caller that looked this batcher up
+        in the same event-loop step cannot miss it being closed.
+
+        Raises:
+            Closed: the batcher no longer accepts work.
+            QueueFull: ``max_queue`` rows are waiting already.
+        """
+        if self._closing:
+            raise Closed(f"model {self.name} is shutting down")
+        b = int(x.shape[0])
+        if self._pending_rows > 0 and self._pending_rows + b > self.max_queue:
+            raise QueueFull(
+                f"model {self.name} has {self._pending_rows} rows queued (limit "
+                f"{self.max_queue}); retry later",
+                self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(x, key, loop.create_future(), time.perf_counter())
+        self._pending.append(item)
+        self._pending_rows += b
+        self._load_peak = max(self._load_peak, self._pending_rows + self._solving_rows)
+        self._wakeup.set()
+        return item.future
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait: the time to solve what is queued, at least 1."""
+        per_batch = self._solve_s_ema or 0.05
+        batches = -(-max(1, self._pending_rows) // self.max_batch_size)
+        return max(1, round(per_batch * batches + 0.5))
+
+    def target_rows(self) -> int:
+        """Rows worth waiting for: the most rows that were queued or solving at once during
+        the latest batches (the load callers offer), capped by ``max_batch_size``. A lone
+        caller never waits; under load a batch waits up to ``max_delay`` to grow to it."""
+        return max(1, min(self.max_batch_size, max(self._recent_load, default=1)))
+
+    async def close(self) -> None:
+        """Stop accepting, answer everything already queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await asyncio.shield(self._worker)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # ---- worker --------------------------------------------------------------------------------
+    def _rows_for(self, key: Hashable) -> int:
+        return sum(it.rows for it in self._pending if it.key == key)
+
+    def _take(self, key: Hashable) -> list[_Item]:
+        """Remove and return the oldest requests under ``key`` that fit one batch."""
+        batch: list[_Item] = []
+        rows = 0
+        keep: deque[_Item] = deque()
+        for it in self._pending:
+            fits = rows + it.rows <= self.max_batch_size or not batch
+            if it.key == key and fits and rows < self.max_batch_size:
+                batch.append(it)
+                rows += it.rows
+            else:
+                keep.append(it)
+        self._pending = keep
+        self._pending_rows -= rows
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._pending[0]
+            deadline = first.t_enqueued + self.max_delay_s
+            target = self.target_rows()
+            while not self._closing and self._rows_for(first.key) < target:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(first.key)
+            t_start = time.perf_counter()
+            x = batch[0].x if len(batch) == 1 else torch.cat([it.x for it in batch])
+            self._solving_rows = int(x.shape[0])
+            self._recent_load.append(self._load_peak)
+            self._load_peak = self._pending_rows + self._solving_rows
+            try:
+                out = await loop.run_in_executor(self._executor, self._solve_twice, x, first.key)
+            except BaseException as e:  # every caller must get an answer, even on cancellation
+                self._solving_rows = 0
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(
+                            e if isinstance(e, SolveFailed) else SolveFailed(str(e))
+                        )
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            solve_s = time.perf_counter() - t_start
+            self._solving_rows = 0
+            self._solve_s_ema = (
+                solve_s if self._solve_s_ema is None else 0.8 * self._solve_s_ema + 0.2 * solve_s
+            )
+            waits = [t_start - it.t_enqueued for it in batch]
+            start = 0
+            for it, wait in zip(batch, waits, strict=True):
+                stop = start + it.rows
+                rows = {k: v[start:stop] for k, v in out.rows.items()}
+                start = stop
+                if not it.future.done():  # the caller may have gone away
+                    it.future.set_result(Answer(rows, out.info, wait, int(x.shape[0])))
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(int(x.shape[0]), waits)
+                except Exception:  # metrics must never stop the worker
+                    log.exception("batch hook failed")
+
+    def _solve_twice(self, x: Tensor, key: Hashable) -> BatchOutput:
+        """Run the solve; retry once, so a transient failure (say, a resolvent being swapped
+        by a retune at that instant) does not fail the whole batch."""
+        try:
+            return self._solve(x, key)
+        except Exception:
+            log.warning("solve of %s failed once; retrying", self.name, exc_info=True)
+        try:
+            return self._solve(x, key)
+        except Exception as e:
+            log.exception("solve of %s failed", self.name)
+            raise SolveFailed(f"solver error in model {self.name}: {e}") from e

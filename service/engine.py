@@ -1,0 +1,288 @@
+"""One served model version: normalisation, the batched solve, per-sample stats, α state."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model_core import SOLVERS, MonDEQClassifier
+
+from .alpha import AlphaTuner
+from .batcher import Answer, Batcher, BatchOutput
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("mondeq.service")
+
+
+@dataclass(frozen=True)
+class SolveKey:
+    """Solver parameters a batch shares. Requests with different keys never share a solve."""
+
+    method: str
+    tol: float
+    max_iter: int
+
+
+class ServedModel:
+    """A loaded checkpoint plus its queue, batcher and α tuner.
+
+    Built in a loader thread (it may tune α); :meth:`start` then creates the batcher in the
+    event loop.
+
+    Attributes:
+        name, version: where it sits in the repository.
+        model: the :class:`MonDEQClassifier`, shared by the solve and tuning threads.
+        shape: ``(C, H, W)`` of one input.
+        class_names: ``K`` names.
+        card: ``card.json`` beside the checkpoint (``{}`` if none).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        model: MonDEQClassifier,
+        *,
+        path: Path,
+        card: dict,
+        settings: Settings,
+        metrics: Metrics,
+        on_alpha: Callable[[ServedModel], None] | None = None,
+    ):
+        self.name, self.version, self.model, self.path, self.card = (
+            name,
+            version,
+            model,
+            path,
+            card,
+        )
+        self.settings, self.metrics = settings, metrics
+        self.on_alpha = on_alpha
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        spec = model.input_spec or {}
+        shape = [int(s) for s in spec.get("shape") or []]
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_spec shape must be [C, H, W], got {spec.get('shape')!r}")
+        self.shape: tuple[int, int, int] = tuple(shape)  # type: ignore[assignment]
+        c = shape[0]
+        mean = [float(v) for v in spec.get("mean") or [0.0] * c]
+        std = [float(v) for v in spec.get("std") or [1.0] * c]
+        if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
+            raise ValueError(f"input_spec mean/std must have {c} entries, std > 0")
+        self.mean_list, self.std_list = mean, std
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+        k = model.head.out_features
+        names = [str(n) for n in spec.get("class_names") or []]
+        self.class_names = names if len(names) == k else [str(i) for i in range(k)]
+        self.lipschitz = float(model.lipschitz_bound())
+        self.loaded_at = time.time()
+        self.tuner = AlphaTuner(
+            model,
+            calibration=self._calibration(),
+            recent_size=settings.recent_size,
+            window=settings.retune_window,
+            factor=settings.retune_factor,
+            cooldown_s=settings.retune_cooldown_s,
+            calibration_size=settings.calibration_size,
+            on_tuned=self._tuned,
+        )
+        self.batcher: Batcher | None = None
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _calibration(self) -> Tensor | None:
+        """The checkpoint's calibration pixels, as a normalised ``(N, C, H, W)`` batch."""
+        raw = (self.model.metadata or {}).get("calibration")
+        if not isinstance(raw, Tensor):
+            return None
+        if raw.dim() != 4 or tuple(raw.shape[1:]) != self.shape or raw.shape[0] == 0:
+            log.warning(
+                "%s/%s: calibration batch of shape %s does not match %s; ignored",
+                self.name,
+                self.version,
+                tuple(raw.shape),
+                self.shape,
+            )
+            return None
+        x = raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float().clamp(0, 1)
+        return self.normalize(x[: self.settings.calibration_size])
+
+    def tune_at_load(self) -> None:
+        """Tune α on the calibration batch, or arm tuning on the first window of traffic."""
+        if not self.settings.tune_at_load or not self.tuner.tunable:
+            return
+        if self.tuner.calibration is None:
+            self.tuner.pending_initial = True
+            return
+        self.tuner.tune("load", source="calibration")
+
+    def start(self) -> None:
+        """Create the queue and its worker (call in the event loop)."""
+        s = self.settings
+        self.batcher = Batcher(
+            f"{self.name}-v{self.version}",
+            self._solve,
+            max_batch_size=s.max_batch_size,
+            max_delay_s=s.max_delay_ms / 1000.0,
+            max_queue=s.max_queue,
+            on_batch=self._batched,
+        )
+
+    async def close(self) -> None:
+        """Answer everything queued, then stop."""
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    # ---- serving -------------------------------------------------------------------------------
+    @property
+    def solver(self):
+        return self.model.deq.settings
+
+    def default_key(self) -> SolveKey:
+        s = self.solver
+        return SolveKey(s.method, float(s.tol), int(s.max_iter))
+
+    def key(
+        self, method: str | None = None, tol: float | None = None, max_iter: int | None = None
+    ) -> SolveKey:
+        """The solve key for per-request overrides, checked against the server's bounds.
+
+        Raises:
+            ValueError: saying which parameter is out of bounds.
+        """
+        d = self.default_key()
+        if method is not None and method not in SOLVERS:
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
+        if tol is not None and not (math.isfinite(tol) and self.settings.min_tol <= tol <= 1.0):
+            raise ValueError(f"tol must lie in [{self.settings.min_tol:g}, 1], got {tol!r}")
+        if max_iter is not None and not (1 <= max_iter <= self.settings.max_iter_cap):
+            raise ValueError(
+                f"max_iter must lie in [1, {self.settings.max_iter_cap}], got {max_iter!r}"
+            )
+        return SolveKey(
+            method or d.method,
+            float(tol) if tol is not None else d.tol,
+            int(max_iter) if max_iter is not None else d.max_iter,
+        )
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Pixels in [0, 1] ``(B, C, H, W)`` → the model's normalised input (same shape)."""
+        return (x.to(torch.float32) - self.mean) / self.std
+
+    async def infer(self, x: Tensor, key: SolveKey) -> Answer:
+        """Queue pixels ``x`` ``(b, C, H, W)`` in [0, 1]; the caller's rows of its batch.
+
+        Raises:
+            batcher.QueueFull, batcher.Closed, batcher.SolveFailed.
+        """
+        assert self.batcher is not None, "start() first"
+        return await self.batcher.submit(x, key)
+
+    def _solve(self, x: Tensor, key: SolveKey) -> BatchOutput:
+        """Solve one batch (in the batcher's thread). ``x``: ``(N, C, H, W)`` pixels."""
+        t0 = time.perf_counter()
+        xn = self.normalize(x)
+        res = self.model.infer(
+            xn.to(self.device, self.dtype), method=key.method, tol=key.tol, max_iter=key.max_iter
+        )
+        logits = res.logits.float().cpu()
+        st = res.stats
+        iterations = st.iterations.cpu()
+        residual = st.residual.float().cpu()
+        converged = st.converged.cpu()
+        rows = {
+            "logits": logits,
+            "probabilities": torch.softmax(logits, dim=1),
+            "label": logits.argmax(dim=1),
+            "iterations": iterations,
+            "residual": residual,
+            "converged": converged,
+            "certified_radius": res.certified_radius.float().cpu(),
+        }
+        solve_s = time.perf_counter() - t0
+        info = {
+            "alpha": float(st.alpha),
+            "method": st.method,
+            "tol": float(st.tol),
+            "max_iter": int(st.max_iter),
+            "solve_s": solve_s,
+            "lipschitz": float(res.lipschitz),
+        }
+        self._record(st.method, iterations, residual, converged)
+        if key == self.default_key():
+            self.tuner.observe(xn, iterations)
+        return BatchOutput(rows, info)
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _record(self, method: str, iterations: Tensor, residual: Tensor, converged: Tensor):
+        m = self.metrics
+        it_hist = m.solver_iterations.labels(self.name, method)
+        res_hist = m.solver_residual.labels(self.name, method)
+        for v in iterations.tolist():
+            it_hist.observe(v)
+        for v in residual.tolist():
+            if math.isfinite(v):
+                res_hist.observe(v)
+        bad = int((~converged).sum())
+        if bad:
+            m.solver_unconverged.labels(self.name, method).inc(bad)
+
+    def _batched(self, rows: int, waits: list[float]) -> None:
+        self.metrics.batch_size.labels(self.name).observe(rows)
+        q = self.metrics.queue_wait.labels(self.name)
+        for w in waits:
+            q.observe(w)
+
+    def _tuned(self, reason: str, result: dict) -> None:
+        self.metrics.alpha_tuning.labels(self.name, reason).inc()
+        if self.on_alpha is not None:
+            self.on_alpha(self)
+
+    # ---- description ---------------------------------------------------------------------------
+    def accuracy(self) -> float | None:
+        """Test accuracy (0..1): from card.json, else the checkpoint's metrics."""
+        for v in (
+            self.card.get("test_accuracy"),
+            ((self.model.metadata or {}).get("metrics") or {}).get("test_accuracy"),
+        ):
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                return float(v)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The ``/v1/models`` view of this version."""
+        s = self.solver
+        meta = self.model.metadata or {}
+        return {
+            "architecture": self.model.arch,
+            "parameters": self.model.num_parameters(),
+            "input": {
+                "shape": list(self.shape),
+                "datatype": "FP32",
+                "range": [0.0, 1.0],
+                "mean": self.mean_list,
+                "std": self.std_list,
+            },
+            "class_names": self.class_names,
+            "dataset": meta.get("dataset") if isinstance(meta.get("dataset"), str) else None,
+            "accuracy": self.accuracy(),
+            "method": s.method,
+            "alpha": s.alpha,
+            "tol": s.tol,
+            "max_iter": s.max_iter,
+            "lipschitz_bound": self.lipschitz,
+            "device": str(self.device),
+            "tuning": self.tuner.last,
+            "queue_rows": self.batcher.pending_rows if self.batcher else 0,
+            "card": self.card or None,
+        }

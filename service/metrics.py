@@ -1,0 +1,170 @@
+"""Prometheus metrics of one app, in their own registry (so tests can build several apps).
+
+The names and labels are a contract with the Grafana dashboard and the alert rules: change
+them only together. Labels stay bounded: ``model`` is a name from the repository (or
+``"unknown"``, or ``""`` for endpoints that name none), ``endpoint`` comes from
+:data:`ENDPOINTS`, ``method`` from the registered solvers, ``reason`` from
+:data:`TUNING_REASONS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ENDPOINTS = (
+    "v2_server",
+    "v2_live",
+    "v2_ready",
+    "v2_model",
+    "v2_model_ready",
+    "v2_infer",
+    "v1_models",
+    "v1_classify",
+    "v1_tune_alpha",
+    "v1_reload",
+    "metrics",
+    "docs",
+    "other",
+)
+TUNING_REASONS = ("load", "drift", "admin")
+
+ITERATION_BUCKETS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+RESIDUAL_BUCKETS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the service exports, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.solver_iterations = Histogram(
+            "mondeq_solver_iterations",
+            "Forward-solve iterations per sample.",
+            ["model", "method"],
+            buckets=ITERATION_BUCKETS,
+            registry=r,
+        )
+        self.solver_residual = Histogram(
+            "mondeq_solver_residual",
+            "Relative fixed-point residual ‖z − σ(Wz + Ux + b)‖ / ‖z‖ per sample at exit.",
+            ["model", "method"],
+            buckets=RESIDUAL_BUCKETS,
+            registry=r,
+        )
+        self.solver_alpha = Gauge(
+            "mondeq_solver_alpha",
+            "Step size α the default version solves with.",
+            ["model"],
+            registry=r,
+        )
+        self.solver_max_iter = Gauge(
+            "mondeq_solver_max_iter",
+            "Configured iteration cap of the default version.",
+            ["model"],
+            registry=r,
+        )
+        self.solver_tol = Gauge(
+            "mondeq_solver_tol",
+            "Configured tolerance of the default version.",
+            ["model"],
+            registry=r,
+        )
+        self.solver_unconverged = Counter(
+            "mondeq_solver_unconverged",
+            "Samples whose solve hit max_iter before meeting tol (answered anyway).",
+            ["model", "method"],
+            registry=r,
+        )
+        self.alpha_tuning = Counter(
+            "mondeq_alpha_tuning",
+            "α searches run, by reason (load, drift, admin).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "mondeq_requests",
+            "HTTP requests answered.",
+            ["model", "endpoint", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mondeq_request_duration_seconds",
+            "Time from request received to response sent.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "mondeq_queue_wait_seconds",
+            "Time a request waited in its model's queue before its batch started solving.",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mondeq_batch_size",
+            "Rows per batched solve.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "mondeq_inflight_requests",
+            "HTTP requests being served (scrapes excluded).",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "mondeq_model_info",
+            "1 for the default version of each model.",
+            ["model", "version", "arch", "method"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "mondeq_model_ready",
+            "1 when the model has a version ready to serve.",
+            ["model"],
+            registry=r,
+        )
+        self._info_labels: dict[str, tuple[str, str, str, str]] = {}
+
+    def set_model_info(self, model: str, version: str, arch: str, method: str) -> None:
+        """Point ``mondeq_model_info`` of ``model`` at one (version, arch, method)."""
+        labels = (model, version, arch, method)
+        old = self._info_labels.get(model)
+        if old == labels:
+            return
+        if old is not None:
+            self.model_info.remove(*old)
+        self.model_info.labels(*labels).set(1)
+        self._info_labels[model] = labels
+
+    def forget_model(self, model: str) -> None:
+        """Drop the per-model gauges of a model that left the repository."""
+        old = self._info_labels.pop(model, None)
+        if old is not None:
+            self.model_info.remove(*old)
+        for gauge in (self.solver_alpha, self.solver_max_iter, self.solver_tol):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model)
+        self.model_ready.labels(model).set(0)

@@ -1,0 +1,180 @@
+"""Request and response bodies (they also make the OpenAPI document at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Every error: what was wrong, plus validation details where there are some."""
+
+    error: str = Field(description="what was wrong, in words")
+    detail: list[dict[str, Any]] | None = Field(None, description="per-field validation errors")
+
+
+# ---- solver overrides -------------------------------------------------------------------------
+
+
+class SolverOverrides(BaseModel):
+    """Optional per-request solver settings, kept inside the server's bounds
+    (``min_tol`` ≤ tol ≤ 1, 1 ≤ max_iter ≤ ``max_iter_cap``, method a registered solver)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tol: float | None = Field(None, gt=0, le=1, description="relative-change tolerance")
+    max_iter: int | None = Field(None, ge=1, description="iteration cap")
+    method: str | None = Field(
+        None, description="peaceman_rachford or forward_backward", examples=["peaceman_rachford"]
+    )
+
+
+# ---- Open Inference Protocol (KServe V2) ------------------------------------------------------
+
+
+class InferInput(BaseModel):
+    """One input tensor. ``data`` is row-major, flat or nested."""
+
+    name: str = Field(examples=["input"])
+    shape: list[int] = Field(description="[B, C, H, W]", examples=[[1, 1, 28, 28]])
+    datatype: str = Field(description="must be FP32", examples=["FP32"])
+    data: list[Any] = Field(description="pixel intensities in [0, 1]; prod(shape) values")
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str = Field(
+        description="logits, probabilities, label, iterations, residual, converged or "
+        "certified_radius"
+    )
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``. Solver overrides go in ``parameters``."""
+
+    id: str | None = Field(None, description="echoed in the response")
+    parameters: SolverOverrides | None = None
+    inputs: list[InferInput] = Field(min_length=1, description="exactly one input tensor")
+    outputs: list[RequestedOutput] | None = Field(None, description="subset to return")
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "INT64", "INT32", "BOOL"]
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    """``parameters``: α, method, tol, max_iter, queue_ms, solve_ms, batch_size."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[InferOutput]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ReadyBody(BaseModel):
+    name: str | None = None
+    ready: bool
+
+
+class LiveBody(BaseModel):
+    live: bool
+
+
+# ---- friendly API -----------------------------------------------------------------------------
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/models/{name}:classify`` as JSON. ``inputs`` holds pixels in [0, 1]:
+    ``[H, W]`` (one-channel models), ``[C, H, W]`` or ``[B, C, H, W]``."""
+
+    inputs: list[Any] = Field(description="nested array of pixel intensities in [0, 1]")
+    top_k: int = Field(3, ge=1, description="classes to return per sample")
+    tol: float | None = Field(None, gt=0, le=1)
+    max_iter: int | None = Field(None, ge=1)
+    method: str | None = None
+
+
+class ClassScore(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+    top_k: list[ClassScore]
+    iterations: int
+    residual: float | None
+    converged: bool
+    certified_radius: float | None
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Prediction]
+    solver: dict[str, Any] = Field(
+        description="alpha, method, tol, max_iter, queue_ms, solve_ms, batch_size"
+    )
+
+
+class ModelList(BaseModel):
+    models: list[dict[str, Any]]
+
+
+class TuneRequest(BaseModel):
+    """``POST /v1/models/{name}/tune-alpha``."""
+
+    source: Literal["auto", "recent", "calibration"] = Field(
+        "auto", description="auto: recent traffic if any, else the calibration batch"
+    )
+    apply: bool = Field(True, description="switch the model to the α found")
+    version: int | None = Field(None, ge=1, description="default: the default version")
+
+
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "a PNG or JPEG image"},
+        "top_k": {"type": "integer", "minimum": 1, "default": 3},
+        "tol": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "max_iter": {"type": "integer", "minimum": 1},
+        "method": {"type": "string"},
+        "invert": {
+            "type": "boolean",
+            "default": False,
+            "description": "invert intensities (dark object on a light background)",
+        },
+    },
+}
