@@ -1,0 +1,344 @@
+"""Load test of the HTTP service: throughput and latency against concurrency.
+
+    .venv/bin/python bench/service_load.py [--models models/fmnist-fc,models/fmnist-conv]
+        [--clients 1,2,4,8,16,32,64] [--duration 5] [--device cpu]
+
+For each model folder (``<dir>/<name>``, holding ``<version>/model.pt``) it starts
+``python -m service`` twice, with batching on (``max_batch_size`` 64) and off (1), and
+drives it with an async httpx load generator: every client sends one image at a time
+(``POST /v2/models/<name>/infer``, FP32 ``[1, C, H, W]`` from the checkpoint's calibration
+batch) for ``--duration`` seconds after a warm-up. Beside it stands the limit: the same
+model's in-process batched ``infer`` throughput at batch 64 (and 1), with α tuned as the
+server tunes it. Prints a Markdown table and writes bench/results/service_load-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from model_core import load_checkpoint, tune_alpha
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# httpcore tries `import sniffio` on every request; where it is not installed, each failed
+# import scans sys.path (about a quarter of the load generator's CPU). Mark it absent once:
+# the behaviour is the same (asyncio), the search is skipped.
+sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    versions = sorted((int(p.name), p) for p in folder.iterdir() if p.name.isdigit())
+    if not versions:
+        raise SystemExit(f"{folder}: no <version>/model.pt inside")
+    return versions[-1][1] / "model.pt"
+
+
+def pixel_batch(model, n: int = 64) -> torch.Tensor:
+    """``(n, C, H, W)`` pixels in [0, 1]: the calibration batch, else uniform noise."""
+    cal = (model.metadata or {}).get("calibration")
+    if isinstance(cal, torch.Tensor) and cal.dim() == 4:
+        x = cal.float() / 255.0 if cal.dtype == torch.uint8 else cal.float()
+        return x[:n]
+    return torch.rand(n, *model.input_spec["shape"], generator=torch.Generator().manual_seed(0))
+
+
+def in_process_limit(ckpt: Path, device: str, seconds: float) -> dict:
+    """Samples/s of ``model.infer`` at batch 64 and 1 (α tuned as the server does)."""
+    model = load_checkpoint(ckpt, map_location=device)
+    spec = model.input_spec
+    c = spec["shape"][0]
+    mean = torch.tensor(spec["mean"]).view(1, c, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, c, 1, 1)
+    x = (pixel_batch(model) - mean) / std
+    if model.deq.settings.method == "peaceman_rachford":
+        model.set_solver(alpha=tune_alpha(model, x).alpha)
+    out = {"alpha": model.deq.settings.alpha}
+    for b in (64, 1):
+        xb = x[:b].to(device)
+        model.infer(xb)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model.infer(xb)
+            n += b
+        out[f"samples_per_s_batch{b}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+async def drive(
+    url: str, path: str, bodies: list[bytes], clients: int, warmup: float, duration: float
+) -> dict:
+    """``clients`` concurrent clients, each one request at a time; stats of the timed part.
+
+    Each client has its own ``AsyncClient`` (one keep-alive connection): httpcore's pool
+    scans every connection per request, so one shared pool of 64 costs the load generator
+    more CPU than the server spends.
+    """
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    pool = [httpx.AsyncClient(base_url=url, timeout=120, verify=False) for _ in range(clients)]
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_stop = t_measure + duration
+
+    async def worker(k: int) -> None:
+        i, client = k, pool[k]
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_stop:
+                return
+            try:
+                r = await client.post(path, content=bodies[i % len(bodies)], headers=headers)
+                code = str(r.status_code)
+            except httpx.TransportError as e:
+                code = type(e).__name__
+            t1 = time.perf_counter()
+            i += clients
+            if t0 < t_measure or t1 > t_stop:
+                continue
+            if code == "200":
+                latencies.append(t1 - t0)
+            else:
+                errors[code] = errors.get(code, 0) + 1
+
+    try:
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+    finally:
+        for client in pool:
+            await client.aclose()
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "throughput": len(lat) / duration,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
+    }
+
+
+def serve(model_folder: Path, batch: int, device: str) -> tuple[subprocess.Popen, str, Path]:
+    """``python -m service`` on a repository holding only this model."""
+    repo = Path(tempfile.mkdtemp(prefix="mondeq-bench-"))
+    (repo / model_folder.name).symlink_to(model_folder.resolve())
+    port = free_port()
+    env = {
+        **os.environ,
+        "MONDEQ_MAX_QUEUE": "100000",
+        "MONDEQ_RETUNE_FACTOR": "0",
+        "MONDEQ_POLL_INTERVAL_S": "0",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model-dir",
+            str(repo),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            str(batch),
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                return proc, url, repo
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server for {model_folder} exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server for {model_folder} not ready")
+
+
+def stop(proc: subprocess.Popen, repo: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    (repo / next(iter(os.listdir(repo)))).unlink()
+    repo.rmdir()
+
+
+def request_bodies(model, name: str) -> list[bytes]:
+    x = pixel_batch(model)
+    return [
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, *x.shape[1:]],
+                        "datatype": "FP32",
+                        "data": x[i].flatten().tolist(),
+                    }
+                ],
+                "outputs": [{"name": "label"}, {"name": "iterations"}],
+            }
+        ).encode()
+        for i in range(x.shape[0])
+    ]
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| model | batching | clients | req/s | p50 ms | p99 ms | % of in-process limit |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        limit = m["limit"]["samples_per_s_batch64"]
+        for mode in ("on", "off"):
+            for r in m["runs"][mode]:
+                err = f" ({sum(r['errors'].values())} errors)" if r["errors"] else ""
+                lines.append(
+                    f"| {m['model']} | {mode} | {r['clients']} | {r['throughput']:.0f}{err} | "
+                    f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                    f"{100 * r['throughput'] / limit:.0f}% |"
+                )
+    lines += [
+        "",
+        "| model | in-process limit (batch 64) | batch 1 | at 64 clients: % of limit | "
+        "× unbatched | p99/p50 at 16 clients |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def num(v, fmt: str) -> str:
+        return "n/a" if v is None or v != v else format(v, fmt)
+
+    for m in results:
+        s = m["summary"]
+        share = s["share_of_limit_64"]
+        lines.append(
+            f"| {m['model']} | {m['limit']['samples_per_s_batch64']:.0f}/s | "
+            f"{m['limit']['samples_per_s_batch1']:.0f}/s | "
+            f"{num(share and share * 100, '.0f')}% | {num(s['vs_unbatched_64'], '.1f')}× | "
+            f"{num(s['p99_over_p50_16'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def summarise(runs: dict) -> dict:
+    def at(mode: str, clients: int) -> dict | None:
+        return next((r for r in runs[mode] if r["clients"] == clients), None)
+
+    out = {}
+    on64, off64, on16 = at("on", 64), at("off", 64), at("on", 16)
+    out["vs_unbatched_64"] = on64["throughput"] / off64["throughput"] if on64 and off64 else None
+    out["p99_over_p50_16"] = on16["p99_ms"] / on16["p50_ms"] if on16 else None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    default = [
+        f"models/{n}" for n in ("fmnist-fc", "fmnist-conv") if (ROOT / "models" / n).is_dir()
+    ]
+    p.add_argument("--models", default=",".join(default), help="comma-separated model folders")
+    p.add_argument("--clients", default="1,2,4,8,16,32,64")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per level")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--modes", default="on,off", help="batching on (64), off (1), or both")
+    p.add_argument("--nice", type=int, default=10, help="niceness of the load generator")
+    args = p.parse_args()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    clients = [int(c) for c in args.clients.split(",")]
+    folders = [Path(m) for m in args.models.split(",") if m]
+    limits = {}
+    for folder in folders:  # first, on an otherwise idle machine
+        print(f"{folder.name}: in-process limit ...", file=sys.stderr)
+        limits[folder] = in_process_limit(latest_checkpoint(folder), device, min(args.duration, 5))
+    # The load generator shares the machine with the server; on a small CPU machine it would
+    # take a core from the system under test. Lower its priority: it still keeps every client
+    # busy, and the server's throughput is what is measured.
+    os.nice(args.nice)
+    results = []
+    for folder in folders:
+        name, ckpt = folder.name, latest_checkpoint(folder)
+        bodies = request_bodies(load_checkpoint(ckpt), name)
+        runs: dict[str, list] = {"on": [], "off": []}
+        for mode in args.modes.split(","):
+            proc, url, repo = serve(folder, 64 if mode == "on" else 1, device)
+            try:
+                for c in clients:
+                    r = asyncio.run(
+                        drive(
+                            url, f"/v2/models/{name}/infer", bodies, c, args.warmup, args.duration
+                        )
+                    )
+                    print(
+                        f"{name} batching {mode} {c:>2} clients: {r['throughput']:.0f} req/s, "
+                        f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
+                        file=sys.stderr,
+                    )
+                    runs[mode].append(r)
+            finally:
+                stop(proc, repo)
+        summary = summarise(runs)
+        on64 = next((r for r in runs["on"] if r["clients"] == 64), None)
+        summary["share_of_limit_64"] = (
+            on64["throughput"] / limits[folder]["samples_per_s_batch64"] if on64 else None
+        )
+        results.append(
+            {"model": name, "checkpoint": str(ckpt), "limit": limits[folder], "runs": runs,
+             "summary": summary}
+        )  # fmt: skip
+    meta = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "duration_s": args.duration,
+        "load_generator_nice": args.nice,
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"service_load-{device}.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2)
+    )
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
