@@ -2,12 +2,20 @@
 
 Callers :meth:`Batcher.submit` a ``(b, ...)`` tensor with a hashable key (the solver
 parameters). The worker takes the oldest waiting request and collects the requests that
-share its key until the batch holds the rows worth waiting for (the offered load: the most
-rows queued or solving at once lately, at most ``max_batch_size``) or ``max_delay`` has
-passed since that request arrived; a lone caller therefore never waits. It concatenates
-them, runs one solve in its own thread (the event loop stays free), and hands every caller
-back its own rows. Requests with other keys wait for a later batch: rows solved under
-different ``tol``/``max_iter``/``method`` never share a solve.
+share its key until the first of:
+
+* the batch holds the rows worth waiting for: the offered load (the most rows queued or
+  solving at once lately), at most ``max_batch_size``; a lone caller therefore never waits;
+* no request has arrived for ``max_gap``: the burst is over, nobody else is coming soon;
+* ``max_delay`` has passed since the oldest request arrived (the hard bound).
+
+Under load, answers go out together and the next requests come back as a burst that the
+event loop parses one by one (about 0.3–1 ms each on a small CPU). Waiting for the whole
+burst, rather than a fixed few milliseconds, keeps batches full: measured on 2 cores at 64
+clients, ``fmnist-conv`` batches averaged 26 rows under a fixed 2 ms wait. The worker
+concatenates the batch, runs one solve in its own thread (the event loop stays free), and
+hands every caller back its own rows. Requests with other keys wait for a later batch: rows
+solved under different ``tol``/``max_iter``/``method`` never share a solve.
 """
 
 from __future__ import annotations
@@ -86,7 +94,8 @@ class Batcher:
         solve: ``solve(x, key) -> BatchOutput`` with ``x`` of shape ``(N, ...)``, run in the
             batcher's own thread, one batch at a time.
         max_batch_size: rows per solve (a single larger request is solved alone).
-        max_delay_s: how long the oldest request may wait for company.
+        max_delay_s: how long the oldest request may wait for company, at most.
+        max_gap_s: the batch stops waiting once no request has arrived for this long.
         max_queue: rows allowed to wait; past it :meth:`submit` raises :class:`QueueFull`.
         on_batch: called in the event loop after each solve with ``(n_rows, [queue_s])``.
     """
@@ -98,6 +107,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_delay_s: float,
+        max_gap_s: float,
         max_queue: int,
         on_batch: Callable[[int, list[float]], None] | None = None,
     ):
@@ -105,9 +115,11 @@ class Batcher:
         self._solve = solve
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_gap_s = max_gap_s
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._pending: deque[_Item] = deque()
+        self._last_arrival = 0.0
         self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -147,6 +159,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         item = _Item(x, key, loop.create_future(), time.perf_counter())
+        self._last_arrival = item.t_enqueued
         self._pending.append(item)
         self._pending_rows += b
         self._load_peak = max(self._load_peak, self._pending_rows + self._solving_rows)
@@ -206,7 +219,8 @@ class Batcher:
             deadline = first.t_enqueued + self.max_delay_s
             target = self.target_rows()
             while not self._closing and self._rows_for(first.key) < target:
-                remaining = deadline - time.perf_counter()
+                until = min(deadline, self._last_arrival + self.max_gap_s)
+                remaining = until - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()

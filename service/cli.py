@@ -30,7 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-delay-ms",
         type=float,
         default=None,
-        help="how long a batch waits to fill (default: 2)",
+        help="longest a request waits for others to share its batch (default: 50)",
+    )
+    p.add_argument(
+        "--max-gap-ms",
+        type=float,
+        default=None,
+        help="a filling batch stops waiting after this long without arrivals (default: 2)",
     )
     p.add_argument(
         "--poll-interval",
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "device",
         "max_batch_size",
         "max_delay_ms",
+        "max_gap_ms",
         "poll_interval_s",
         "log_level",
     )

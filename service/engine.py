@@ -134,6 +134,7 @@ class ServedModel:
             self._solve,
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000.0,
+            max_gap_s=s.max_gap_ms / 1000.0,
             max_queue=s.max_queue,
             on_batch=self._batched,
         )

@@ -29,7 +29,12 @@ class Settings(BaseSettings):
 
     # ---- batching and admission --------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows per solve (1 turns batching off)")
-    max_delay_ms: float = Field(2.0, ge=0, description="wait for more rows after the first one")
+    max_delay_ms: float = Field(
+        50.0, ge=0, description="longest a request waits for others to share its batch"
+    )
+    max_gap_ms: float = Field(
+        2.0, ge=0, description="a filling batch stops waiting after this long without arrivals"
+    )
     max_queue: int = Field(256, ge=1, description="rows waiting per model before 429")
     max_request_batch: int = Field(256, ge=1, description="rows one request may carry")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body limit (413 past it)")

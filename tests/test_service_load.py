@@ -111,6 +111,48 @@ def test_a_lone_client_is_not_held_back_by_the_batch_delay(server):
     assert sorted(queued[-6:])[3] < 0.8 * server.settings.max_delay_ms, queued
 
 
+def test_a_filling_batch_waits_out_the_burst_and_stops_at_a_gap():
+    """Under load the next requests arrive as a burst, parsed one by one: the batch keeps
+    waiting while they keep coming (gaps under ``max_gap``), and goes one gap after the last
+    arrival when fewer come than expected, long before ``max_delay``."""
+    from service.batcher import Batcher, BatchOutput
+
+    async def main() -> None:
+        sizes: list[int] = []
+
+        def solve(x: torch.Tensor, key) -> BatchOutput:
+            sizes.append(int(x.shape[0]))
+            return BatchOutput({"y": 2 * x})
+
+        batcher = Batcher(
+            "t", solve, max_batch_size=64, max_delay_s=30.0, max_gap_s=0.05, max_queue=100
+        )
+        row = lambda v: torch.full((1, 1), float(v))  # noqa: E731
+        # 8 rows at once: the offered load the next batches wait for.
+        await asyncio.gather(*(batcher.submit(row(i), "k") for i in range(8)))
+        assert sizes == [8]
+
+        # A burst spread over ~80 ms, 10 ms apart: far longer than one gap, one batch.
+        futures = []
+        for i in range(8):
+            futures.append(batcher.submit(row(i), "k"))
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(*futures)
+        assert sizes == [8, 8]
+        assert [a.rows["y"].item() for a in answers] == [2.0 * i for i in range(8)]
+        assert {a.batch_rows for a in answers} == {8}
+
+        # Only 3 of the expected 8 come: they go one gap (50 ms) after the last arrival,
+        # not after max_delay (30 s).
+        answers = await asyncio.gather(*(batcher.submit(row(1), "k") for _ in range(3)))
+        assert sizes == [8, 8, 3]
+        waited = answers[0].queue_s
+        assert 0.04 <= waited < 10.0, waited
+        await batcher.close()
+
+    asyncio.run(main())
+
+
 def test_requests_with_different_solver_settings_never_share_a_solve(server, model_repo):
     settings = [
         {"tol": 1e-3},
