@@ -5,11 +5,17 @@
 
 For each model folder (``<dir>/<name>``, holding ``<version>/model.pt``) it starts
 ``python -m service`` twice, with batching on (``max_batch_size`` 64) and off (1), and
-drives it with an async httpx load generator: every client sends one image at a time
+drives each with an async httpx load generator: every client sends one image at a time
 (``POST /v2/models/<name>/infer``, FP32 ``[1, C, H, W]`` from the checkpoint's calibration
 batch) for ``--duration`` seconds after a warm-up. Beside it stands the limit: the same
 model's in-process batched ``infer`` throughput at batch 64 (and 1), with α tuned as the
-server tunes it. Prints a Markdown table and writes bench/results/service_load-<device>.json.
+server tunes it.
+
+The targets compare three throughputs at 64 clients (batching on, off, and the limit). On a
+shared VM the machine's speed drifts by up to 2× within minutes, so those three are also
+measured *head to head*: both servers stay up and ``--rounds`` rounds alternate short
+windows of each with the limit, and the ratios are taken within each round. Prints Markdown
+tables and writes bench/results/service_load-<device>.json.
 """
 
 from __future__ import annotations
@@ -63,26 +69,36 @@ def pixel_batch(model, n: int = 64) -> torch.Tensor:
     return torch.rand(n, *model.input_spec["shape"], generator=torch.Generator().manual_seed(0))
 
 
-def in_process_limit(ckpt: Path, device: str, seconds: float) -> dict:
-    """Samples/s of ``model.infer`` at batch 64 and 1 (α tuned as the server does)."""
-    model = load_checkpoint(ckpt, map_location=device)
-    spec = model.input_spec
-    c = spec["shape"][0]
-    mean = torch.tensor(spec["mean"]).view(1, c, 1, 1)
-    std = torch.tensor(spec["std"]).view(1, c, 1, 1)
-    x = (pixel_batch(model) - mean) / std
-    if model.deq.settings.method == "peaceman_rachford":
-        model.set_solver(alpha=tune_alpha(model, x).alpha)
-    out = {"alpha": model.deq.settings.alpha}
-    for b in (64, 1):
-        xb = x[:b].to(device)
-        model.infer(xb)
+class Limit:
+    """The in-process limit: ``model.infer`` on normalised calibration pixels, with α tuned
+    as the server tunes it at load."""
+
+    def __init__(self, ckpt: Path, device: str):
+        self.device = torch.device(device)
+        model = load_checkpoint(ckpt, map_location=device)
+        spec = model.input_spec
+        c = spec["shape"][0]
+        mean = torch.tensor(spec["mean"]).view(1, c, 1, 1)
+        std = torch.tensor(spec["std"]).view(1, c, 1, 1)
+        self.x = ((pixel_batch(model) - mean) / std).to(device)
+        if model.deq.settings.method == "peaceman_rachford":
+            model.set_solver(alpha=tune_alpha(model, self.x).alpha)
+        self.model = model
+        model.infer(self.x)  # warm: resolvent and allocator
+
+    @property
+    def alpha(self) -> float:
+        return self.model.deq.settings.alpha
+
+    def samples_per_s(self, batch: int, seconds: float) -> float:
+        xb = self.x[:batch]
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            model.infer(xb)
-            n += b
-        out[f"samples_per_s_batch{b}"] = n / (time.perf_counter() - t0)
-    return out
+            self.model.infer(xb)
+            n += batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return n / (time.perf_counter() - t0)
 
 
 async def drive(
@@ -235,34 +251,90 @@ def table(results: list[dict]) -> str:
                 )
     lines += [
         "",
-        "| model | in-process limit (batch 64) | batch 1 | at 64 clients: % of limit | "
-        "× unbatched | p99/p50 at 16 clients |",
+        "Head to head at 64 clients (each round: batching on, off, then the in-process limit, "
+        "back to back):",
+        "",
+        "| model | round | batching on req/s | off req/s | limit samples/s | % of limit | "
+        "× unbatched |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        for r in m.get("head_to_head", []):
+            lines.append(
+                f"| {m['model']} | {r['round']} | {r['on']:.0f} | {r['off']:.0f} | "
+                f"{r['limit']:.0f} | {100 * r['share_of_limit']:.0f}% | "
+                f"{num(r['vs_unbatched'], '.1f')}× |"
+            )
+    lines += [
+        "",
+        "| model | in-process limit (batch 64) | batch 1 | at 64 clients: % of limit "
+        "(median, range) | × unbatched (median) | p99/p50 at 16 clients |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-
-    def num(v, fmt: str) -> str:
-        return "n/a" if v is None or v != v else format(v, fmt)
-
     for m in results:
         s = m["summary"]
-        share = s["share_of_limit_64"]
+        share, rng = s.get("share_of_limit_64"), s.get("share_range")
+        spread = f" ({100 * rng[0]:.0f}–{100 * rng[1]:.0f}%)" if rng else ""
         lines.append(
             f"| {m['model']} | {m['limit']['samples_per_s_batch64']:.0f}/s | "
             f"{m['limit']['samples_per_s_batch1']:.0f}/s | "
-            f"{num(share and share * 100, '.0f')}% | {num(s['vs_unbatched_64'], '.1f')}× | "
-            f"{num(s['p99_over_p50_16'], '.2f')} |"
+            f"{num(share and share * 100, '.0f')}%{spread} | "
+            f"{num(s.get('vs_unbatched_64'), '.1f')}× | {num(s['p99_over_p50_16'], '.2f')} |"
         )
     return "\n".join(lines)
 
 
-def summarise(runs: dict) -> dict:
+def num(v, fmt: str) -> str:
+    return "n/a" if v is None or v != v else format(v, fmt)
+
+
+def head_to_head(folder: Path, bodies: list[bytes], limit: Limit, device: str, args) -> list[dict]:
+    """Rounds of (batching on, batching off, limit) at ``args.h2h_clients`` clients, each a
+    short window, so that the machine's speed is the same for the three within a round."""
+    name = folder.name
+    servers = {mode: serve(folder, 64 if mode == "on" else 1, device) for mode in ("on", "off")}
+    rounds = []
+    try:
+        for k in range(args.rounds):
+            row: dict = {"round": k + 1}
+            for mode, (_, url, _) in servers.items():
+                r = asyncio.run(
+                    drive(url, f"/v2/models/{name}/infer", bodies, args.h2h_clients,
+                          args.warmup, args.h2h_window)
+                )  # fmt: skip
+                row[mode] = r["throughput"]
+                row[f"{mode}_errors"] = r["errors"]
+            # The servers sit idle meanwhile, so the load generator's niceness costs the
+            # limit nothing.
+            row["limit"] = limit.samples_per_s(64, args.h2h_window)
+            row["share_of_limit"] = row["on"] / row["limit"]
+            row["vs_unbatched"] = row["on"] / row["off"] if row["off"] else None
+            print(
+                f"{name} head to head, round {k + 1}: on {row['on']:.0f}/s, off "
+                f"{row['off']:.0f}/s, limit {row['limit']:.0f}/s: "
+                f"{100 * row['share_of_limit']:.0f}% of the limit, "
+                f"{row['vs_unbatched'] or float('nan'):.1f}× unbatched",
+                file=sys.stderr,
+            )
+            rounds.append(row)
+    finally:
+        for proc, _, repo in servers.values():
+            stop(proc, repo)
+    return rounds
+
+
+def summarise(runs: dict, rounds: list[dict]) -> dict:
     def at(mode: str, clients: int) -> dict | None:
         return next((r for r in runs[mode] if r["clients"] == clients), None)
 
     out = {}
-    on64, off64, on16 = at("on", 64), at("off", 64), at("on", 16)
-    out["vs_unbatched_64"] = on64["throughput"] / off64["throughput"] if on64 and off64 else None
+    on16 = at("on", 16)
     out["p99_over_p50_16"] = on16["p99_ms"] / on16["p50_ms"] if on16 else None
+    if rounds:
+        out["share_of_limit_64"] = statistics.median(r["share_of_limit"] for r in rounds)
+        out["vs_unbatched_64"] = statistics.median(r["vs_unbatched"] or 0.0 for r in rounds)
+        out["share_range"] = [min(r["share_of_limit"] for r in rounds),
+                              max(r["share_of_limit"] for r in rounds)]  # fmt: skip
     return out
 
 
@@ -278,16 +350,26 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--modes", default="on,off", help="batching on (64), off (1), or both")
     p.add_argument("--nice", type=int, default=10, help="niceness of the load generator")
+    p.add_argument("--rounds", type=int, default=3, help="head-to-head rounds (0: none)")
+    p.add_argument("--h2h-clients", type=int, default=64, help="clients in the head to head")
+    p.add_argument("--h2h-window", type=float, default=4.0, help="seconds per window")
     args = p.parse_args()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    clients = [int(c) for c in args.clients.split(",")]
+    clients = [int(c) for c in args.clients.split(",") if c]
     folders = [Path(m) for m in args.models.split(",") if m]
-    limits = {}
+    limits: dict[Path, Limit] = {}
+    limit_figures: dict[Path, dict] = {}
     for folder in folders:  # first, on an otherwise idle machine
         print(f"{folder.name}: in-process limit ...", file=sys.stderr)
-        limits[folder] = in_process_limit(latest_checkpoint(folder), device, min(args.duration, 5))
+        limit = limits[folder] = Limit(latest_checkpoint(folder), device)
+        seconds = min(args.duration, 5)
+        limit_figures[folder] = {
+            "alpha": limit.alpha,
+            "samples_per_s_batch64": limit.samples_per_s(64, seconds),
+            "samples_per_s_batch1": limit.samples_per_s(1, seconds),
+        }
     # The load generator shares the machine with the server; on a small CPU machine it would
     # take a core from the system under test. Lower its priority: it still keeps every client
     # busy, and the server's throughput is what is measured.
@@ -297,7 +379,7 @@ def main() -> None:
         name, ckpt = folder.name, latest_checkpoint(folder)
         bodies = request_bodies(load_checkpoint(ckpt), name)
         runs: dict[str, list] = {"on": [], "off": []}
-        for mode in args.modes.split(","):
+        for mode in args.modes.split(",") if clients else ():
             proc, url, repo = serve(folder, 64 if mode == "on" else 1, device)
             try:
                 for c in clients:
@@ -314,14 +396,10 @@ def main() -> None:
                     runs[mode].append(r)
             finally:
                 stop(proc, repo)
-        summary = summarise(runs)
-        on64 = next((r for r in runs["on"] if r["clients"] == 64), None)
-        summary["share_of_limit_64"] = (
-            on64["throughput"] / limits[folder]["samples_per_s_batch64"] if on64 else None
-        )
+        rounds = head_to_head(folder, bodies, limits[folder], device, args) if args.rounds else []
         results.append(
-            {"model": name, "checkpoint": str(ckpt), "limit": limits[folder], "runs": runs,
-             "summary": summary}
+            {"model": name, "checkpoint": str(ckpt), "limit": limit_figures[folder],
+             "runs": runs, "head_to_head": rounds, "summary": summarise(runs, rounds)}
         )  # fmt: skip
     meta = {
         "device": device,
@@ -331,7 +409,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "duration_s": args.duration,
         "load_generator_nice": args.nice,
-    }
+        "head_to_head": {"clients": args.h2h_clients, "window_s": args.h2h_window,
+                         "rounds": args.rounds},
+    }  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"service_load-{device}.json").write_text(
