@@ -234,7 +234,7 @@ def request_bodies(model, name: str) -> list[bytes]:
     ]
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], h2h_clients: int = 64) -> str:
     lines = [
         "| model | batching | clients | req/s | p50 ms | p99 ms | % of in-process limit |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -251,8 +251,8 @@ def table(results: list[dict]) -> str:
                 )
     lines += [
         "",
-        "Head to head at 64 clients (each round: batching on, off, then the in-process limit, "
-        "back to back):",
+        f"Head to head at {h2h_clients} clients (each round: batching on, off, then the "
+        "in-process limit, back to back):",
         "",
         "| model | round | batching on req/s | off req/s | limit samples/s | % of limit | "
         "× unbatched |",
@@ -267,8 +267,8 @@ def table(results: list[dict]) -> str:
             )
     lines += [
         "",
-        "| model | in-process limit (batch 64) | batch 1 | at 64 clients: % of limit "
-        "(median, range) | × unbatched (median) | p99/p50 at 16 clients |",
+        f"| model | in-process limit (batch 64) | batch 1 | at {h2h_clients} clients: % of "
+        "limit (median, range) | × unbatched (median) | p99/p50 at 16 clients |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m in results:
@@ -417,7 +417,7 @@ def main() -> None:
     (out / f"service_load-{device}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2)
     )
-    print(table(results))
+    print(table(results, args.h2h_clients))
 
 
 if __name__ == "__main__":
