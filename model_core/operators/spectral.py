@@ -44,7 +44,9 @@ def transfer(weight: Tensor, s: int) -> Tensor:
     emb = F.pad(weight, (0, s - k, 0, s - k))
     emb = torch.roll(emb, shifts=(-p, -p), dims=(-2, -1))  # w[d] sits at (d - p) mod s
     spec = torch.fft.rfft2(emb).conj()  # (n_out, n_in, s, s//2+1); unnormalised on purpose
-    return spec.reshape(n_out, n_in, -1).permute(2, 0, 1)
+    # Contiguous: bmm on the permuted view (and its backward) copies it matrix by matrix,
+    # F small copies per product (1,440 a training step of the 32-channel conv model).
+    return spec.reshape(n_out, n_in, -1).permute(2, 0, 1).contiguous()
 
 
 # On the CPU the grids are small (≤ 34) and awkward for FFTs (34 = 2·17): dense DFT matrices
