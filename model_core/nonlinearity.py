@@ -46,11 +46,18 @@ class BorderReLU(Nonlinearity):
 
     def __init__(self, mask: Tensor):
         super().__init__()
-        # A buffer, so it follows .to(device) but is rebuilt from the config, not stored.
+        # Buffers, so they follow .to(device) but are rebuilt from the config, not stored.
         self.register_buffer("mask", mask, persistent=False)
+        # σ as one clamp to [0, cap], cap = +inf inside and 0 on the border: a single pass
+        # over v where mask-multiply-then-clamp takes two (the solver applies σ every step).
+        cap = torch.where(mask > 0, torch.tensor(float("inf")), torch.tensor(0.0))
+        self.register_buffer("cap", cap, persistent=False)
+        self.register_buffer("floor", torch.zeros_like(mask), persistent=False)
 
     def forward(self, v: Tensor) -> Tensor:
-        return torch.mul(v, self.mask.to(v.dtype)).clamp_min_(0.0)
+        if v.requires_grad:  # the autograd application keeps the plain form and its gradient
+            return torch.mul(v, self.mask.to(v.dtype)).clamp_min_(0.0)
+        return torch.clamp(v, min=self.floor.to(v.dtype), max=self.cap.to(v.dtype))
 
     def derivative(self, v: Tensor) -> Tensor:
         return (v > 0).to(v.dtype) * self.mask.to(v.dtype)

@@ -27,10 +27,12 @@ from .operators import MonotoneOperator, Resolvent
 State = dict[str, Tensor]
 
 # On the CPU the loop runs the batch in equal chunks of at most about this many bytes of
-# iterate, so that a chunk's transforms and matmuls stay in cache. Measured on a 2-core EPYC
-# at batch 64: conv 81 ch (375 KB a sample) solves ~15% faster in two chunks than in one,
-# multi-tier (16,32,60) (139 KB) is best unsplit. GPUs get the whole batch at once.
-CPU_CHUNK_BYTES = 12 << 20
+# iterate, so that a chunk's transforms, matmuls and elementwise passes stay in cache.
+# Measured on a 2-core EPYC VM at batch 64, alternating sizes within one process (the VM's
+# speed drifts): 6 MB beats 12 MB by ~10% for both conv 81 ch (375 KB a sample: 4 chunks of
+# 16) and multi-tier (16,32,60) (139 KB: 2 chunks of 32); 3-4 MB is no better, 2 MB worse;
+# the 32-channel training step does not care. GPUs get the whole batch at once.
+CPU_CHUNK_BYTES = 6 << 20
 
 # The loop rebuilds the working batch without its finished rows once at least this share of
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise

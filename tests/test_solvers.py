@@ -7,7 +7,7 @@ import torch
 from problems import dense_w_fc
 
 from model_core import solvers
-from model_core.nonlinearity import ReLU
+from model_core.nonlinearity import BorderReLU, ReLU, border_mask
 from model_core.operators import FCOperator
 from model_core.solvers import SOLVERS, get_solver, solve_forward
 
@@ -139,3 +139,21 @@ def test_registry_and_errors():
     with pytest.raises(ValueError, match="alpha"):
         solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=0.0, tol=1e-3,
                       max_iter=10)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_border_relu_is_relu_inside_and_zero_on_the_border(dtype):
+    """Both forms of σ (the one-pass clamp the solvers use and the autograd one) are
+    ``max(v, 0)`` inside and 0 on the border, and the autograd one passes gradient only
+    where σ is the identity."""
+    mask = border_mask(6).expand(3, 6, 6)
+    sigma = BorderReLU(mask[:1])
+    v = torch.randn(4, 3, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    want = torch.relu(v) * mask.to(dtype)
+    assert torch.equal(sigma(v), want)
+    w = v.clone().requires_grad_(True)
+    out = sigma(w)
+    assert torch.equal(out.detach(), want)
+    out.sum().backward()
+    assert torch.equal(w.grad, ((v > 0) & (mask > 0)).to(dtype))
+    assert torch.equal(sigma.derivative(v), ((v > 0) & (mask > 0)).to(dtype))
