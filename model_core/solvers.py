@@ -221,6 +221,7 @@ class SplittingMethod:
     needs_resolvent: bool = False
     fallback: str | None = None  # see iterate()
     free_residual: bool = False  # finish_forward() gives the equilibrium and its residual
+    free_transpose: bool = False  # finish_backward() gives ũ and Wᵀũ without a multiply
 
     def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
@@ -245,6 +246,10 @@ class SplittingMethod:
 
     def finish_forward(self, state: State, nonlin: Nonlinearity) -> dict[str, Tensor]:
         """``{"x": z*, "residual": ...}`` from a final state, where ``free_residual``."""
+        raise NotImplementedError
+
+    def finish_backward(self, state: State) -> dict[str, Tensor]:
+        """``{"x": ũ, "wtu": Wᵀũ}`` from a final state, where ``free_transpose``."""
         raise NotImplementedError
 
 
@@ -287,6 +292,7 @@ class PeacemanRachford(SplittingMethod):
     needs_resolvent = True
     fallback = "u"
     free_residual = True
+    free_transpose = True
 
     def init_forward(self, bias: Tensor) -> State:
         zero = torch.zeros_like(bias)
@@ -308,14 +314,30 @@ class PeacemanRachford(SplittingMethod):
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
         zero = torch.zeros_like(grad)
-        return {"x": zero, "u": zero, "grad": grad, "jac": jac}
+        # ũ = J(u + αg) = J u + αJg: the constant αJg once, then one fused pass a step.
+        jg = torch.mul(jac, grad).mul_(self.alpha)
+        return {"x": zero, "u": zero, "jg": jg, "jac": jac, "z_half": zero, "u_half": zero}
 
     def step_backward(self, state: State) -> State:
-        x, u, g, jac = state["x"], state["u"], state["grad"], state["jac"]
+        x, u, jg, jac = state["x"], state["u"], state["jg"], state["jac"]
         u_half = torch.lerp(u, x, 2.0)
         z_half = self.resolvent.inverse_transpose(u_half)
         u = torch.lerp(u_half, z_half, 2.0)
-        return {"x": jac * torch.add(u, g, alpha=self.alpha), "u": u, "grad": g, "jac": jac}
+        return {
+            "x": torch.addcmul(jg, jac, u),
+            "u": u,
+            "jg": jg,
+            "jac": jac,
+            "z_half": z_half,
+            "u_half": u_half,
+        }
+
+    def finish_backward(self, state: State) -> dict[str, Tensor]:
+        """Return ``z½`` and ``Wᵀz½`` without a multiply, as the forward does for its
+        residual (§2, transposed): ``(I + α(I − Wᵀ)) z½ = u½`` gives
+        ``Wᵀz½ = ((1 + α) z½ − u½) / α``; ``z½ → ũ*`` as PR converges."""
+        z_half, a = state["z_half"], self.alpha
+        return {"x": z_half, "wtu": ((1.0 + a) * z_half - state["u_half"]) / a}
 
 
 SOLVERS: dict[str, type[SplittingMethod]] = {
@@ -442,15 +464,17 @@ def solve_backward(
     """
     solver = get_solver(method)(op, alpha)
     t0 = _timed_sync(grad.device)
+    free = solver.free_transpose
     outputs, iterations, converged = iterate(
         solver.step_backward,
         solver.init_backward(grad, jac),
         tol=tol,
         max_iter=max_iter,
         fallback=solver.fallback,
+        finish=solver.finish_backward if free else None,
     )
     u = outputs["x"]
-    wtu = op.multiply_transpose(u)
+    wtu = outputs["wtu"] if free else op.multiply_transpose(u)
     out = grad + wtu
     elapsed = _timed_sync(grad.device) - t0
     residual = relative_residual(u, jac * out)
