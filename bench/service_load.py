@@ -38,6 +38,7 @@ import httpx
 import torch
 
 from model_core import load_checkpoint, tune_alpha
+from model_core.benchmark import machine_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -359,6 +360,7 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     clients = [int(c) for c in args.clients.split(",") if c]
     folders = [Path(m) for m in args.models.split(",") if m]
+    probe_before = machine_probe(device)
     limits: dict[Path, Limit] = {}
     limit_figures: dict[Path, dict] = {}
     for folder in folders:  # first, on an otherwise idle machine
@@ -409,6 +411,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "duration_s": args.duration,
         "load_generator_nice": args.nice,
+        "probe_before": probe_before,
+        "probe_after": machine_probe(device),
         "head_to_head": {"clients": args.h2h_clients, "window_s": args.h2h_window,
                          "rounds": args.rounds},
     }  # fmt: skip

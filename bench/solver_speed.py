@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from model_core.benchmark import DEFAULT_MODELS, format_table, run_benchmark
+from model_core.benchmark import DEFAULT_MODELS, format_table, machine_probe, run_benchmark
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    probe_before = machine_probe(args.device)
     rows = run_benchmark(
         [m for m in args.models.split(",") if m],
         device=args.device,
@@ -38,11 +39,19 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        # this VM's speed drifts: GEMM GFLOP/s and copy GB/s right before and after
+        "probe_before": probe_before,
+        "probe_after": machine_probe(args.device),
     }
     (out / f"solver_speed-{dev}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2)
     )
     print(format_table(rows))
+    b, a = meta["probe_before"], meta["probe_after"]
+    print(
+        f"\nmachine probe: GEMM {b['gemm_gflops']:.0f} → {a['gemm_gflops']:.0f} GFLOP/s, "
+        f"copy {b['copy_gbps']:.1f} → {a['copy_gbps']:.1f} GB/s (before → after)"
+    )
 
 
 if __name__ == "__main__":

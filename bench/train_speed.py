@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from model_core.benchmark import machine_probe
 from training.trainer import TrainOptions, train
 
 REFERENCE_S_PER_EPOCH = {"fmnist-fc": 6.0, "fmnist-conv": 22 * 60.0}
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     rows = []
+    probe_before = machine_probe(args.device)
     for name in args.presets.split(","):
         with tempfile.TemporaryDirectory() as out:
             m = train(TrainOptions(preset=name, out=out, epochs=1, device=args.device))
@@ -65,7 +67,9 @@ def main() -> None:
         )
     dest = Path(__file__).parent / "results" / f"train_speed-{args.device.split(':')[0]}.json"
     dest.parent.mkdir(exist_ok=True)
-    dest.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    probe = {"before": probe_before, "after": machine_probe(args.device)}
+    print(f"machine probe (GEMM GFLOP/s, copy GB/s), before and after: {probe}")
+    dest.write_text(json.dumps({"machine": machine, "probe": probe, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {dest}")
 
 

@@ -51,6 +51,32 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
     return time.perf_counter() - t0, out
 
 
+def machine_probe(device: str = "auto", seconds: float = 1.0) -> dict:
+    """How fast this machine is right now: float32 GEMM GFLOP/s (1024³) and copy GB/s
+    (64 MB). Shared VMs drift by up to 2× within minutes; benchmark files record this
+    beside their timings so that runs can be compared."""
+    dev = pick_device(device)
+
+    def rate(fn: Callable[[], object]) -> float:
+        """Calls per second."""
+        _timed(fn, dev)  # warm-up
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            n += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return n / (time.perf_counter() - start)
+
+    a = torch.randn(1024, 1024, device=dev)
+    src = torch.randn(16 << 20, device=dev)
+    dst = torch.empty_like(src)
+    return {
+        "gemm_gflops": rate(lambda: a @ a) * 2 * 1024**3 / 1e9,
+        "copy_gbps": rate(lambda: dst.copy_(src)) * 2 * src.numel() * 4 / 1e9,
+    }
+
+
 def bench_model(
     name: str,
     *,

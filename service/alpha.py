@@ -182,16 +182,9 @@ class AlphaTuner:
         """Build ``alpha``'s resolvent into the operator's cache, then make it the default.
 
         Solves running meanwhile keep the old α (and its cached resolvent); the next
-        batch picks up the new one without a build.
+        batch picks up the new one without a build. (The operator's cache is thread-safe.)
         """
-        op = self.model.op
-        for attempt in range(5):
-            try:
-                op.resolvent(alpha)
-                break
-            except RuntimeError:  # the cache was reordered by a concurrent solve; try again
-                if attempt == 4:
-                    raise
+        self.model.op.resolvent(alpha)
         self.model.set_solver(alpha=alpha)
 
     # ---- traffic -------------------------------------------------------------------------------

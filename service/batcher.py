@@ -235,7 +235,7 @@ class Batcher:
             self._recent_load.append(self._load_peak)
             self._load_peak = self._pending_rows + self._solving_rows
             try:
-                out = await loop.run_in_executor(self._executor, self._solve_twice, x, first.key)
+                out = await loop.run_in_executor(self._executor, self._solve_logged, x, first.key)
             except BaseException as e:  # every caller must get an answer, even on cancellation
                 self._solving_rows = 0
                 for it in batch:
@@ -265,13 +265,9 @@ class Batcher:
                 except Exception:  # metrics must never stop the worker
                     log.exception("batch hook failed")
 
-    def _solve_twice(self, x: Tensor, key: Hashable) -> BatchOutput:
-        """Run the solve; retry once, so a transient failure (say, a resolvent being swapped
-        by a retune at that instant) does not fail the whole batch."""
-        try:
-            return self._solve(x, key)
-        except Exception:
-            log.warning("solve of %s failed once; retrying", self.name, exc_info=True)
+    def _solve_logged(self, x: Tensor, key: Hashable) -> BatchOutput:
+        """Run the solve (in the batcher's thread); a failure is logged with its traceback
+        and reaches every caller of the batch as :class:`SolveFailed`."""
         try:
             return self._solve(x, key)
         except Exception as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -11,6 +12,11 @@ from torch import Tensor, nn
 # Resolvents kept per operator. Serving holds one α and builds the next one aside while
 # retuning; training needs one per optimizer step. Four covers both with room to spare.
 RESOLVENT_CACHE_SIZE = 4
+
+# Guards every operator's resolvent-cache bookkeeping (not the builds): a server's solve
+# thread reads the cache while an α search inserts the next resolvent. Module-level, so
+# operators stay picklable and deep-copyable; the critical sections are a few dict ops.
+_CACHE_LOCK = threading.Lock()
 
 
 class Resolvent:
@@ -79,20 +85,22 @@ class MonotoneOperator(nn.Module):
             raise ValueError(f"alpha must be > 0, got {alpha}")
         weights = self._weights_key()
         key = (alpha, weights)
-        hit = self._resolvents.get(key)
-        if hit is not None:
-            self._resolvents.move_to_end(key)
-            return hit
+        with _CACHE_LOCK:
+            hit = self._resolvents.get(key)
+            if hit is not None:
+                self._resolvents.move_to_end(key)
+                return hit
         with torch.no_grad():
             res = Resolvent(self, alpha, self._prepare(alpha))
         if not cache:
             return res
-        # Resolvents of older weights can never be hit again (training steps): drop them.
-        for old in [k for k in self._resolvents if k[1] != weights]:
-            del self._resolvents[old]
-        self._resolvents[key] = res
-        while len(self._resolvents) > RESOLVENT_CACHE_SIZE:
-            self._resolvents.popitem(last=False)
+        with _CACHE_LOCK:
+            # Resolvents of older weights can never be hit again (training steps): drop them.
+            for old in [k for k in self._resolvents if k[1] != weights]:
+                del self._resolvents[old]
+            self._resolvents[key] = res
+            while len(self._resolvents) > RESOLVENT_CACHE_SIZE:
+                self._resolvents.popitem(last=False)
         return res
 
     def injection_norm(self) -> float:
@@ -136,7 +144,8 @@ class MonotoneOperator(nn.Module):
         Needed only after writing weights through ``.data``, which bypasses the version
         counter the caches key on; optimizer steps and ``load_state_dict`` need no call.
         """
-        self._resolvents.clear()
+        with _CACHE_LOCK:
+            self._resolvents.clear()
         self._norm_cache = None
         for name in ("_spectra",):
             cache = getattr(self, name, None)
