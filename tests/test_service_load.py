@@ -455,10 +455,14 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(tmp_path, model):
     assert st, "schemathesis CLI not installed"
     try:
         before = scrape(srv.url)
+        # One worker: with two threads, CPython 3.11's ast.parse (hypothesis describes its
+        # lambdas with it) now and then crashes the fuzzer itself with "SystemError: AST
+        # constructor recursion depth mismatch" (python/cpython#106905), failing the run
+        # with no request at fault.
         run = subprocess.run(
             [st, "run", f"{srv.url}/openapi.json", "--checks", "not_a_server_error",
              "--max-examples", "10", "--phases", "examples,coverage,fuzzing", "--seed", "7",
-             "--workers", "2", "--no-shrink", "--request-timeout", "30",
+             "--workers", "1", "--no-shrink", "--request-timeout", "30",
              "-H", f"Authorization: Bearer {ADMIN_TOKEN}"],
             capture_output=True, text=True, timeout=240, cwd=tmp_path,
         )  # fmt: skip
