@@ -108,7 +108,9 @@ def tune_alpha(
         model: the classifier.
         x: normalised calibration batch ``(B, C, H, W)`` on any device.
         method: solver to tune (``"peaceman_rachford"``; FB's α is bounded by its step rule).
-        objective: ``"iterations"`` (mean per sample, ties broken by time) or ``"time"``.
+        objective: ``"iterations"`` (mean per sample; ties, which are common, broken by the
+            maximum iterations, then the mean residual: never by the clock, so that two
+            runs on the same batch agree) or ``"time"``.
         log10_range: the coarse grid's span in ``log10 α``.
         grid: coarse grid points.
         refine: golden-section evaluations around the best grid point.
@@ -125,7 +127,7 @@ def tune_alpha(
     x = x.to(device=p.device, dtype=p.dtype)
     rows: dict[float, dict] = {}
 
-    def cost(log_a: float) -> tuple[float, float]:
+    def cost(log_a: float) -> tuple[float, ...]:
         a = round(10.0**log_a, 6)
         if a not in rows:
             rows[a] = evaluate_alpha(model, x, a, method=method, tol=tol, max_iter=max_iter)
@@ -134,7 +136,13 @@ def tune_alpha(
         # fast-but-failing α never wins.
         penalty = (1.0 - r["converged_share"]) * 1e6
         if objective == "iterations":
-            return (r["iterations_mean"] + penalty, r["time_s"])
+            residual = r["residual_mean"]
+            return (
+                r["iterations_mean"] + penalty,
+                r["iterations_max"],
+                residual if math.isfinite(residual) else math.inf,
+                a,
+            )
         return (r["time_s"] + penalty, r["iterations_mean"])
 
     lo, hi = log10_range
