@@ -12,6 +12,7 @@ import torch
 from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier, randomize_
 
 from model_core.operators import FCOperator, MultiTierOperator
+from model_core.operators.spectral import from_spectrum, lift_spectrum, to_spectrum
 
 ALPHAS = [0.05, 0.5, 1.0, 3.0, 20.0]
 
@@ -139,6 +140,21 @@ def test_fft_multiply_equals_direct_circular_convolution(size):
 
     direct = 0.5 * z - conv_t(circ_conv(z, a), a) + circ_conv(z, b) - conv_t(z, b)
     torch.testing.assert_close(op.multiply(z), direct, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [2, 3, 4, 5, 9, 17])
+@torch.no_grad()
+def test_lift_spectrum_is_the_zero_pad_in_space(r):
+    """The multi-tier embedding P kept in the frequency domain: on the spectrum of a real
+    r × r image it gives the spectrum of that image with a zero row and column appended."""
+    x = torch.randn(3, 2, r, r, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    torch.testing.assert_close(
+        lift_spectrum(to_spectrum(x), r), to_spectrum(padded), rtol=0, atol=1e-12
+    )
+    back = from_spectrum(lift_spectrum(to_spectrum(x), r), r + 1)
+    torch.testing.assert_close(back, padded, rtol=0, atol=1e-12)
+    assert back[..., r, :].abs().max() < 1e-12 and back[..., :, r].abs().max() < 1e-12
 
 
 @torch.no_grad()

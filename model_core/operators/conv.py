@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from ..nonlinearity import border_mask
 from .base import MonotoneOperator
-from .spectral import AliasGroups, block_diag4, from_spectrum, to_spectrum, transfer
+from .spectral import (
+    AliasGroups,
+    block_diag4,
+    from_spectrum,
+    lift_spectrum,
+    to_spectrum,
+    transfer,
+)
 
 
 def tier_sizes(image_size: int, tiers: int) -> list[int]:
@@ -219,8 +226,7 @@ class MultiTierOperator(MonotoneOperator):
 
     def _couple(self, specs: list[_TierSpectra], y_grp: Tensor, i: int) -> Tensor:
         """``2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout; half layout out."""
-        low = from_spectrum(specs[i].s_blk @ y_grp, self.sizes[i] // 2)  # S_i y, r grid, space
-        lifted = to_spectrum(F.pad(low, (0, 1, 0, 1)))  # P: append a zero row and column
+        lifted = lift_spectrum(specs[i].s_blk @ y_grp, self.sizes[i] // 2)  # P S_i y
         return 2.0 * (specs[i + 1].a_hat_h @ lifted)
 
     def _couple_transpose(self, specs: list[_TierSpectra], x_next: Tensor, i: int) -> Tensor:

@@ -123,6 +123,65 @@ def from_spectrum(spec: Tensor, s: int) -> Tensor:
     return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 
+_LIFT_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _lift_factors(r: int, dtype: torch.dtype, device: torch.device):
+    """Factors of :func:`lift_spectrum` for an ``r`` grid, cached per (r, complex dtype, device).
+
+    With unitary DFTs, padding maps the full spectrum ``Y`` to ``R Y Rᵀ``, ``R = F_(r+1) P
+    F_r⁻¹`` (``(r+1) × r``). On half spectra the columns ``Y`` lacks are mirrors,
+    ``Y[k, l] = conj Y[−k, r − l]``, so ``Z = R (Y Pc) + R Φ (conj(Y) Qc)``: ``Pc`` takes the
+    stored columns, ``Qc`` the mirrored ones, ``Φ`` reflects rows. Returns ``(R, RΦ,
+    Pcᵀ, Qcᵀ)`` (the last two ``(hr', hr)``, ``hr = r//2 + 1``, ``hr' = (r+1)//2 + 1``).
+    """
+    key = (r, dtype, device)
+    hit = _LIFT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    s, hr, hs = r + 1, r // 2 + 1, (r + 1) // 2 + 1
+    j = torch.arange(r, dtype=torch.float64)
+    out_k = torch.arange(s, dtype=torch.float64)
+    # R[k', k] = Σ_j e^{-2πi k' j/s} e^{2πi j k/r} / √(s r): the pad keeps rows j < r.
+    fwd = torch.polar(
+        torch.ones(s, r, dtype=torch.float64), -2 * math.pi * torch.outer(out_k, j) / s
+    )
+    inv = torch.polar(torch.ones(r, r, dtype=torch.float64), 2 * math.pi * torch.outer(j, j) / r)
+    lift = fwd @ inv / math.sqrt(s * r)  # (s, r)
+    mirror = lift[:, (-torch.arange(r)) % r]  # R Φ
+    keep = lift[:hs, :hr]  # Pcᵀ[l', l] = R[l', l]
+    flip = torch.zeros(hs, hr, dtype=lift.dtype)  # Qcᵀ[l', m] = R[l', r − m], m = 1..r − hr
+    for m in range(1, r - hr + 1):
+        flip[:, m] = lift[:hs, r - m]
+    hit = tuple(t.to(device=device, dtype=dtype).contiguous() for t in (lift, mirror, keep, flip))
+    _LIFT_CACHE[key] = hit
+    return hit
+
+
+def lift_spectrum(y: Tensor, r: int) -> Tensor:
+    """``P``, the zero row and column appended to an ``r`` grid, on half spectra (§5).
+
+    Equals ``to_spectrum(F.pad(from_spectrum(y, r), (0, 1, 0, 1)))`` without leaving the
+    frequency domain: two small batched GEMMs along the column frequency and two GEMMs
+    along the row frequency, no transposes.
+
+    Args:
+        y: ``(F_r, n, B)`` half layout of the ``r`` grid, ``F_r = r·(r//2 + 1)``.
+        r: the grid size.
+
+    Returns:
+        ``(F_(r+1), n, B)`` half layout of the ``(r+1)`` grid.
+    """
+    _, n, b = y.shape
+    lift, mirror, keep, flip = _lift_factors(r, y.dtype, y.device)
+    hr, hs = r // 2 + 1, keep.shape[0]
+    rows = y.reshape(r, hr, n * b)
+    kept = torch.matmul(keep, rows).view(r, -1)  # along the column frequency
+    flipped = torch.matmul(flip, rows.conj()).view(r, -1)
+    out = (lift @ kept).addmm_(mirror, flipped)  # along the row frequency
+    return out.view((r + 1) * hs, n, b)
+
+
 def _gather_conj(x: Tensor, index: Tensor, conj: Tensor, sign: Tensor) -> Tensor:
     """``x[index]`` along dim 0, conjugated on the rows where ``conj`` (``sign`` = ∓1 there).
 
