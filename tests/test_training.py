@@ -279,7 +279,8 @@ def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(tmp_path, refe
     assert f"interrupted by {signal.Signals(signum).name}; resume from" in err
     assert "Traceback" not in err
     state = load_checkpoint(out / "last.pt").metadata["train"]["progress"]
-    assert 1 <= state["epoch"] < 4
+    assert state["epoch"] >= 1, state  # stopped after at least one epoch
+    assert state["epoch"] < 4, state  # and before the last
     resumed = mondeq("train", "--resume", out, "--no-progress")
     assert json.loads(resumed.stdout.splitlines()[-1])["epoch"] == 4
     _assert_same_weights(out / "last.pt", reference_run / "last.pt")
@@ -348,7 +349,9 @@ def test_two_epochs_of_fmnist_fc_reach_86_percent(tmp_path):
     m = json.loads(proc.stdout)
     assert m["samples"] == 10_000
     assert m["accuracy"] >= 0.86
-    assert 1 <= m["iterations_p50"] <= m["iterations_p99"] <= 300
+    assert m["iterations_p50"] >= 1, m
+    assert m["iterations_p99"] >= m["iterations_p50"], m
+    assert m["iterations_p99"] <= 300, m
     assert m["iterations_mean"] < 30 and 0 < m["residual_mean"] < 0.1
     assert m["lipschitz"] > 0
     cert = m["certified"]
