@@ -118,9 +118,9 @@ def test_chunking_and_compaction_do_not_change_answers(method, monkeypatch):
     alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
     kw = {"method": method, "alpha": alpha, "tol": 1e-7, "max_iter": 2000}
     monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1 << 40)
-    monkeypatch.setattr(solvers, "COMPACT_SHARE", 0.0)  # never compact
+    monkeypatch.setattr(solvers, "COMPACT_SHARE", 2.0)  # never compact
     z0, s0 = solve_forward(op, ReLU(), bias, **kw)
-    monkeypatch.setattr(solvers, "COMPACT_SHARE", 1.0)  # compact whenever anyone stops
+    monkeypatch.setattr(solvers, "COMPACT_SHARE", 0.0)  # compact whenever anyone stops
     z1, s1 = solve_forward(op, ReLU(), bias, **kw)
     monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1)  # one-row chunks
     z2, s2 = solve_forward(op, ReLU(), bias, **kw)
@@ -128,6 +128,29 @@ def test_chunking_and_compaction_do_not_change_answers(method, monkeypatch):
         torch.testing.assert_close(z, z0, rtol=0, atol=1e-12)
         assert torch.equal(s.iterations, s0.iterations)
         assert torch.equal(s.converged, s0.converged)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@torch.no_grad()
+def test_closed_form_first_steps_equal_the_generic_step(method):
+    """The loop's first iteration skips W or the resolvent where the zero start allows it;
+    it must return bit for bit what the generic step returns."""
+    op, bias = problem(seed=7, batch=5)
+    solver = get_solver(method)(op, 0.7)
+    grad = torch.randn_like(bias)
+    jac = (torch.randn_like(bias) > 0).to(bias.dtype)
+    jac[0] = 0.0  # a sample whose backward problem is ũ = 0
+    pairs = [
+        (solver.first_forward(solver.init_forward(bias), ReLU()),
+         solver.step_forward(solver.init_forward(bias), ReLU())),
+        (solver.first_backward(solver.init_backward(grad, jac)),
+         solver.step_backward(solver.init_backward(grad, jac))),
+    ]  # fmt: skip
+    for fast, slow in pairs:
+        assert fast.keys() == slow.keys()
+        for name in slow:
+            assert torch.equal(fast[name], slow[name]), name
+        assert fast["x"].abs().sum() > 0
 
 
 def test_registry_and_errors():
