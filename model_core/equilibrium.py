@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator
-from .solvers import SolveStats, get_solver, relative_residual, solve_backward, solve_forward
+from .solvers import SolveStats, get_solver, solve_backward, solve_forward
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class EquilibriumLayer(nn.Module):
             return self.solve(x)[0]
         s = self.settings
         bias = self.op.bias(x)
-        z, stats = solve_forward(
+        z, stats, pre = solve_forward(
             self.op,
             self.nonlin,
             bias.detach(),
@@ -141,12 +141,11 @@ class EquilibriumLayer(nn.Module):
             alpha=self.resolve_alpha(s.method, s.alpha),
             tol=s.tol,
             max_iter=s.max_iter,
-            compute_residual=False,
+            preactivation=True,
         )
-        pre = self.op.multiply(z) + bias
+        # ẑ = σ(W z* + U x + b) with autograd; W z* is known from the solve.
+        pre = self.op.multiply_known(z, pre - bias.detach()) + bias
         z_hat = self.nonlin(pre)
-        if stats.residual.isnan().any():  # methods without a free residual
-            stats.residual = relative_residual(z, z_hat.detach())
         self.last_forward_stats = stats
         if not z_hat.requires_grad:
             return z_hat

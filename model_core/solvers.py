@@ -23,16 +23,14 @@ from torch import Tensor
 
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator, Resolvent
+from .operators.base import CPU_CHUNK_BYTES as CHUNK_BYTES
+from .operators.base import chunk_rows
 
 State = dict[str, Tensor]
 
-# On the CPU the loop runs the batch in equal chunks of at most about this many bytes of
-# iterate, so that a chunk's transforms, matmuls and elementwise passes stay in cache.
-# Measured on a 2-core EPYC VM at batch 64, alternating sizes within one process (the VM's
-# speed drifts): 6 MB beats 12 MB by ~10% for both conv 81 ch (375 KB a sample: 4 chunks of
-# 16) and multi-tier (16,32,60) (139 KB: 2 chunks of 32); 3-4 MB is no better, 2 MB worse;
-# the 32-channel training step does not care. GPUs get the whole batch at once.
-CPU_CHUNK_BYTES = 6 << 20
+# On the CPU the loop runs the batch in equal chunks of at most this many bytes of iterate
+# (see operators.base for the measurement). GPUs get the whole batch at once.
+CPU_CHUNK_BYTES = CHUNK_BYTES
 
 # The loop rebuilds the working batch without its finished rows once at least this share of
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise
@@ -146,25 +144,22 @@ def iterate(
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
-    if device.type == "cpu" and batch > 1:
-        rows_per_chunk = max(1, CPU_CHUNK_BYTES // max(1, x0[0].numel() * x0.element_size()))
-        if batch > rows_per_chunk:
-            chunks = -(-batch // rows_per_chunk)
-            rows_per_chunk = -(-batch // chunks)  # equal chunks: no small remainder chunk
-            parts = [
-                iterate(
-                    step,
-                    {k: v[i : i + rows_per_chunk] for k, v in state.items()},
-                    tol=tol,
-                    max_iter=max_iter,
-                    fallback=fallback,
-                    finish=finish,
-                    first=first,
-                )
-                for i in range(0, batch, rows_per_chunk)
-            ]
-            outputs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-            return outputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    rows_per_chunk = chunk_rows(x0, CPU_CHUNK_BYTES)
+    if batch > rows_per_chunk:
+        parts = [
+            iterate(
+                step,
+                {k: v[i : i + rows_per_chunk] for k, v in state.items()},
+                tol=tol,
+                max_iter=max_iter,
+                fallback=fallback,
+                finish=finish,
+                first=first,
+            )
+            for i in range(0, batch, rows_per_chunk)
+        ]
+        outputs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+        return outputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     iterations = torch.full((batch,), max_iter, dtype=torch.int64, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     if batch == 0 or max_iter <= 0:
@@ -258,8 +253,11 @@ class SplittingMethod:
         """The first backward step from :meth:`init_backward`'s state."""
         return self.step_backward(state)
 
-    def finish_forward(self, state: State, nonlin: Nonlinearity) -> dict[str, Tensor]:
-        """``{"x": z*, "residual": ...}`` from a final state, where ``free_residual``."""
+    def finish_forward(
+        self, state: State, nonlin: Nonlinearity, preactivation: bool = False
+    ) -> dict[str, Tensor]:
+        """``{"x": z*, "residual": ...}`` (and ``"pre"``, ``W z* + Ux + b``, if asked)
+        from a final state, where ``free_residual``."""
         raise NotImplementedError
 
     def finish_backward(self, state: State) -> dict[str, Tensor]:
@@ -328,12 +326,17 @@ class PeacemanRachford(SplittingMethod):
         u = torch.lerp(u_half, z_half, 2.0)
         return {"x": nonlin(u), "u": u, "bias": bias, "z_half": z_half, "u_half": u_half}
 
-    def finish_forward(self, state: State, nonlin: Nonlinearity) -> dict[str, Tensor]:
+    def finish_forward(
+        self, state: State, nonlin: Nonlinearity, preactivation: bool = False
+    ) -> dict[str, Tensor]:
         """Return ``z½`` with its exact residual, which costs no multiply (§2): from
         ``(I + α(I − W)) z½ = u½ + α(Ux + b)``, ``W z½ + Ux + b = ((1 + α) z½ − u½) / α``."""
         z_half, a = state["z_half"], self.alpha
-        image = nonlin(((1.0 + a) * z_half - state["u_half"]) / a)
-        return {"x": z_half, "residual": relative_residual(z_half, image)}
+        pre = ((1.0 + a) * z_half - state["u_half"]) / a
+        out = {"x": z_half, "residual": relative_residual(z_half, nonlin(pre))}
+        if preactivation:
+            out["pre"] = pre
+        return out
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
         zero = torch.zeros_like(grad)
@@ -398,9 +401,9 @@ def solve_forward(
     alpha: float,
     tol: float,
     max_iter: int,
-    compute_residual: bool = True,
+    preactivation: bool = False,
     resolvent: Resolvent | None = None,
-) -> tuple[Tensor, SolveStats]:
+) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
     Args:
@@ -411,13 +414,14 @@ def solve_forward(
         alpha: step size α > 0.
         tol: per-sample relative-change tolerance.
         max_iter: iteration cap.
-        compute_residual: for methods without a free residual (FB), spend one more multiply
-            to fill ``stats.residual``; callers that apply the layer once more anyway
-            (training) compute it from that and skip this. PR's comes free (§2).
+        preactivation: also return ``W z + bias``, the argument of σ at the solution
+            (training applies the layer once more through it). Free under PR (§2); one
+            multiply under FB, which fills ``stats.residual`` too.
         resolvent: a resolvent built aside for this α (else the operator's cached one).
 
     Returns:
-        ``(z, stats)`` with ``z`` shaped like ``bias``.
+        ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
+        ``preactivation``.
     """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
@@ -430,16 +434,16 @@ def solve_forward(
         tol=tol,
         max_iter=max_iter,
         fallback=solver.fallback,
-        finish=(lambda s: solver.finish_forward(s, nonlin)) if free else None,
+        finish=(lambda s: solver.finish_forward(s, nonlin, preactivation)) if free else None,
         first=lambda s: solver.first_forward(s, nonlin),
     )
     z = outputs["x"]
+    pre = outputs.get("pre")
     if free:
         residual = outputs["residual"]
-    elif compute_residual:
-        residual = relative_residual(z, nonlin(op.multiply(z) + bias))
     else:
-        residual = torch.full_like(iterations, float("nan"), dtype=bias.dtype)
+        pre = op.multiply(z) + bias
+        residual = relative_residual(z, nonlin(pre))
     elapsed = _timed_sync(bias.device) - t0
     stats = SolveStats(
         iterations=iterations,
@@ -452,7 +456,7 @@ def solve_forward(
         time_s=elapsed,
         direction="forward",
     )
-    return z, stats
+    return (z, stats, pre) if preactivation else (z, stats)
 
 
 def relative_residual(x: Tensor, fx: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ BACKWARD = ["peaceman_rachford", "forward_backward"]
 FC = {"arch": "fc", "in_channels": 1, "image_size": 3, "hidden": 10, "num_classes": 4, "m": 0.5}
 CONV = {"arch": "multi_tier", "in_channels": 1, "image_size": 4, "channels": [2, 2],
         "num_classes": 3, "m": 0.5}  # fmt: skip
+CONV1 = {"arch": "conv", "in_channels": 2, "image_size": 3, "channels": 3, "num_classes": 3,
+         "m": 0.5}  # fmt: skip
 TIGHT = {"tol": 1e-13, "max_iter": 50_000}
 
 
@@ -91,7 +93,7 @@ def _finite_difference(model, x, r, tensor, index, eps=1e-6):
 
 
 @pytest.mark.parametrize("backward", BACKWARD)
-@pytest.mark.parametrize("config", [FC, CONV], ids=["fc", "multi_tier"])
+@pytest.mark.parametrize("config", [FC, CONV1, CONV], ids=["fc", "conv", "multi_tier"])
 def test_gradients_match_finite_differences(config, backward):
     model = make(config, backward)
     x = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"],

@@ -11,8 +11,13 @@ import pytest
 import torch
 from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier, randomize_
 
-from model_core.operators import FCOperator, MultiTierOperator
-from model_core.operators.spectral import from_spectrum, lift_spectrum, to_spectrum
+from model_core.operators import FCOperator, MultiTierOperator, base, spectral
+from model_core.operators.spectral import (
+    from_spectrum,
+    from_spectrum_adjoint,
+    lift_spectrum,
+    to_spectrum,
+)
 
 ALPHAS = [0.05, 0.5, 1.0, 3.0, 20.0]
 
@@ -155,6 +160,44 @@ def test_lift_spectrum_is_the_zero_pad_in_space(r):
     back = from_spectrum(lift_spectrum(to_spectrum(x), r), r + 1)
     torch.testing.assert_close(back, padded, rtol=0, atol=1e-12)
     assert back[..., r, :].abs().max() < 1e-12 and back[..., :, r].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dft_matmul", [True, False], ids=["dft-gemm", "fft"])
+@pytest.mark.parametrize("s", [2, 3, 4, 5, 6, 7])
+@torch.no_grad()
+def test_from_spectrum_adjoint_is_the_adjoint(s, dft_matmul, monkeypatch):
+    """Σ x·from_spectrum(Y) = Re Σ conj(adj x)·Y for any half spectrum Y, including ones
+    whose self-mirrored columns are not Hermitian (their imaginary parts are dropped)."""
+    monkeypatch.setattr(spectral, "USE_DFT_MATMUL_ON_CPU", dft_matmul)
+    g = torch.Generator().manual_seed(s)
+    x = torch.randn(3, 2, s, s, generator=g, dtype=torch.float64)
+    y = torch.randn(s * (s // 2 + 1), 2, 3, generator=g, dtype=torch.complex128)
+    lhs = (x * from_spectrum(y, s)).sum()
+    rhs = torch.vdot(from_spectrum_adjoint(x).reshape(-1), y.reshape(-1)).real
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name", [k for k in OPERATORS if k != "fc"])
+def test_multiply_known_has_the_gradient_of_multiply(name, chunked, monkeypatch):
+    """Training's last layer application takes W z* from the solve and forms the parameter
+    gradient in the frequency domain: equal to autograd through W z, parameter by parameter."""
+    if chunked:
+        monkeypatch.setattr(base, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
+    op = OPERATORS[name]()[0]
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, *op.z_shape, generator=g, dtype=torch.float64)
+    v = torch.randn(3, *op.z_shape, generator=g, dtype=torch.float64)
+    named = [(k, p) for k, p in op.named_parameters() if not k.startswith("U.")]
+    want = torch.autograd.grad((op.multiply(z) * v).sum(), [p for _, p in named])
+    with torch.no_grad():
+        wz = op.multiply(z)
+    out = op.multiply_known(z, wz)
+    assert torch.equal(out, wz)
+    got = torch.autograd.grad((out * v).sum(), [p for _, p in named])
+    for (k, _), a, b in zip(named, got, want, strict=True):
+        assert b.abs().max() > 1e-3, k  # every weight matters here
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=k)
 
 
 @torch.no_grad()

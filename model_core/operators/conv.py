@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nonlinearity import border_mask
-from .base import MonotoneOperator
+from .base import MonotoneOperator, chunk_rows
 from .spectral import (
     AliasGroups,
     block_diag4,
     from_spectrum,
+    from_spectrum_adjoint,
     lift_spectrum,
     to_spectrum,
     transfer,
@@ -237,7 +238,15 @@ class MultiTierOperator(MonotoneOperator):
 
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""
-        specs = self.spectra()
+        ys = self._k_spectra(z, transpose)
+        return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
+
+    def _k_spectra(
+        self, z: Tensor, transpose: bool, specs: list[_TierSpectra] | None = None
+    ) -> list[Tensor]:
+        """``(I − W) z`` per tier, as ``(F_i, n_i, B)`` half spectra (with ``specs`` given,
+        those blocks instead of :meth:`spectra`)."""
+        specs = self.spectra() if specs is None else specs
         xs = [to_spectrum(t) for t in self.split(z)]
         outs: list[Tensor] = []
         last = self.tiers - 1
@@ -257,8 +266,18 @@ class MultiTierOperator(MonotoneOperator):
                 y = y + incoming
             if not transpose and i < last:
                 incoming = self._couple(specs, xg, i)
-            outs.append(from_spectrum(y, self.sizes[i]))
-        return self.merge(outs)
+            outs.append(y)
+        return outs
+
+    def multiply_known(self, z: Tensor, wz: Tensor) -> Tensor:
+        """``W z`` with its known value ``wz`` (see the base class), its parameter gradient
+        formed in the frequency domain: for an incoming gradient ``v``, ``⟨v, W z⟩ = ⟨v, z⟩
+        − Re Σ conj(v̌)·(K̂ ẑ)``, ``v̌`` the adjoint transform of ``v``. The backward costs two
+        transforms and the per-frequency products, not a forward and backward ``W z``."""
+        params = [p for name, p in self.named_parameters() if not name.startswith("U.")]
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return wz
+        return _KnownProduct.apply(self, z.detach(), wz.detach(), *params)
 
     def _prepare(self, alpha: float) -> tuple[float, list[tuple[Tensor, Tensor]]]:
         """α and, per tier, ``(T_i⁻¹, T_i⁻ᴴ)`` of the diagonal blocks ``T_i = I + α K_i``."""
@@ -297,6 +316,54 @@ class MultiTierOperator(MonotoneOperator):
             prev_grp = t_inv @ rg
             ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
         return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
+
+
+class _KnownProduct(torch.autograd.Function):
+    """Forward: the known ``W z``. Backward: the parameter gradient of ``⟨v, W z⟩``."""
+
+    @staticmethod
+    def forward(ctx, op: MultiTierOperator, z: Tensor, wz: Tensor, *params: Tensor) -> Tensor:
+        ctx.op, ctx.params = op, params
+        ctx.save_for_backward(z)
+        return wz.clone()
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        (z,) = ctx.saved_tensors
+        op: MultiTierOperator = ctx.op
+        v = v.contiguous()
+        wanted = [p for p in ctx.params if p.requires_grad]
+        with torch.enable_grad():
+            # Gradients w.r.t. the per-frequency blocks first, chunk by chunk (the chunks'
+            # transforms stay in cache), then once through the blocks to the weights.
+            pairs: list[tuple[Tensor, Tensor]] = []  # (block with its graph, a leaf copy)
+
+            def leaf(t: Tensor | None) -> Tensor | None:
+                if t is None:
+                    return None
+                pairs.append((t, t.detach().requires_grad_()))
+                return pairs[-1][1]
+
+            leaves = [
+                _TierSpectra(**{k: leaf(t) for k, t in vars(sp).items()})
+                for sp in op._build_spectra()
+            ]
+            rows = chunk_rows(z)
+            for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
+                ys = op._k_spectra(zc, transpose=False, specs=leaves)  # K̂ ẑ
+                vs = [from_spectrum_adjoint(t) for t in op.split(vc)]
+                score = sum(
+                    torch.vdot(a.reshape(-1), y.reshape(-1)).real
+                    for a, y in zip(vs, ys, strict=True)
+                )
+                (-score).backward()  # ⟨v, W z⟩ = ⟨v, z⟩ − ⟨v, K z⟩; z is a constant
+            used = [(t, copy.grad) for t, copy in pairs if copy.grad is not None]
+            grads = iter(
+                torch.autograd.grad(
+                    [t for t, _ in used], wanted, [g for _, g in used], allow_unused=True
+                )
+            )
+        return None, None, None, *(next(grads) if p.requires_grad else None for p in ctx.params)
 
 
 def _kernel(n_out: int, n_in: int, k: int) -> nn.Parameter:
