@@ -480,6 +480,7 @@ def solve_backward(
     alpha: float,
     tol: float,
     max_iter: int,
+    resolvent: Resolvent | None = None,
 ) -> tuple[Tensor, SolveStats]:
     """Implicit backward pass (Theorems 2 and 3): the gradient w.r.t. the layer's input.
 
@@ -490,12 +491,12 @@ def solve_backward(
         op: the monotone operator holding W.
         jac: ``(B, *z_shape)``, ``J = σ'(W z* + U x + b)``, 0/1 valued.
         grad: ``(B, *z_shape)``, ``g = ∂ℓ/∂ẑ``.
-        method, alpha, tol, max_iter: as in :func:`solve_forward`.
+        method, alpha, tol, max_iter, resolvent: as in :func:`solve_forward`.
 
     Returns:
         ``(g + Wᵀũ, stats)``.
     """
-    solver = get_solver(method)(op, alpha)
+    solver = get_solver(method)(op, alpha, resolvent)
     t0 = _timed_sync(grad.device)
     free = solver.free_transpose
     outputs, iterations, converged = iterate(

@@ -139,6 +139,37 @@ def test_tune_alpha_returns_the_best_of_its_curve_and_leaves_the_model_alone():
     assert model.infer(x).stats.iterations.double().mean() == pytest.approx(best["iterations_mean"])
 
 
+def test_tune_alpha_with_targets_tunes_the_backward_problem():
+    """With labels, the curve is the implicit backward solve's: each row's mean equals the
+    backward iterations a training step at that α reports, and the best row sets
+    ``backward_alpha`` without touching the forward α."""
+    torch.manual_seed(5)
+    model = build_model(CONV)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 10, (8,))
+    result = tune_alpha(model, x, targets=y, grid=5, refine=2)
+    assert result.direction == "backward"
+    assert result.baseline["alpha"] == 1.0  # the backward α follows the forward one
+    best = min(
+        result.curve,
+        key=lambda r: (r["iterations_mean"], r["iterations_max"], r["residual_mean"], r["alpha"]),
+    )
+    assert result.alpha == best["alpha"]
+    assert model.deq.settings.backward_alpha is None
+    for row in (result.curve[0], result.curve[-1]):
+        model.set_solver(backward_alpha=row["alpha"])
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        stats = model.deq.last_backward_stats
+        assert stats.alpha == row["alpha"]
+        assert model.deq.last_forward_stats.alpha == 1.0
+        assert stats.iterations.double().mean().item() == pytest.approx(row["iterations_mean"])
+    # The backward curve is not the forward one: the two problems differ.
+    forward = tune_alpha(model, x, grid=5, refine=2)
+    assert [r["iterations_mean"] for r in forward.curve] != [
+        r["iterations_mean"] for r in result.curve
+    ]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tune_alpha_does_not_depend_on_the_clock(monkeypatch, seed):
     """Mean iterations tie often between α's; a tie must be broken by the solves, not by

@@ -200,6 +200,8 @@ def test_train_writes_checkpoints_metrics_and_curves(tmp_path):
         assert r["steps"] == 8
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_fwd_iterations"] >= 1
         assert r["alpha"] > 0 and len(r["alphas_tuned"]) == 2  # early and mid-epoch
+        assert r["backward_alpha"] > 0  # tuned apart, on the backward problem
+        assert len(r["backward_alphas_tuned"]) == 2
     assert final["test_accuracy"] == lines[-1]["test_accuracy"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = load_checkpoint(out / "last.pt")
@@ -209,10 +211,23 @@ def test_train_writes_checkpoints_metrics_and_curves(tmp_path):
     assert meta["metrics"]["test_accuracy"] == final["test_accuracy"]
     assert meta["package_version"] == "0.1.0"
     assert meta["alpha"] == last.deq.settings.alpha == lines[-1]["alpha"]
+    assert meta["backward_alpha"] == last.deq.settings.backward_alpha
+    assert meta["backward_alpha"] == lines[-1]["backward_alpha"]
     assert meta["calibration"].shape == (64, 1, 28, 28)
     assert meta["calibration"].dtype == torch.uint8
     assert last.input_spec["shape"] == [1, 28, 28] and len(last.input_spec["mean"]) == 1
     assert "train" in meta and "optimizer" in meta["train"]
+    # Exported into a model repository, with its card.
+    proc = mondeq("export", out, "--models", tmp_path / "models", "--name", "smoke")
+    folder = tmp_path / "models" / "smoke" / "1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "card.json", "curves.png", "model.pt"
+    ]  # fmt: skip
+    card = json.loads((folder / "card.json").read_text())
+    assert card["test_accuracy"] == final["test_accuracy"]
+    assert card["solver"]["backward_alpha"] == meta["backward_alpha"]
+    assert f"(backward {meta['backward_alpha']:.3g})" in (folder / "README.md").read_text()
+    assert load_checkpoint(folder / "model.pt").deq.settings == last.deq.settings
     best = load_checkpoint(out / "best.pt")
     assert "train" not in best.metadata
     best_epoch = max(lines, key=lambda r: r["test_accuracy"])["epoch"]
@@ -336,6 +351,7 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
         assert b["train_accuracy"] == pytest.approx(a["train_accuracy"], abs=1e-9)
         assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=1e-9)
         assert b["alpha"] == a["alpha"]
+        assert b["backward_alpha"] == a["backward_alpha"]
 
 
 # ---- the real thing: 2 epochs of fmnist-fc, then mondeq eval -------------------------------

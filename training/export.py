@@ -103,6 +103,11 @@ def export_run(
     return folder
 
 
+def _backward_alpha(solver: dict) -> str:
+    a = solver.get("backward_alpha")
+    return "" if a is None else f" (backward {a:.3g})"
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -123,7 +128,9 @@ def _card_markdown(card: dict, history: list[dict]) -> str:
         f"| test accuracy | {_pct(card['test_accuracy'])} |",
         f"| forward iterations (test, mean / p99) | {card['mean_iterations']:.2f} / "
         f"{card['p99_iterations']:.0f} |",
-        f"| solver | {card['solver']['method']}, α {card['alpha']:.3g}, tol "
+        f"| solver | {card['solver']['method']}, α {card['alpha']:.3g}"
+        + _backward_alpha(card["solver"])
+        + ", tol "
         f"{card['solver']['tol']:g}, max_iter {card['solver']['max_iter']} |",
         f"| Lipschitz bound (ℓ2, logits) | {card['lipschitz_bound']:.4g} |",
         "| certified accuracy (ℓ2 ε) | "
