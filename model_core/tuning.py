@@ -223,7 +223,8 @@ def tune_alpha(
     baseline = None
     settings = model.deq.settings if targets is None else model.deq.settings.backward()
     if settings.alpha is not None and settings.method == method:
-        baseline = _evaluate(model, solve, settings.alpha, method)
+        hit = rows.get(round(settings.alpha, 6))  # a search centred on it has tried it
+        baseline = hit if hit is not None else _evaluate(model, solve, settings.alpha, method)
     return AlphaTuning(
         alpha=best_alpha,
         method=method,
