@@ -1,7 +1,8 @@
 """Seconds per training epoch of the Fashion-MNIST presets, beside the reference code.
 
 Runs ``mondeq train --preset P --epochs 1`` for real (the full 60,000-sample epoch, α tuning
-included, evaluation timed apart) and writes ``bench/results/train_speed-<device>.json``.
+included, evaluation timed apart) and writes ``bench/results/train_speed-<device>.json``, each
+row with the machine probe of its run (rows of presets not run this time are kept).
 
     .venv/bin/python bench/train_speed.py [--presets fmnist-fc,fmnist-conv] [--device cpu]
 
@@ -69,7 +70,19 @@ def main() -> None:
     dest.parent.mkdir(exist_ok=True)
     probe = {"before": probe_before, "after": machine_probe(args.device)}
     print(f"machine probe (GEMM GFLOP/s, copy GB/s), before and after: {probe}")
-    dest.write_text(json.dumps({"machine": machine, "probe": probe, "rows": rows}, indent=2) + "\n")
+    for r in rows:
+        r["probe"] = probe  # rows of earlier runs keep theirs
+    # Presets not run this time keep their rows from earlier runs.
+    kept = []
+    if dest.is_file():
+        ran = {r["preset"] for r in rows}
+        earlier = json.loads(dest.read_text())
+        kept = [r for r in earlier.get("rows", []) if r["preset"] not in ran]
+        for r in kept:
+            r.setdefault("probe", earlier.get("probe"))  # files from before per-row probes
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=2) + "\n")
+    tmp.replace(dest)
     print(f"\nwrote {dest}")
 
 
