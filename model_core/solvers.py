@@ -23,14 +23,12 @@ from torch import Tensor
 
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator, Resolvent
-from .operators.base import CPU_CHUNK_BYTES as CHUNK_BYTES
-from .operators.base import chunk_rows
+from .operators.base import CPU_CHUNK_BYTES, chunk_rows
 
 State = dict[str, Tensor]
 
-# On the CPU the loop runs the batch in equal chunks of at most this many bytes of iterate
-# (see operators.base for the measurement). GPUs get the whole batch at once.
-CPU_CHUNK_BYTES = CHUNK_BYTES
+# On the CPU the loop runs the batch in equal chunks of at most CPU_CHUNK_BYTES of iterate
+# (operators.base gives the measurement; tests patch it here). GPUs get the whole batch.
 
 # The loop rebuilds the working batch without its finished rows once at least this share of
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise
