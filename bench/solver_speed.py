@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from model_core.benchmark import DEFAULT_MODELS, format_table, machine_probe, run_benchmark
+from model_core.runtime import tune_allocator
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    allocator_tuned = tune_allocator()  # as the `mondeq` entry points do
     probe_before = machine_probe(args.device)
     rows = run_benchmark(
         [m for m in args.models.split(",") if m],
@@ -39,6 +41,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "allocator_tuned": allocator_tuned,  # model_core.runtime; MONDEQ_TUNE_MALLOC=0: off
         # this VM's speed drifts: GEMM GFLOP/s and copy GB/s right before and after
         "probe_before": probe_before,
         "probe_after": machine_probe(args.device),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model_core.benchmark import machine_probe
+from model_core.runtime import tune_allocator
 from training.trainer import TrainOptions, train
 
 REFERENCE_S_PER_EPOCH = {"fmnist-fc": 6.0, "fmnist-conv": 22 * 60.0}
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--presets", default="fmnist-fc,fmnist-conv")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    allocator_tuned = tune_allocator()  # as the `mondeq` entry points do
     rows = []
     probe_before = machine_probe(args.device)
     for name in args.presets.split(","):
@@ -51,6 +53,7 @@ def main() -> None:
                 "bwd_iterations": row["train_bwd_iterations"],
                 "test_accuracy_after_1_epoch": m["test_accuracy"],
                 "reference_s_per_epoch": REFERENCE_S_PER_EPOCH.get(name),
+                "allocator_tuned": allocator_tuned,
             }
         )
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else (

@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import entry_points
 
 from . import __version__
+from .runtime import tune_allocator
 
 
 def _builtin_commands():
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    tune_allocator()  # long-running CPU work: keep the solver's buffers in the heap
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -30,6 +30,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_core.runtime import tune_allocator
+
 from . import schemas
 from .alpha import NoTuningData, TuningBusy
 from .batcher import Answer, Closed, QueueFull, SolveFailed
@@ -336,6 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        tune_allocator()  # also when uvicorn, not `mondeq serve`, started the process
         repo = Repository(settings, rt.metrics)
         rt.repo = repo
         await repo.start()

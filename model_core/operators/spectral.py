@@ -74,6 +74,7 @@ def _transfer_phases(k: int, s: int, dtype: torch.dtype, device: torch.device) -
 # applied with GEMMs run 1.3–2.6× faster than rfft2/irfft2 here, and they emit the
 # frequency-major layout directly. CUDA keeps cuFFT.
 USE_DFT_MATMUL_ON_CPU = True
+PAD_ALIASED_ROWS = True  # see to_spectrum
 _DFT_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
@@ -123,8 +124,24 @@ def to_spectrum(x: Tensor) -> Tensor:
     b, n, s, _ = x.shape
     if x.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:
         dw, _, dh, _ = _dft_matrices(s, x.dtype, x.device)
-        rows = (x.reshape(-1, s) @ dw).view(b, n, s, s // 2 + 1, 2)  # along the last axis
-        rows = torch.view_as_complex(rows).permute(2, 3, 1, 0).reshape(s, -1)
+        per = n * s * dw.shape[1]  # reals per sample after the transform along the last axis
+        if (
+            PAD_ALIASED_ROWS
+            and b > 1
+            and (per * x.element_size()) % 4096 == 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            # The transpose below gathers one value from each sample in turn. Samples a
+            # multiple of 4 KiB apart fall into one cache set and evict each other (the
+            # 32-channel 30-grid conv: 1.1 ms → 0.4 ms per 43 samples with one cache line of
+            # padding, a training step −5%), so each sample starts one line further on.
+            buf = x.new_empty(b, per + 64 // x.element_size())
+            rows = buf[:, :per].view(b, n * s, -1)
+            torch.bmm(x.reshape(b, n * s, s), dw.expand(b, s, -1), out=rows)
+        else:
+            rows = x.reshape(-1, s) @ dw  # along the last axis
+        rows = torch.view_as_complex(rows.view(b, n, s, s // 2 + 1, 2))
+        rows = rows.permute(2, 3, 1, 0).reshape(s, -1)
         return (dh @ rows).view(-1, n, b)  # along the first axis, frequency-major
     # One explicit transpose copy: bmm on the strided view would copy matrix by matrix.
     return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0).contiguous()
