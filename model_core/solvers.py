@@ -166,6 +166,9 @@ def iterate(
     outputs: dict[str, Tensor] = {}
 
     def record(where: Tensor, mask: Tensor) -> None:
+        if len(where) == batch:  # every sample at once (the common case): no gathers
+            outputs.update(finish(state))  # (the rows are still in order: no compaction yet)
+            return
         for name, value in finish(_Rows(state, mask.nonzero().squeeze(1))).items():
             if name not in outputs:
                 outputs[name] = value.new_empty((batch, *value.shape[1:]))
@@ -328,9 +331,10 @@ class PeacemanRachford(SplittingMethod):
         self, state: State, nonlin: Nonlinearity, preactivation: bool = False
     ) -> dict[str, Tensor]:
         """Return ``z½`` with its exact residual, which costs no multiply (§2): from
-        ``(I + α(I − W)) z½ = u½ + α(Ux + b)``, ``W z½ + Ux + b = ((1 + α) z½ − u½) / α``."""
+        ``(I + α(I − W)) z½ = u½ + α(Ux + b)``, ``W z½ + Ux + b = ((1 + α) z½ − u½) / α``
+        (one ``lerp`` pass: ``u½ + ((1 + α)/α)(z½ − u½)``)."""
         z_half, a = state["z_half"], self.alpha
-        pre = ((1.0 + a) * z_half - state["u_half"]) / a
+        pre = torch.lerp(state["u_half"], z_half, (1.0 + a) / a)
         out = {"x": z_half, "residual": relative_residual(z_half, nonlin(pre))}
         if preactivation:
             out["pre"] = pre
@@ -366,7 +370,7 @@ class PeacemanRachford(SplittingMethod):
         residual (§2, transposed): ``(I + α(I − Wᵀ)) z½ = u½`` gives
         ``Wᵀz½ = ((1 + α) z½ − u½) / α``; ``z½ → ũ*`` as PR converges."""
         z_half, a = state["z_half"], self.alpha
-        return {"x": z_half, "wtu": ((1.0 + a) * z_half - state["u_half"]) / a}
+        return {"x": z_half, "wtu": torch.lerp(state["u_half"], z_half, (1.0 + a) / a)}
 
 
 SOLVERS: dict[str, type[SplittingMethod]] = {

@@ -187,6 +187,21 @@ def test_to_spectrum_with_padded_samples_equals_rfft2(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dft_matmul", [True, False], ids=["dft-gemm", "fft"])
+@torch.no_grad()
+def test_from_spectrum_writes_into_a_strided_tier_slice(dft_matmul, monkeypatch):
+    """A multi-tier iterate's tiers are column slices of one (B, Σ n_i s_i²) tensor; the
+    inverse transform fills a slice in place, leaving the columns around it untouched."""
+    monkeypatch.setattr(spectral, "USE_DFT_MATMUL_ON_CPU", dft_matmul)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    y = to_spectrum(x)
+    big = torch.full((3, 5 + 72 + 4), 7.0, dtype=torch.float64)
+    view = big[:, 5:77].view(3, 2, 6, 6)
+    assert from_spectrum(y, 6, out=view) is view
+    torch.testing.assert_close(view, x, rtol=0, atol=1e-12)
+    assert (big[:, :5] == 7).all() and (big[:, 77:] == 7).all()
+
+
+@pytest.mark.parametrize("dft_matmul", [True, False], ids=["dft-gemm", "fft"])
 @pytest.mark.parametrize("s", [2, 3, 4, 5, 6, 7])
 @torch.no_grad()
 def test_from_spectrum_adjoint_is_the_adjoint(s, dft_matmul, monkeypatch):

@@ -147,8 +147,12 @@ def to_spectrum(x: Tensor) -> Tensor:
     return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0).contiguous()
 
 
-def from_spectrum(spec: Tensor, s: int) -> Tensor:
-    """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``)."""
+def from_spectrum(spec: Tensor, s: int, out: Tensor | None = None) -> Tensor:
+    """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``).
+
+    ``out``, a ``(B, n, s, s)`` view whose rows may be strided (one tier of a multi-tier
+    iterate), receives the result without a copy where autograd is off.
+    """
     _, n, b = spec.shape
     n_half = s // 2 + 1
     if spec.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:
@@ -156,9 +160,18 @@ def from_spectrum(spec: Tensor, s: int) -> Tensor:
         _, dw_inv, _, dh_inv = _dft_matrices(s, real, spec.device)
         cols = (dh_inv @ spec.reshape(s, -1)).view(s, n_half, n, b).permute(3, 2, 0, 1)
         cols = torch.view_as_real(cols.contiguous()).reshape(-1, 2 * n_half)
-        return (cols @ dw_inv).view(b, n, s, s)
-    half = spec.permute(2, 1, 0).contiguous().view(b, n, s, n_half)  # c2r is slow on views
-    return torch.fft.irfft2(half, s=(s, s), norm="ortho")
+        if out is not None and not (cols.requires_grad and torch.is_grad_enabled()):
+            dest = out.view(b, n * s, s)
+            torch.bmm(cols.view(b, n * s, -1), dw_inv.expand(b, -1, -1), out=dest)
+            return out
+        result = (cols @ dw_inv).view(b, n, s, s)
+    else:
+        half = spec.permute(2, 1, 0).contiguous().view(b, n, s, n_half)  # c2r is slow on views
+        result = torch.fft.irfft2(half, s=(s, s), norm="ortho")
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
 
 
 def from_spectrum_adjoint(x: Tensor) -> Tensor:
