@@ -239,16 +239,22 @@ class MultiTierOperator(MonotoneOperator):
         u_hat = transfer(self.U.weight, self.sizes[0])  # exact: max σ over frequencies
         return torch.linalg.matrix_norm(u_hat, ord=2).max().item()
 
-    def _couple(self, specs: list[_TierSpectra], y_grp: Tensor, i: int) -> Tensor:
-        """``2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout; half layout out."""
+    def _couple(
+        self, specs: list[_TierSpectra], y_grp: Tensor, i: int, acc: Tensor, scale: float
+    ) -> Tensor:
+        """``acc + scale · 2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout and
+        ``acc`` in tier ``i+1``'s half layout (one fused multiply-add)."""
         lifted = lift_spectrum(specs[i].s_blk @ y_grp, self.sizes[i] // 2)  # P S_i y
-        return 2.0 * (specs[i + 1].a_hat_h @ lifted)
+        return torch.baddbmm(acc, specs[i + 1].a_hat_h, lifted, alpha=2.0 * scale)
 
-    def _couple_transpose(self, specs: list[_TierSpectra], x_next: Tensor, i: int) -> Tensor:
-        """``2 S_iᵀ Pᵀ Â_(i+1) x`` for tier ``i+1``'s half-layout ``x``; group layout out."""
+    def _couple_transpose(
+        self, specs: list[_TierSpectra], x_next: Tensor, i: int, acc: Tensor, scale: float
+    ) -> Tensor:
+        """``acc + scale · 2 S_iᵀ Pᵀ Â_(i+1) x`` for tier ``i+1``'s half-layout ``x`` and
+        ``acc`` in tier ``i``'s group layout."""
         r = self.sizes[i] // 2
         up = from_spectrum(specs[i + 1].a_hat @ x_next, self.sizes[i + 1])[..., :r, :r]  # Pᵀ
-        return 2.0 * (specs[i].s_blk_h @ to_spectrum(up))
+        return torch.baddbmm(acc, specs[i].s_blk_h, to_spectrum(up), alpha=2.0 * scale)
 
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""
@@ -263,7 +269,7 @@ class MultiTierOperator(MonotoneOperator):
         xs = [to_spectrum(t) for t in self.split(z)]
         outs: list[Tensor] = []
         last = self.tiers - 1
-        incoming: Tensor | None = None  # 2 Â_iᴴ P S_(i-1) z_(i-1), forward direction only
+        prev_grp: Tensor | None = None  # tier i-1's input in group layout (forward)
         for i, (spec, x) in enumerate(zip(specs, xs, strict=True)):
             k = spec.k_h if transpose else spec.k
             if i == last:
@@ -273,12 +279,12 @@ class MultiTierOperator(MonotoneOperator):
                 xg = grp.group(x).reshape(grp.groups, -1, x.shape[-1])
                 y = k @ xg
                 if transpose:
-                    y = y + self._couple_transpose(specs, xs[i + 1], i)
+                    y = self._couple_transpose(specs, xs[i + 1], i, y, 1.0)
                 y = grp.ungroup(y.view(grp.groups, 4, -1, x.shape[-1]))
-            if incoming is not None:
-                y = y + incoming
+            if not transpose and i > 0:  # + 2 Â_iᴴ P S_(i-1) z_(i-1)
+                y = self._couple(specs, prev_grp, i - 1, y, 1.0)
             if not transpose and i < last:
-                incoming = self._couple(specs, xg, i)
+                prev_grp = xg
             outs.append(y)
         return outs
 
@@ -318,14 +324,14 @@ class MultiTierOperator(MonotoneOperator):
             t_inv = blocks[i][1] if transpose else blocks[i][0]
             r = rs[i]
             if not transpose and i > 0:
-                r = r - alpha * self._couple(specs, prev_grp, i - 1)
+                r = self._couple(specs, prev_grp, i - 1, r, -alpha)
             if i == last:
                 ys[i] = t_inv @ r
                 continue
             grp = self._alias(i, r.device)
             rg = grp.group(r).reshape(grp.groups, -1, r.shape[-1])
             if transpose:
-                rg = rg - alpha * self._couple_transpose(specs, ys[i + 1], i)
+                rg = self._couple_transpose(specs, ys[i + 1], i, rg, -alpha)
             prev_grp = t_inv @ rg
             ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
         return self.to_space(ys)
