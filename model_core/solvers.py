@@ -114,6 +114,7 @@ def iterate(
     fallback: str | None = None,
     finish: Callable[[State], dict[str, Tensor]] | None = None,
     first: Callable[[State], State] | None = None,
+    chunk_scale: float = 1.0,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample meets ``‖x⁺ − x‖ ≤ tol‖x⁺‖``.
 
@@ -133,6 +134,8 @@ def iterate(
             (default: ``{"x": state["x"]}``); it runs once per row, on that row's last state.
         first: the first iteration from ``state``, where a method knows it in closed form
             (default: ``step``). It must return exactly what ``step`` would.
+        chunk_scale: the operator's multiple of the CPU chunk budget
+            (:attr:`MonotoneOperator.chunk_scale`).
 
     Returns:
         ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample, and
@@ -142,7 +145,7 @@ def iterate(
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
-    rows_per_chunk = chunk_rows(x0, CPU_CHUNK_BYTES)
+    rows_per_chunk = chunk_rows(x0, int(CPU_CHUNK_BYTES * chunk_scale))
     if batch > rows_per_chunk:
         parts = [
             iterate(
@@ -153,6 +156,7 @@ def iterate(
                 fallback=fallback,
                 finish=finish,
                 first=first,
+                chunk_scale=chunk_scale,
             )
             for i in range(0, batch, rows_per_chunk)
         ]
@@ -438,6 +442,7 @@ def solve_forward(
         fallback=solver.fallback,
         finish=(lambda s: solver.finish_forward(s, nonlin, preactivation)) if free else None,
         first=lambda s: solver.first_forward(s, nonlin),
+        chunk_scale=op.chunk_scale,
     )
     z = outputs["x"]
     pre = outputs.get("pre")
@@ -509,6 +514,7 @@ def solve_backward(
         fallback=solver.fallback,
         finish=solver.finish_backward if free else None,
         first=solver.first_backward,
+        chunk_scale=op.chunk_scale,
     )
     u = outputs["x"]
     wtu = outputs["wtu"] if free else op.multiply_transpose(u)

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 # On the CPU, batched work over many samples (the solver loop, the gradient of the layer's
-# last application) runs in chunks of at most about this many bytes of iterate, so that a
-# chunk's transforms, matmuls and elementwise passes stay in cache. Measured on a 2-core
-# EPYC VM at batch 64, alternating sizes within one process (the VM's speed drifts): 6 MB
-# beats 12 MB by ~10% for both conv 81 ch (375 KB a sample: 4 chunks of 16) and multi-tier
-# (16,32,60) (139 KB: 2 chunks of 32); 3-4 MB is no better, 2 MB worse.
+# last application) runs in chunks of at most about this many bytes of iterate (times the
+# operator's ``chunk_scale``), so that a chunk's transforms, matmuls and elementwise passes
+# stay in cache. Measured on a 2-core EPYC VM, alternating sizes within one process (the
+# VM's speed drifts), with model_core.runtime's allocator setting: conv 81 ch at batch 64
+# (375 KB a sample) runs fastest in 4 chunks of 16 (6 MB; 8 and 12 MB +3-4%); a fmnist-conv
+# training step (115 KB) in 3 chunks of 43 (64 rows +8%, 128 rows +15%); 3 MB is no
+# better, 1.5 MB +26%. Multi-tier operators set chunk_scale 2 (see there).
 CPU_CHUNK_BYTES = 6 << 20
 
 
@@ -74,6 +76,7 @@ class MonotoneOperator(nn.Module):
 
     m: float
     z_shape: tuple[int, ...]
+    chunk_scale: float = 1.0  # multiple of CPU_CHUNK_BYTES the solver loop chunks by
 
     def __init__(self, m: float):
         super().__init__()
