@@ -159,7 +159,7 @@ class _ImplicitBackward(torch.autograd.Function):
     def forward(ctx, z_hat: Tensor, layer: EquilibriumLayer, jac: Tensor) -> Tensor:
         ctx.layer = layer
         ctx.save_for_backward(jac)
-        return z_hat.clone()
+        return z_hat.view_as(z_hat)  # a view, not a copy of the batch
 
     @staticmethod
     def backward(ctx, grad: Tensor):

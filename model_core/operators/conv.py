@@ -353,7 +353,7 @@ class _KnownProduct(torch.autograd.Function):
     def forward(ctx, op: MultiTierOperator, z: Tensor, wz: Tensor, *params: Tensor) -> Tensor:
         ctx.op, ctx.params = op, params
         ctx.save_for_backward(z)
-        return wz.clone()
+        return wz.view_as(wz)  # a view, not a copy of the batch
 
     @staticmethod
     def backward(ctx, v: Tensor):
