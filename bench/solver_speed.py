@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats, median (default 15)")
     args = p.parse_args()
     allocator_tuned = tune_allocator()  # as the `mondeq` entry points do
     probe_before = machine_probe(args.device)

@@ -116,7 +116,13 @@ def bench_model(
         opt.step()
 
     step()  # warm-up (allocator, first-call overheads)
-    train_times = [_timed(step, dev)[0] for _ in range(max(1, repeats))]
+    # Every timed step starts from the same weights: Adam would otherwise move them, and
+    # the iteration counts (so the times) with them, the more the more repeats.
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train_times = []
+    for _ in range(max(1, repeats)):
+        model.load_state_dict(start)  # bumps the weights' versions: the resolvent is rebuilt
+        train_times.append(_timed(step, dev)[0])
     fwd, bwd = model.deq.last_forward_stats, model.deq.last_backward_stats
     infer_ms = statistics.median(infer_times) * 1e3
     train_ms = statistics.median(train_times) * 1e3
