@@ -372,11 +372,24 @@ class _KnownProduct(torch.autograd.Function):
                 pairs.append((t, t.detach().requires_grad_()))
                 return pairs[-1][1]
 
-            leaves = [
-                _TierSpectra(**{k: leaf(t) for k, t in vars(sp).items()})
-                for sp in op._build_spectra()
-            ]
+            specs = op._build_spectra()
             rows = chunk_rows(z)
+            if op.tiers == 1:
+                # One block: the gradient of Re Σ conj(v̌)·(K̂ ẑ) w.r.t. K̂ is Σ_b v̌ ẑᴴ per
+                # frequency (PyTorch's convention for complex leaves), formed directly,
+                # without the product K̂ ẑ that autograd would compute first.
+                grad_k = None
+                for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
+                    g = from_spectrum_adjoint(vc) @ to_spectrum(zc).mH
+                    grad_k = g if grad_k is None else grad_k.add_(g)
+                grads = iter(torch.autograd.grad(specs[0].k, wanted, -grad_k, allow_unused=True))
+                return (
+                    None,
+                    None,
+                    None,
+                    *(next(grads) if p.requires_grad else None for p in ctx.params),
+                )
+            leaves = [_TierSpectra(**{k: leaf(t) for k, t in vars(sp).items()}) for sp in specs]
             for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
                 ys = op._k_spectra(zc, transpose=False, specs=leaves)  # K̂ ẑ
                 vs = [from_spectrum_adjoint(t) for t in op.split(vc)]
