@@ -106,7 +106,9 @@ def bench(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")
     p.add_argument("--alpha", type=float, default=1.0, help="PR step size (default 1.0)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats, median (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=15, help="timed repeats, median (default 15; this VM drifts)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(handler=_run_bench)
 
