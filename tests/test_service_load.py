@@ -326,7 +326,23 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
     try:
         slow = {"method": "forward_backward", "tol": 1e-6, "max_iter": 1000}
         bodies = [v2_body(pixels(1, seed=i), parameters=slow) for i in range(24)]
-        answers = asyncio.run(post_all(srv.url, "/v2/models/fc/infer", bodies, 24))
+        path = "/v2/models/fc/infer"
+
+        async def scenario() -> list:
+            # One request first, taken off the queue into a solve before the burst: else a
+            # burst parsed before the batcher runs leaves one request queued, 23 refused.
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+                first = asyncio.create_task(client.post(path, json=bodies[0]))
+                for _ in range(500):
+                    text = (await client.get("/metrics")).text
+                    if metric(metric_samples(text), "mondeq_inflight_requests") >= 1:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)  # max_delay_ms=0: the batcher takes it at once
+                rest = await post_all(srv.url, path, bodies[1:], 23)
+                return [await first, *rest]
+
+        answers = asyncio.run(scenario())
         codes = [a.status_code for a in answers]
         assert set(codes) <= {200, 429}, codes
         assert codes.count(429) >= 1 and codes.count(200) >= 2
