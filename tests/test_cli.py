@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ print(*flags, sorted(faults)[3])  # the median touch
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 @pytest.mark.parametrize("env", ["1", "0"])
 def test_allocator_tuning_keeps_freed_blocks_for_reuse(env):
     """The entry points' allocator setting: a freed 64 MiB block is reused without a page
