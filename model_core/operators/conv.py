@@ -160,20 +160,6 @@ class MultiTierOperator(MonotoneOperator):
             return tiers[0]
         return torch.cat([t.reshape(t.shape[0], -1) for t in tiers], dim=1)
 
-    def to_space(self, spectra: list[Tensor]) -> Tensor:
-        """Per-tier half spectra ``(F_i, n_i, B)`` → ``(B, *z_shape)``, each tier's inverse
-        transform written straight into its slice (no concatenation pass) where autograd
-        is off."""
-        if self.tiers == 1 or (torch.is_grad_enabled() and any(y.requires_grad for y in spectra)):
-            return self.merge(
-                [from_spectrum(y, s) for y, s in zip(spectra, self.sizes, strict=True)]
-            )
-        y0 = spectra[0]
-        out = y0.real.new_empty(y0.shape[-1], sum(self.numels))
-        for y, s, view in zip(spectra, self.sizes, self.split(out), strict=True):
-            from_spectrum(y, s, out=view)
-        return out
-
     def border_mask(self) -> Tensor:
         """0/1 mask of ``z_shape`` zeroing a one-pixel border of every tier (§5)."""
         masks = [
@@ -267,7 +253,8 @@ class MultiTierOperator(MonotoneOperator):
 
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""
-        return self.to_space(self._k_spectra(z, transpose))
+        ys = self._k_spectra(z, transpose)
+        return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
 
     def _k_spectra(
         self, z: Tensor, transpose: bool, specs: list[_TierSpectra] | None = None
@@ -343,7 +330,7 @@ class MultiTierOperator(MonotoneOperator):
                 rg = self._couple_transpose(specs, ys[i + 1], i, rg, -alpha)
             prev_grp = t_inv @ rg
             ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
-        return self.to_space(ys)
+        return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
 
 
 class _KnownProduct(torch.autograd.Function):

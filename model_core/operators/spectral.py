@@ -74,7 +74,7 @@ def _transfer_phases(k: int, s: int, dtype: torch.dtype, device: torch.device) -
 # applied with GEMMs run 1.3–2.6× faster than rfft2/irfft2 here, and they emit the
 # frequency-major layout directly. CUDA keeps cuFFT.
 USE_DFT_MATMUL_ON_CPU = True
-PAD_ALIASED_ROWS = True  # see to_spectrum
+PAD_ALIASED_ROWS = True  # see to_spectrum and from_spectrum
 _DFT_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
@@ -147,31 +147,39 @@ def to_spectrum(x: Tensor) -> Tensor:
     return torch.fft.rfft2(x, norm="ortho").reshape(b, n, -1).permute(2, 1, 0).contiguous()
 
 
-def from_spectrum(spec: Tensor, s: int, out: Tensor | None = None) -> Tensor:
-    """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``).
-
-    ``out``, a ``(B, n, s, s)`` view whose rows may be strided (one tier of a multi-tier
-    iterate), receives the result without a copy where autograd is off.
-    """
+def from_spectrum(spec: Tensor, s: int) -> Tensor:
+    """``(F, n, B)`` half layout → ``(B, n, s, s)`` real (unitary ``irfft2``)."""
     _, n, b = spec.shape
     n_half = s // 2 + 1
     if spec.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:
         real = spec.real.dtype
         _, dw_inv, _, dh_inv = _dft_matrices(s, real, spec.device)
-        cols = (dh_inv @ spec.reshape(s, -1)).view(s, n_half, n, b).permute(3, 2, 0, 1)
+        nb = n * b
+        if (
+            PAD_ALIASED_ROWS
+            and n_half > 1
+            and (nb * spec.element_size()) % 4096 == 0
+            and not (spec.requires_grad and torch.is_grad_enabled())
+        ):
+            # The transpose below reads along the column frequency, ``n·B`` values apart; at
+            # a multiple of 4 KiB (16 channels at batch 64) those reads share one cache set.
+            # The transform along the rows runs per column frequency into a buffer one cache
+            # line wider (batch 64: 4.1 → 3.6 ms on the 34 grid, 1.9 → 1.4 ms on the 18).
+            pad = 64 // spec.element_size()
+            buf = spec.new_empty(s, n_half, nb + pad)
+            torch.bmm(
+                dh_inv.expand(n_half, -1, -1),
+                spec.view(s, n_half, nb).transpose(0, 1),
+                out=buf[:, :, :nb].transpose(0, 1),
+            )
+            cols = buf[:, :, :nb]
+        else:
+            cols = dh_inv @ spec.reshape(s, -1)
+        cols = cols.view(s, n_half, n, b).permute(3, 2, 0, 1)
         cols = torch.view_as_real(cols.contiguous()).reshape(-1, 2 * n_half)
-        if out is not None and not (cols.requires_grad and torch.is_grad_enabled()):
-            dest = out.view(b, n * s, s)
-            torch.bmm(cols.view(b, n * s, -1), dw_inv.expand(b, -1, -1), out=dest)
-            return out
-        result = (cols @ dw_inv).view(b, n, s, s)
-    else:
-        half = spec.permute(2, 1, 0).contiguous().view(b, n, s, n_half)  # c2r is slow on views
-        result = torch.fft.irfft2(half, s=(s, s), norm="ortho")
-    if out is not None:
-        out.copy_(result)
-        return out
-    return result
+        return (cols @ dw_inv).view(b, n, s, s)
+    half = spec.permute(2, 1, 0).contiguous().view(b, n, s, n_half)  # c2r is slow on views
+    return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 
 def from_spectrum_adjoint(x: Tensor) -> Tensor:
