@@ -348,19 +348,11 @@ class _KnownProduct(torch.autograd.Function):
         op: MultiTierOperator = ctx.op
         v = v.contiguous()
         wanted = [p for p in ctx.params if p.requires_grad]
+        rows = chunk_rows(z)
         with torch.enable_grad():
             # Gradients w.r.t. the per-frequency blocks first, chunk by chunk (the chunks'
             # transforms stay in cache), then once through the blocks to the weights.
-            pairs: list[tuple[Tensor, Tensor]] = []  # (block with its graph, a leaf copy)
-
-            def leaf(t: Tensor | None) -> Tensor | None:
-                if t is None:
-                    return None
-                pairs.append((t, t.detach().requires_grad_()))
-                return pairs[-1][1]
-
             specs = op._build_spectra()
-            rows = chunk_rows(z)
             if op.tiers == 1:
                 # One block: the gradient of Re Σ conj(v̌)·(K̂ ẑ) w.r.t. K̂ is Σ_b v̌ ẑᴴ per
                 # frequency (PyTorch's convention for complex leaves), formed directly,
@@ -369,29 +361,37 @@ class _KnownProduct(torch.autograd.Function):
                 for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
                     g = from_spectrum_adjoint(vc) @ to_spectrum(zc).mH
                     grad_k = g if grad_k is None else grad_k.add_(g)
-                grads = iter(torch.autograd.grad(specs[0].k, wanted, -grad_k, allow_unused=True))
-                return (
-                    None,
-                    None,
-                    None,
-                    *(next(grads) if p.requires_grad else None for p in ctx.params),
-                )
-            leaves = [_TierSpectra(**{k: leaf(t) for k, t in vars(sp).items()}) for sp in specs]
-            for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
-                ys = op._k_spectra(zc, transpose=False, specs=leaves)  # K̂ ẑ
-                vs = [from_spectrum_adjoint(t) for t in op.split(vc)]
-                score = sum(
-                    torch.vdot(a.reshape(-1), y.reshape(-1)).real
-                    for a, y in zip(vs, ys, strict=True)
-                )
-                (-score).backward()  # ⟨v, W z⟩ = ⟨v, z⟩ − ⟨v, K z⟩; z is a constant
-            used = [(t, copy.grad) for t, copy in pairs if copy.grad is not None]
-            grads = iter(
-                torch.autograd.grad(
-                    [t for t, _ in used], wanted, [g for _, g in used], allow_unused=True
-                )
-            )
+                blocks, block_grads = [specs[0].k], [-grad_k]
+            else:
+                blocks, block_grads = _block_gradients(op, specs, z, v, rows)
+            grads = iter(torch.autograd.grad(blocks, wanted, block_grads, allow_unused=True))
         return None, None, None, *(next(grads) if p.requires_grad else None for p in ctx.params)
+
+
+def _block_gradients(
+    op: MultiTierOperator, specs: list[_TierSpectra], z: Tensor, v: Tensor, rows: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The blocks of ``specs`` that ``Re Σ conj(v̌)·(K̂ ẑ)`` depends on, and the gradient of
+    ``−`` that score w.r.t. each, by autograd through :meth:`MultiTierOperator._k_spectra` on
+    leaf copies of the blocks, chunk by chunk."""
+    pairs: list[tuple[Tensor, Tensor]] = []  # (block with its graph, a leaf copy)
+
+    def leaf(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        pairs.append((t, t.detach().requires_grad_()))
+        return pairs[-1][1]
+
+    leaves = [_TierSpectra(**{k: leaf(t) for k, t in vars(sp).items()}) for sp in specs]
+    for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
+        ys = op._k_spectra(zc, transpose=False, specs=leaves)  # K̂ ẑ
+        vs = [from_spectrum_adjoint(t) for t in op.split(vc)]
+        score = sum(
+            torch.vdot(a.reshape(-1), y.reshape(-1)).real for a, y in zip(vs, ys, strict=True)
+        )
+        (-score).backward()  # ⟨v, W z⟩ = ⟨v, z⟩ − ⟨v, K z⟩; z is a constant
+    used = [(t, copy.grad) for t, copy in pairs if copy.grad is not None]
+    return [t for t, _ in used], [g for _, g in used]
 
 
 def _kernel(n_out: int, n_in: int, k: int) -> nn.Parameter:
