@@ -4,7 +4,11 @@ The names and labels are a contract with the Grafana dashboard and the alert rul
 them only together. Labels stay bounded: ``model`` is a name from the repository (or
 ``"unknown"``, or ``""`` for endpoints that name none), ``endpoint`` comes from
 :data:`ENDPOINTS`, ``method`` from the registered solvers, ``reason`` from
-:data:`TUNING_REASONS`.
+:data:`TUNING_REASONS`, ``version`` from the repository's version folders.
+
+Every gauge describes what serves now: the per-model solver gauges and ``mondeq_model_info``
+follow the default version (they are absent while none can serve), and a model that left
+the repository leaves no series behind.
 """
 
 from __future__ import annotations
@@ -146,6 +150,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.load_failures = Counter(
+            "mondeq_model_load_failures",
+            "Checkpoint loads that failed (the version's older load, if any, kept serving).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.load_failed = Gauge(
+            "mondeq_model_load_failed",
+            "1 while the latest load of the version's file on disk has failed.",
+            ["model", "version"],
+            registry=r,
+        )
         self._info_labels: dict[str, tuple[str, str, str, str]] = {}
 
     def set_model_info(self, model: str, version: str, arch: str, method: str) -> None:
@@ -159,12 +175,29 @@ class Metrics:
         self.model_info.labels(*labels).set(1)
         self._info_labels[model] = labels
 
-    def forget_model(self, model: str) -> None:
-        """Drop the per-model gauges of a model that left the repository."""
+    def forget_serving(self, model: str) -> None:
+        """Drop the gauges that describe ``model``'s default version: none serves now."""
         old = self._info_labels.pop(model, None)
         if old is not None:
             self.model_info.remove(*old)
         for gauge in (self.solver_alpha, self.solver_max_iter, self.solver_tol):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)
-        self.model_ready.labels(model).set(0)
+
+    def set_load_failed(self, model: str, version: str, failed: bool) -> None:
+        """``mondeq_model_load_failed{model, version}``: 1 while failed, absent otherwise."""
+        if failed:
+            self.load_failed.labels(model, version).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self.load_failed.remove(model, version)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop the gauges of a version that left the repository."""
+        self.set_load_failed(model, version, False)
+
+    def forget_model(self, model: str) -> None:
+        """Drop every gauge of a model that left the repository (nothing of it serves)."""
+        self.forget_serving(model)
+        with contextlib.suppress(KeyError):
+            self.model_ready.remove(model)

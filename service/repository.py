@@ -2,9 +2,17 @@
 
 Versions are positive integers; the highest version that loaded is a model's default. A
 checkpoint that fails to load is listed with its error and never stops the others. New,
-changed (mtime or size) and removed versions are picked up by :meth:`Repository.refresh`,
-which the poller calls every ``poll_interval_s`` and the admin reload calls on demand. A
-replaced version keeps answering what it had queued before it is closed.
+changed (mtime, ctime, size or inode) and removed versions are picked up by
+:meth:`Repository.refresh`, which the poller calls every ``poll_interval_s`` and the admin
+reload calls on demand. A replaced version keeps answering what it had queued before it is
+closed.
+
+A file is loaded only once it has stopped changing: its stamp unchanged for ``settle_s``
+(the newest of its mtime and ctime that long ago, or the same stamp seen by scans that far
+apart). A version that serves is replaced only by a load that succeeded: when its file
+changes and the new file fails to load (a copy still running, a truncated or foreign file),
+the loaded weights keep serving and the failure shows in ``/v1/models`` (the version's
+``reload``) and in ``mondeq_model_load_failures_total`` / ``mondeq_model_load_failed``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[0-9]{1,9}$")
 CHECKPOINT = "model.pt"
 CARD = "card.json"
+# Model folders being written under a temporary name (dotfiles never match NAME_RE).
+TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".new", "~")
+
+Stamp = tuple[int, int, int, int]  # (mtime_ns, ctime_ns, size, inode) of model.pt
 
 
 class NotFound(Exception):
@@ -41,30 +53,68 @@ class NotReady(Exception):
 
 
 @dataclass
+class Reload:
+    """The file on disk of a version that serves, when it is not the file that serves."""
+
+    stamp: Stamp
+    status: str  # pending (still changing) | failed (did not load; the old weights serve)
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "error": self.error, "since": self.since}
+
+
+@dataclass
 class VersionEntry:
-    """One ``<name>/<version>`` on disk and its load state."""
+    """One ``<name>/<version>`` on disk and its load state.
+
+    ``status``: ``pending`` (the file is still changing; not loaded yet), ``loading``,
+    ``ready`` or ``failed``; ``error`` says why it cannot serve. ``reload`` describes a newer
+    file of a ready version that is pending or failed to load (the loaded weights serve).
+    """
 
     name: str
     version: int
     path: Path
-    stamp: tuple[int, int]
-    status: str = "loading"  # loading | ready | failed
+    stamp: Stamp
+    status: str = "loading"  # pending | loading | ready | failed
     error: str | None = None
     served: ServedModel | None = None
     changed_at: float = field(default_factory=time.time)
+    reload: Reload | None = None
 
     def summary(self) -> dict:
-        out = {"version": str(self.version), "status": self.status, "error": self.error}
+        out = {
+            "version": str(self.version),
+            "status": self.status,
+            "error": self.error,
+            "reload": self.reload.to_dict() if self.reload else None,
+        }
         if self.served is not None:
             out.update(self.served.describe())
         return out
 
 
-def scan(model_dir: Path) -> dict[str, dict[int, tuple[Path, tuple[int, int]]]]:
-    """``{name: {version: (model.pt path, (mtime_ns, size))}}`` for every checkpoint found."""
-    found: dict[str, dict[int, tuple[Path, tuple[int, int]]]] = {}
+def temporary(name: str) -> bool:
+    """A folder name that marks work in progress (``fmnist-fc.tmp``): never a model."""
+    return name.endswith(TEMP_SUFFIXES)
+
+
+def scan(model_dir: Path) -> dict[str, dict[int, tuple[Path, Stamp]]]:
+    """``{name: {version: (model.pt path, stamp)}}`` for every checkpoint found.
+
+    The stamp is ``(mtime_ns, ctime_ns, size, inode)``: an in-place rewrite changes the
+    times and usually the size, a rename into place changes the inode and the ctime, even
+    when the new file has the old one's size and (``cp -p``, ``rsync -t``) mtime.
+    """
+    found: dict[str, dict[int, tuple[Path, Stamp]]] = {}
     try:
-        names = sorted(p for p in model_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        names = sorted(
+            p
+            for p in model_dir.iterdir()
+            if p.is_dir() and NAME_RE.match(p.name) and not temporary(p.name)
+        )
     except OSError:
         return found
     for d in names:
@@ -81,7 +131,7 @@ def scan(model_dir: Path) -> dict[str, dict[int, tuple[Path, tuple[int, int]]]]:
                 st = ckpt.stat()
             except OSError:
                 continue  # a version folder still being written
-            versions[int(v.name)] = (ckpt, (st.st_mtime_ns, st.st_size))
+            versions[int(v.name)] = (ckpt, (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
         if versions:
             found[d.name] = versions
     return found
@@ -114,6 +164,8 @@ class Repository:
         self._poller: asyncio.Task | None = None
         self._initial: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (name, version) -> (stamp, monotonic time it was first seen): the settle rule.
+        self._seen: dict[tuple[str, int], tuple[Stamp, float]] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,7 +176,14 @@ class Repository:
 
     async def _first_load(self) -> None:
         try:
-            await self.refresh()
+            report = await self.refresh()
+            # Files written just before the start settle first: readiness waits for them
+            # (a few rounds at most; a file that keeps changing is left to the poller).
+            for _ in range(3):
+                if not report["pending"] or self.closing:
+                    break
+                await asyncio.sleep(self.settings.settle_s)
+                report = await self.refresh()
         except Exception:
             log.exception("initial load failed")
         self.initial_load_done = True
@@ -213,37 +272,70 @@ class Repository:
     async def refresh(self, only: str | None = None, force: bool = False) -> dict:
         """Rescan the folder: load new and changed versions, drop removed ones.
 
+        A file loads once it is settled (:meth:`_settled`); until then it is ``pending``. A
+        load that fails never replaces a version that serves: the old weights keep serving
+        and the version's ``reload`` records the failure, which is not retried until the
+        file changes again (or ``force``).
+
         Args:
             only: limit the rescan to this model name.
-            force: reload ``only``'s versions (or all) even if unchanged on disk.
+            force: reload ``only``'s versions (or all) even if unchanged on disk (files still
+                changing stay pending).
 
         Returns:
-            ``{"loaded": [...], "failed": [...], "removed": [...]}`` of ``name/version``.
+            ``{"loaded": [...], "failed": [...], "removed": [...], "pending": [...]}`` of
+            ``name/version``.
         """
         async with self._lock:
             found = await asyncio.to_thread(scan, self.settings.model_dir)
             if only is not None:
                 found = {only: found[only]} if only in found else {}
-            report: dict[str, list[str]] = {"loaded": [], "failed": [], "removed": []}
+            report: dict[str, list[str]] = {
+                "loaded": [],
+                "failed": [],
+                "removed": [],
+                "pending": [],
+            }
             names = [only] if only is not None else list(self.entries)
             for name in names:
                 for v in list(self.entries.get(name, {})):
                     if v not in found.get(name, {}):
                         self._retire(self.entries[name].pop(v))
+                        self._seen.pop((name, v), None)
+                        self.metrics.forget_version(name, str(v))
                         report["removed"].append(f"{name}/{v}")
                 if name in self.entries and not self.entries[name]:
                     del self.entries[name]
                     self.metrics.forget_model(name)
+                elif name in self.entries:
+                    self._update_metrics(name)  # the default may have fallen back
             # Newest versions first: the default becomes servable soonest.
             todo = [(n, v, p, s) for n, vs in found.items() for v, (p, s) in vs.items()]
             todo.sort(key=lambda t: (-t[1], t[0]))
+            now = time.monotonic()
             for name, version, path, stamp in todo:
                 if self.closing:
                     break
                 old = self.entries.get(name, {}).get(version)
-                if old is not None and old.stamp == stamp and not force:
+                if old is not None and old.status != "pending" and old.stamp == stamp:
+                    if old.reload is not None:  # the file that serves is back on disk
+                        old.reload = None
+                        self.metrics.set_load_failed(name, str(version), False)
+                    if not force:
+                        continue
+                elif (
+                    old is not None
+                    and old.reload is not None
+                    and old.reload.stamp == stamp
+                    and old.reload.status == "failed"
+                    and not force
+                ):
+                    continue  # this file failed already: wait for it to change
+                if not self._settled(name, version, stamp, now):
+                    report["pending"].append(f"{name}/{version}")
+                    self._mark_pending(name, version, path, stamp, old)
                     continue
-                if old is None:
+                if old is None or old.status == "pending":
                     self.entries.setdefault(name, {})[version] = VersionEntry(
                         name, version, path, stamp
                     )
@@ -253,12 +345,52 @@ class Repository:
                     if new.served is not None:
                         self._retire(new)
                     break
-                self.entries.setdefault(name, {})[version] = new
-                if old is not None and old.served is not None:
-                    self._retire(old)
-                report["loaded" if new.status == "ready" else "failed"].append(f"{name}/{version}")
+                ok = new.status == "ready"
+                report["loaded" if ok else "failed"].append(f"{name}/{version}")
+                self.metrics.set_load_failed(name, str(version), not ok)
+                if not ok:
+                    self.metrics.load_failures.labels(name, str(version)).inc()
+                if not ok and old is not None and old.status == "ready":
+                    # Keep serving what loaded; say what happened to the new file.
+                    old.reload = Reload(stamp, "failed", new.error)
+                    log.error("%s/%s keeps serving its loaded weights", name, version)
+                else:
+                    self.entries.setdefault(name, {})[version] = new
+                    if old is not None and old.served is not None:
+                        self._retire(old)
+                self._update_metrics(name)
+            for name in [only] if only is not None else list(self.entries):
                 self._update_metrics(name)
             return report
+
+    def _settled(self, name: str, version: int, stamp: Stamp, now: float) -> bool:
+        """Has ``name/version``'s file stopped changing? Its stamp must be ``settle_s`` old:
+        by the file's own times (mtime and ctime) or by this repository's scans (for
+        clocks that disagree, as on network file systems)."""
+        settle = self.settings.settle_s
+        key = (name, version)
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != stamp:
+            self._seen[key] = seen = (stamp, now)
+        if settle <= 0:
+            return True
+        age = time.time() - max(stamp[0], stamp[1]) / 1e9
+        return age >= settle or now - seen[1] >= settle
+
+    def _mark_pending(
+        self, name: str, version: int, path: Path, stamp: Stamp, old: VersionEntry | None
+    ) -> None:
+        why = (
+            f"{path.name} is still changing on disk; it loads once unchanged for "
+            f"{self.settings.settle_s:g} s"
+        )
+        if old is None or old.status != "ready":
+            entry = VersionEntry(name, version, path, stamp, status="pending", error=why)
+            if old is not None:
+                entry.changed_at = old.changed_at
+            self.entries.setdefault(name, {})[version] = entry
+        elif old.reload is None or old.reload.stamp != stamp:
+            old.reload = Reload(stamp, "pending", why)
 
     async def _load(
         self, name: str, version: int, path: Path, stamp: tuple[int, int]
@@ -319,10 +451,14 @@ class Repository:
             self._loop.call_soon_threadsafe(self._update_metrics, served.name)
 
     def _update_metrics(self, name: str) -> None:
+        """Point ``name``'s gauges at what serves now: its default version, or nothing."""
         m = self.metrics
+        if name not in self.entries:
+            return
         e = self.default_entry(name)
         m.model_ready.labels(name).set(1 if e is not None else 0)
         if e is None or e.served is None:
+            m.forget_serving(name)
             return
         s = e.served.solver
         m.set_model_info(name, str(e.version), e.served.model.arch, s.method)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
 
     # ---- model repository -------------------------------------------------------------
     poll_interval_s: float = Field(10.0, ge=0, description="rescan model_dir (0: never)")
+    settle_s: float = Field(
+        2.0,
+        ge=0,
+        description="a checkpoint loads once its size and times have not changed for this long",
+    )
 
     # ---- α tuning ------------------------------------------------------------------------
     tune_at_load: bool = Field(True, description="tune α when a model loads")

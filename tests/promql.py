@@ -59,6 +59,8 @@ METRICS: dict[str, str] = {
     "mondeq_inflight_requests": "gauge",
     "mondeq_model_info": "gauge",
     "mondeq_model_ready": "gauge",
+    "mondeq_model_load_failures": "counter",
+    "mondeq_model_load_failed": "gauge",
 }
 
 

@@ -131,7 +131,7 @@ class LiveServer:
 
         from service import Settings, create_app
 
-        self.settings = Settings(**{"poll_interval_s": 0, **settings})
+        self.settings = Settings(**{"poll_interval_s": 0, "settle_s": 0, **settings})
         self.app = create_app(self.settings)
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
@@ -185,7 +185,7 @@ def start_subprocess_server(model_dir: Path, port: int, **env) -> subprocess.Pop
     """``python -m service`` in its own process (for SIGTERM and the CLI)."""
     import os
 
-    full_env = {**os.environ, "MONDEQ_POLL_INTERVAL_S": "0", **env}
+    full_env = {**os.environ, "MONDEQ_POLL_INTERVAL_S": "0", "MONDEQ_SETTLE_S": "0", **env}
     return subprocess.Popen(
         [
             sys.executable,

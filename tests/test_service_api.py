@@ -98,7 +98,9 @@ def test_model_list_shows_cards_solver_settings_and_the_broken_checkpoint(client
     broken = models["broken"]
     assert broken["status"] == "failed" and broken["default_version"] is None
     assert "broken/1/model.pt" in broken["error"]
-    assert broken["versions"] == [{"version": "1", "status": "failed", "error": broken["error"]}]
+    assert broken["versions"] == [
+        {"version": "1", "status": "failed", "error": broken["error"], "reload": None}
+    ]
 
 
 def test_v2_model_metadata(client):

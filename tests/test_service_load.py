@@ -216,10 +216,17 @@ def test_new_versions_are_picked_up_without_dropping_requests(server, model_repo
         assert r.status_code == 200, r.text
         assert "evolving/3" in r.json()["loaded"] and r.json()["default_version"] == "3"
         await asyncio.sleep(0.3)
-        # 3. Version 3 removed; version 2 replaced by a broken file: version 1 serves.
+        # 3. Version 3 removed: version 2 serves. Its file replaced by a broken one: the
+        #    loaded version 2 keeps serving. Version 2 removed: version 1 serves.
         shutil.rmtree(folder / "3")
         await wait_for_default(server.url, "evolving", "2")
         (folder / "2/model.pt").write_bytes(b"garbage")
+        failed = await wait_for_reload_failure(server.url, "evolving")
+        assert failed["status"] == "ready" and "model.pt" in failed["reload"]["error"]
+        mark = len(versions_seen)
+        await asyncio.sleep(0.3)
+        assert versions_seen[mark:] and set(versions_seen[mark:]) == {"2"}
+        shutil.rmtree(folder / "2")
         await wait_for_default(server.url, "evolving", "1")
         await asyncio.sleep(0.3)
         stop = True
@@ -231,8 +238,7 @@ def test_new_versions_are_picked_up_without_dropping_requests(server, model_repo
     assert versions_seen[-1] == "1"
     models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
     ev = models["evolving"]
-    assert [v["version"] for v in ev["versions"]] == ["2", "1"]
-    assert ev["versions"][0]["status"] == "failed" and "model.pt" in ev["versions"][0]["error"]
+    assert [v["version"] for v in ev["versions"]] == ["1"]
     assert ev["default_version"] == "1" and ev["status"] == "ready"
     # The answers come from the right weights.
     x = pixels(2, seed=3)
@@ -244,6 +250,20 @@ def test_new_versions_are_picked_up_without_dropping_requests(server, model_repo
     s = scrape(server.url)
     assert metric(s, "mondeq_model_info", model="evolving", version="1") == 1
     assert metric(s, "mondeq_model_info", model="evolving", version="3") == 0
+    assert metric(s, "mondeq_model_info", model="evolving", version="2") == 0
+
+
+async def wait_for_reload_failure(url: str, name: str, timeout: float = 30) -> dict:
+    """The newest version of ``name`` once its file on disk has failed to reload."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        while time.monotonic() < deadline:
+            models = {m["name"]: m for m in (await c.get("/v1/models")).json()["models"]}
+            top = models[name]["versions"][0]
+            if (top.get("reload") or {}).get("status") == "failed":
+                return top
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}: no failed reload seen")
 
 
 async def wait_for_default(url: str, name: str, version: str, timeout: float = 30) -> None:
