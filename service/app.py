@@ -54,6 +54,8 @@ OUTPUT_TYPES = {
     "certified_radius": "FP32",
 }
 DOC_ROUTES = {"openapi", "swagger_ui_html", "swagger_ui_redirect", "redoc_html"}
+HEAD_SCOPE_KEY = "mondeq.head"  # set on the scope of a HEAD request served as GET
+CLOSE = {"Connection": "close"}
 
 
 class ApiError(Exception):
@@ -196,10 +198,22 @@ def decode_image(data: bytes, served: ServedModel, max_pixels: int, invert: bool
 
 
 class Guard:
-    """Pure ASGI middleware: body-size limit (413) and the request metrics.
+    """Pure ASGI middleware: the HTTP rules every route shares, and the request metrics.
 
-    The body is read here, up to ``max_body_bytes`` (beyond it: 413 with a JSON body, the
-    rest of the upload drained and dropped), then replayed to the app.
+    * ``HEAD`` is answered as ``GET`` without the body: same status and headers, Content-Length
+      included (RFC 9110 §9.3.2), so load balancers can probe any ``GET`` route.
+    * A declared ``Content-Length`` over ``max_body_bytes`` is refused with 413 before any of
+      the body is read: a client that sent ``Expect: 100-continue`` gets the 413 instead of
+      ``100 Continue`` (uvicorn sends that on the first ``receive()``) and sends nothing.
+    * A body without a declared length (chunked) is counted while it is read; past the limit
+      nothing more is kept, the rest is drained up to ``8 × max_body_bytes`` (so the client
+      can finish sending and read the answer) and the answer is 413.
+    * A ``Content-Encoding`` other than ``identity`` is 415 with ``Accept-Encoding: identity``
+      (RFC 7694): bodies are read as sent, never decompressed.
+
+    An answer given before the whole body was read closes the connection when the client may
+    not send the rest (``Expect: 100-continue``) or when draining it would cost too much.
+    The body read here is replayed to the app.
     """
 
     def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics, names):
@@ -212,12 +226,18 @@ class Guard:
         t0 = time.perf_counter()
         status = {"code": 500}
         counted = scope["path"] != "/metrics"
+        head = scope["method"] == "HEAD"
+        if head:
+            # The app sees GET; uvicorn keeps its own scope (HEAD) and sends no body either.
+            scope = {**scope, "method": "GET", HEAD_SCOPE_KEY: True}
         if counted:
             self.metrics.inflight.inc()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -241,15 +261,35 @@ class Guard:
             self._observe(scope, status["code"], time.perf_counter() - t0)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | JSONResponse:
-        declared = None
+        declared, encoding, expect = None, b"", False
         for k, v in scope.get("headers") or []:
             if k == b"content-length":
                 try:
                     declared = int(v)
                 except ValueError:
-                    return error_response(400, "invalid Content-Length header")
-        too_big = declared is not None and declared > self.max_body
+                    return error_response(400, "invalid Content-Length header", CLOSE)
+            elif k == b"content-encoding":
+                encoding = v.strip().lower()
+            elif k == b"expect":
+                expect = v.strip().lower() == b"100-continue"
+        # Refused before reading: close unless the client will send the body regardless
+        # and draining it stays cheap (uvicorn then discards it and keeps the connection).
+        early = CLOSE if expect or (declared or 0) > 8 * self.max_body else None
+        if declared is not None and declared > self.max_body:
+            return error_response(
+                413,
+                f"request body of {declared} bytes exceeds the limit of {self.max_body} bytes",
+                early,
+            )
+        if encoding not in (b"", b"identity") and declared != 0:
+            return error_response(
+                415,
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the "
+                "body uncompressed",
+                {"Accept-Encoding": "identity", **(early or {})},
+            )
         chunks, size, drained = [], 0, 0
+        complete = True
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -257,20 +297,20 @@ class Guard:
             part = message.get("body", b"")
             size += len(part)
             if size > self.max_body:
-                too_big = True
-            if too_big:
                 drained += len(part)
                 if drained > 8 * self.max_body:  # stop reading a hostile upload
+                    complete = False
                     break
             else:
                 chunks.append(part)
             if not message.get("more_body", False):
                 break
-        if too_big:
+        if size > self.max_body:
             return error_response(
                 413,
-                f"request body of {declared or size} bytes exceeds the limit of "
-                f"{self.max_body} bytes",
+                f"request body of {'over ' if not complete else ''}{size} bytes exceeds the "
+                f"limit of {self.max_body} bytes",
+                None if complete else CLOSE,
             )
         return b"".join(chunks)
 
@@ -313,6 +353,7 @@ ERRORS = {
     400: {"model": schemas.ErrorBody, "description": "malformed request"},
     404: {"model": schemas.ErrorBody, "description": "unknown model or version"},
     413: {"model": schemas.ErrorBody, "description": "body too large"},
+    415: {"model": schemas.ErrorBody, "description": "content type or encoding"},
     422: {"model": schemas.ErrorBody, "description": "invalid input"},
     429: {"model": schemas.ErrorBody, "description": "queue full; see Retry-After"},
     503: {"model": schemas.ErrorBody, "description": "not ready"},
@@ -474,6 +515,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def infer(name: str, version: str | None, request: Request):
         served = served_or_error(name, version)
+        _json_content_type(request.headers.get("content-type"), "send application/json")
         body = _parse_json(await request.body(), schemas.InferRequest)
         key = solve_key(served, body.parameters)
         wanted = list(OUTPUT_TYPES)
@@ -568,6 +610,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if ctype == "multipart/form-data":
             x, top_k, key = await _classify_upload(request, served)
         elif ctype == "application/json" or ctype.endswith("+json"):
+            _json_content_type(request.headers.get("content-type"), "")
             req = _parse_json(await request.body(), schemas.ClassifyRequest)
             key = solve_key(served, req)
             x = classify_pixels(served, req.inputs, settings.max_request_batch)
@@ -615,41 +658,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "multipart body needs a 'file' field holding a PNG or JPEG")
         data = await upload.read()
 
-        def field(key: str, cast):
-            raw = form.get(key)
+        fields: dict[str, str] = {}
+        for k in ("top_k", "tol", "max_iter", "method", "invert"):
+            raw = form.get(k)
             if raw is None or raw == "":
-                return None
+                continue
             if not isinstance(raw, str):
-                raise ApiError(422, f"form field {key!r} must be a plain value")
-            try:
-                return cast(raw)
-            except ValueError:
-                raise ApiError(422, f"form field {key!r}: cannot read {raw!r}") from None
-
-        top_k = field("top_k", int) or 3
-        if top_k < 1:
-            raise ApiError(422, f"top_k must be >= 1, got {top_k}")
-        invert = field("invert", _boolean) or False
-        params = schemas.SolverOverrides.model_construct(
-            tol=field("tol", float), max_iter=field("max_iter", int), method=field("method", str)
-        )
+                raise ApiError(422, f"form field {k!r} must be a plain value")
+            fields[k] = raw
+        try:
+            invert = _boolean(fields.pop("invert", "false"))
+        except ValueError as e:
+            raise ApiError(422, f"form field 'invert': cannot read {e.args[0]!r}") from None
+        # The fields obey the JSON body's rules (the same model, the same 422s).
+        try:
+            params = schemas.ClassifyRequest.model_validate({"inputs": [], **fields})
+        except ValidationError as e:
+            errors = e.errors(include_url=False, include_input=False)
+            raise RequestValidationError(
+                [{**err, "loc": ("body", *err.get("loc", ()))} for err in errors]
+            ) from None
+        top_k = params.top_k
         key = solve_key(served, params)
         x = decode_image(data, served, settings.max_image_pixels, invert)
         return x, top_k, key
 
     # ---- admin ---------------------------------------------------------------------------------
     @app.post(
-        "/v1/models/{name}/tune-alpha", name="v1_tune_alpha", tags=["admin"], responses=ADMIN_ERRORS
+        "/v1/models/{name}/tune-alpha",
+        name="v1_tune_alpha",
+        tags=["admin"],
+        responses={**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415]},
+        openapi_extra=_json_body(schemas.TuneRequest, required=False),
     )
     async def tune(
         name: str,
-        body: schemas.TuneRequest | None = None,
+        request: Request,
         creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ):
         """Run the α search on recent traffic or the calibration batch; returns the curve
-        (iterations against α) and, with ``apply``, switches the model to the best α."""
-        admin(creds)
-        body = body or schemas.TuneRequest()
+        (iterations against α) and, with ``apply``, switches the model to the best α.
+        The body (a :class:`schemas.TuneRequest`) is optional."""
+        admin(creds)  # before the body: an unauthenticated client learns nothing else
+        raw = await request.body()
+        body = schemas.TuneRequest()
+        if raw.strip():
+            _json_content_type(request.headers.get("content-type"), "send application/json")
+            body = _parse_json(raw, schemas.TuneRequest)
         version = str(body.version) if body.version is not None else None
         served = served_or_error(name, version)
         try:
@@ -668,7 +723,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ):
         """Reread the model's folder: load new versions, reload every version from disk,
-        drop removed ones. Requests in flight finish on the versions they started on."""
+        drop removed ones. Requests in flight finish on the versions they started on. A file
+        still changing stays ``pending``; a reload that fails keeps the loaded weights."""
         admin(creds)
         repo = rt.repository()
         if not NAME_RE.match(name) or not (
@@ -684,7 +740,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     **report,
                     "default_version": item["default_version"] if item else None,
                     "versions": [
-                        {k: v.get(k) for k in ("version", "status", "error")}
+                        {k: v.get(k) for k in ("version", "status", "error", "reload")}
                         for v in item["versions"]
                     ]
                     if item
@@ -699,7 +755,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus text exposition."""
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _document_bodies(app, schemas.InferRequest, schemas.ClassifyRequest)
+    _document_bodies(app, schemas.InferRequest, schemas.ClassifyRequest, schemas.TuneRequest)
     return app
 
 
@@ -745,11 +801,13 @@ def _parse_json(raw: bytes, model: type[schemas.BaseModel]):
         ) from None
 
 
-def _json_body(model: type[schemas.BaseModel], more: dict | None = None) -> dict:
+def _json_body(
+    model: type[schemas.BaseModel], more: dict | None = None, required: bool = True
+) -> dict:
     """``openapi_extra`` documenting a body that the route parses itself (:func:`_parse_json`):
     the model is referenced from ``components/schemas`` (see :func:`_document_bodies`)."""
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-    return {"requestBody": {"required": True, "content": {**content, **(more or {})}}}
+    return {"requestBody": {"required": required, "content": {**content, **(more or {})}}}
 
 
 def _document_bodies(app: FastAPI, *models: type[schemas.BaseModel]) -> None:
@@ -800,6 +858,40 @@ def _bind_infer(handler, versioned: bool):
     return route
 
 
+def _allowed(allow: str) -> list[str]:
+    """The ``Allow`` header's methods in a stable order; ``HEAD`` wherever ``GET`` is (the
+    :class:`Guard` answers it)."""
+    methods = {m.strip().upper() for m in allow.split(",") if m.strip()}
+    if "GET" in methods:
+        methods.add("HEAD")
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def _json_content_type(content_type: str | None, what: str) -> None:
+    """Check that a body labelled ``content_type`` is JSON: ``application/json`` or a
+    ``+json`` type, UTF-8 (RFC 8259 §8.1) when a charset is given. ``None`` (no header)
+    passes: the endpoint takes JSON only.
+
+    Raises:
+        ApiError: 415 naming what the endpoint accepts.
+    """
+    if content_type is None:
+        return
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise ApiError(415, f"content type {media or '(empty)'!r}: {what}")
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            if charset not in ("utf-8", "utf8"):
+                raise ApiError(415, f"JSON bodies are UTF-8 (RFC 8259), got charset={charset}")
+
+
 def _summarise(errors: list[dict]) -> tuple[str, list[dict]]:
     detail = []
     for err in errors:
@@ -821,15 +913,25 @@ def _exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         detail = e.detail if isinstance(e.detail, str) else json.dumps(finite(e.detail))
+        headers = dict(getattr(e, "headers", None) or {})
+        method = "HEAD" if request.scope.get(HEAD_SCOPE_KEY) else request.method
         if e.status_code == 404 and detail == "Not Found":
-            detail = f"no such path: {request.method} {request.url.path}"
+            detail = f"no such path: {method} {request.url.path}"
         elif e.status_code == 405:
-            detail = f"method {request.method} not allowed on {request.url.path}"
-        return error_response(e.status_code, detail, getattr(e, "headers", None))
+            allowed = _allowed(headers.get("Allow", ""))
+            headers["Allow"] = ", ".join(allowed)
+            detail = (
+                f"method {method} not allowed on {request.url.path}; allowed: {headers['Allow']}"
+            )
+        return error_response(e.status_code, detail, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        message, detail = _summarise(list(e.errors()))
+        errors = list(e.errors())
+        bad = next((err for err in errors if err.get("type") == "json_invalid"), None)
+        if bad is not None:  # bytes that are not JSON: malformed (400), not invalid (422)
+            return error_response(400, f"malformed JSON body ({bad.get('msg')})")
+        message, detail = _summarise(errors)
         return error_response(422, message, detail=detail)
 
     @app.exception_handler(Exception)
