@@ -285,6 +285,7 @@ def test_alert_rules_shape():
         "MondeqNoModelReady",
         "MondeqModelNotReady",
         "MondeqLatencyHigh",
+        "MondeqModelLoadFailed",
     ):
         assert want in names
     for r in rules:
