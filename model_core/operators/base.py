@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,12 +48,22 @@ class Resolvent:
     """``V = (I + α(I − W))⁻¹`` and ``Vᵀ``, prepared once for one (weights, α).
 
     Built by :meth:`MonotoneOperator.resolvent`; holds no autograd graph.
+
+    Attributes:
+        alpha: the step size α it inverts for.
+        weights: the operator's weights key (:meth:`MonotoneOperator._weights_key`) when
+            it was built; :meth:`is_current` compares it with the key now.
     """
 
-    def __init__(self, op: MonotoneOperator, alpha: float, data: Any):
+    def __init__(self, op: MonotoneOperator, alpha: float, data: Any, weights: tuple = ()):
         self.op = op
         self.alpha = alpha
         self.data = data
+        self.weights = weights
+
+    def is_current(self) -> bool:
+        """Whether the operator's weights are still the ones this was built from."""
+        return self.op._weights_key() == self.weights
 
     def inverse(self, z: Tensor) -> Tensor:
         """``V z`` for ``z`` of shape ``(B, *op.z_shape)``."""
@@ -67,7 +79,8 @@ class MonotoneOperator(nn.Module):
 
     Concrete operators implement ``_k`` (apply ``I − W`` or its transpose), ``_prepare``
     and ``_apply_inverse`` (the resolvent), ``bias`` and ``injection_norm``. Everything
-    else, and the caching of resolvents per (weights, α), lives here.
+    else, and the caching of resolvents per (weights, α), lives here. Every cache keyed on
+    :meth:`_weights_key` serves only the current weight values, however they were written.
 
     Attributes:
         m: the monotonicity parameter ``m > 0``.
@@ -85,6 +98,11 @@ class MonotoneOperator(nn.Module):
         self.m = float(m)
         self._resolvents: OrderedDict[tuple, Resolvent] = OrderedDict()
         self._norm_cache: tuple[tuple, float] | None = None
+        # (key, identity, copies): the parameter values the current weights key stands for.
+        self._snapshot: tuple[tuple, tuple, list[Tensor]] | None = None
+        self._generation = 0
+        self._fixed = 0  # open fixed_weights() scopes
+        self._fixed_key: tuple = ()
 
     # ---- the written-down interface -------------------------------------------------
     def bias(self, x: Tensor) -> Tensor:
@@ -132,7 +150,7 @@ class MonotoneOperator(nn.Module):
                 self._resolvents.move_to_end(key)
                 return hit
         with torch.no_grad():
-            res = Resolvent(self, alpha, self._prepare(alpha))
+            res = Resolvent(self, alpha, self._prepare(alpha), weights)
         if not cache:
             return res
         with _CACHE_LOCK:
@@ -172,18 +190,65 @@ class MonotoneOperator(nn.Module):
 
     # ---- helpers ------------------------------------------------------------------
     def _weights_key(self) -> tuple:
-        """Identifies the current weights: storage, in-place version, dtype and device.
+        """Identifies the current weight *values*; every per-weight cache keys on it.
 
-        Optimizer steps and ``load_state_dict`` bump ``_version``; ``.to()`` changes the
-        storage. Either invalidates cached resolvents and spectra.
+        The key changes whenever a parameter's value does, however it was written: an
+        optimizer step, ``load_state_dict``, ``copy_``, ``.to()``, replacing ``.data`` or
+        writing through it (which bypasses the version counter). Storage, version, dtype and
+        device are compared first; if they are unchanged, every parameter is compared
+        (``torch.equal``) with a copy taken when the key was issued. Inside
+        :meth:`fixed_weights` the key validated at its entry is returned unchecked.
+
+        Returns:
+            ``(generation, identity)``: an opaque, hashable tuple.
         """
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._fixed:
+            return self._fixed_key
+        return self._check_weights()
+
+    def _check_weights(self) -> tuple:
+        params = [p.detach() for p in self.parameters()]
+        ident = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        snap = self._snapshot
+        # NaN weights never compare equal: every call then rebuilds, which is still right.
+        if (
+            snap is not None
+            and snap[1] == ident
+            and all(torch.equal(p, c) for p, c in zip(params, snap[2], strict=True))
+        ):
+            return snap[0]
+        copies = [p.clone() for p in params]
+        with _CACHE_LOCK:
+            self._generation += 1
+            key = (self._generation, ident)
+            self._snapshot = (key, ident, copies)
+        return key
+
+    @contextmanager
+    def fixed_weights(self) -> Iterator[tuple]:
+        """Declare the weights constant for a while (a solve): validate the weights key once
+        at entry and skip the comparison on every cache lookup inside, which would otherwise
+        run once per iteration (conv operators look up their spectra on every application).
+
+        Yields:
+            the weights key. Writing weights inside the scope is a race, as it would be
+            for the solve itself.
+        """
+        key = self._check_weights()
+        with _CACHE_LOCK:
+            self._fixed += 1
+            self._fixed_key = key
+        try:
+            yield key
+        finally:
+            with _CACHE_LOCK:
+                self._fixed -= 1
 
     def clear_cache(self) -> None:
         """Drop everything cached per weights (resolvents, spectra, norms); rebuilt on demand.
 
-        Needed only after writing weights through ``.data``, which bypasses the version
-        counter the caches key on; optimizer steps and ``load_state_dict`` need no call.
+        Frees memory; never needed for correctness, since the caches follow the weight
+        values (see :meth:`_weights_key`).
         """
         with _CACHE_LOCK:
             self._resolvents.clear()
@@ -201,10 +266,11 @@ class MonotoneOperator(nn.Module):
         v = torch.randn((1, *self.z_shape), generator=gen, dtype=p.dtype).to(p.device)
         v = v / v.norm()
         sigma = 0.0
-        for _ in range(iters):
-            w = self._k(self._k(v, transpose=False), transpose=True)
-            sigma = w.norm().sqrt().item()
-            v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
+        with self.fixed_weights():
+            for _ in range(iters):
+                w = self._k(self._k(v, transpose=False), transpose=True)
+                sigma = w.norm().sqrt().item()
+                v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
         return sigma
 
     def forward_backward_alpha(self) -> float:
