@@ -7,9 +7,21 @@ Both problems are monotone inclusions ``0 ∈ F(x) + G(x)`` that share the linea
 * backward (Theorem 2): ``F(ũ) = (I − Wᵀ) ũ``, ``G(ũ) = D ũ − g`` with ``D = J⁻¹ − I``.
 
 A method (forward–backward or Peaceman–Rachford) only says how to take one step on either
-problem. :func:`iterate` owns the loop: per-sample stopping on the relative change
-``‖x⁺ − x‖ ≤ tol ‖x⁺‖``, the iteration counters, and the compaction of the working batch
-so that converged samples stop costing work.
+problem and what the true fixed-point residual of its current point is. :func:`iterate` owns
+the loop: per-sample stopping, the iteration counters, and the compaction of the working
+batch so that converged samples stop costing work.
+
+The stopping rule, and what ``converged`` means everywhere (``SolveStats``, the HTTP API,
+``mondeq eval``, training logs): a sample is converged when the **true fixed-point
+residual at the returned point** is at most ``tol``,
+
+* forward (§2):  ``r(z) = ‖z − σ(W z + U x + b)‖ / ‖z‖ ≤ tol``,
+* backward (§3): ``r(ũ) = ‖ũ − J(g + Wᵀ ũ)‖ / ‖ũ‖ ≤ tol``,
+
+(at ``z = 0`` the denominator is ``‖σ(Ux + b)‖``, see :func:`relative_residual`). The
+relative change ``‖x⁺ − x‖ ≤ tol ‖x⁺‖`` alone is no such bound: a forward–backward step is
+about α times the residual, so with a small α it fires far from the fixed point. It serves
+only as a cheap pre-filter for when to evaluate the residual.
 """
 
 from __future__ import annotations
@@ -41,12 +53,12 @@ class SolveStats:
     """What one solve did, per sample, returned by every forward and backward solve.
 
     Attributes:
-        iterations: ``(B,)`` int64, iterations run before the sample's stopping rule fired
-            (``max_iter`` if it never did).
-        residual: ``(B,)`` float, the true fixed-point residual at exit. Forward:
-            ``‖z − σ(Wz + Ux + b)‖ / ‖z‖`` (§2). Backward: ``‖ũ − J(g + Wᵀũ)‖ / ‖ũ‖`` (§3).
-            NaN where it was not computed.
-        converged: ``(B,)`` bool, the stopping rule fired before ``max_iter``.
+        iterations: ``(B,)`` int64, iterations run before the sample stopped (``max_iter``
+            if its residual never reached ``tol`` before the cap).
+        residual: ``(B,)`` float, the true fixed-point residual at the returned point.
+            Forward: ``‖z − σ(Wz + Ux + b)‖ / ‖z‖`` (§2). Backward: ``‖ũ − J(g + Wᵀũ)‖ / ‖ũ‖``
+            (§3). See :func:`relative_residual` for ``z = 0``. NaN or inf if the solve blew up.
+        converged: ``(B,)`` bool, exactly ``isfinite(residual) & (residual <= tol)``.
         alpha: step size α used.
         method: registered solver name.
         tol, max_iter: the stopping rule used.
@@ -101,47 +113,57 @@ class _Rows(dict):
         return value
 
 
-def _keep_x(state: State) -> dict[str, Tensor]:
-    return {"x": state["x"]}
-
-
 def iterate(
     step: Callable[[State], State],
     state: State,
     *,
     tol: float,
     max_iter: int,
-    fallback: str | None = None,
-    finish: Callable[[State], dict[str, Tensor]] | None = None,
+    residual: Callable[[State], Tensor],
+    finish: Callable[[State], dict[str, Tensor]],
     first: Callable[[State], State] | None = None,
     chunk_scale: float = 1.0,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Run ``state ← step(state)`` until every sample meets ``‖x⁺ − x‖ ≤ tol‖x⁺‖``.
+    """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``.
+
+    After each step a sample stops when both hold:
+
+    1. the pre-filter ``‖x⁺ − x‖ ≤ tol ‖x⁺‖`` on the watched iterate ``x = state["x"]``
+       (it only decides when the residual is worth evaluating: a sample still moving
+       by more than ``tol`` is rarely at its fixed point, and the residual costs a few
+       elementwise passes more than the change);
+    2. ``residual(state) ≤ tol``: the true fixed-point residual of the point ``finish``
+       returns. This alone decides ``converged``.
+
+    In the last iteration the residual is evaluated for every sample still running. Every
+    decision is per sample, so a sample's answer and count do not depend on its batch.
 
     Args:
         step: one iteration of a splitting method. It receives and returns a dict of tensors
-            whose first dimension is the working batch; the iterate the stopping rule
-            watches is ``state["x"]``. Entries it does not change (the data of the problem)
-            it passes through, so that compaction keeps them aligned with the iterates.
+            whose first dimension is the working batch. Entries it does not change (the data
+            of the problem) it passes through, so that compaction keeps them aligned.
         state: the initial state, every tensor with leading dimension ``B``.
-        tol: relative-change tolerance, applied per sample.
-        max_iter: iteration cap.
-        fallback: a state entry whose relative change decides for rows where ``x⁺ = 0``.
-            Under PR, ``z = σ(u)`` can sit at 0 for several steps while ``u`` still moves,
-            so ``0 ≤ tol·0`` would stop it early; the rule on ``u`` decides there. Without a
-            fallback (FB), ``x⁺ = x = 0`` is an exact fixed point and counts as converged.
-        finish: maps the state of the rows that just stopped to the per-row outputs
-            (default: ``{"x": state["x"]}``); it runs once per row, on that row's last state.
+        tol: bound on the relative residual, applied per sample.
+        max_iter: iteration cap, ``>= 1``.
+        residual: ``(B,)`` true fixed-point residual of the point ``finish`` would return
+            from this state (methods get it from products their step formed anyway).
+        finish: maps the state of the rows that stop to the per-row outputs, ``"x"`` the
+            returned point; it runs once per row, on that row's last state.
         first: the first iteration from ``state``, where a method knows it in closed form
             (default: ``step``). It must return exactly what ``step`` would.
         chunk_scale: the operator's multiple of the CPU chunk budget
             (:attr:`MonotoneOperator.chunk_scale`).
 
     Returns:
-        ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample, and
-        per-sample ``(B,)`` iteration counts and stopping flags.
+        ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample plus
+        ``outputs["residual"]`` ``(B,)``; per-sample ``(B,)`` iteration counts, and
+        ``converged = isfinite(residual) & (residual <= tol)``.
+
+    Raises:
+        ValueError: ``max_iter < 1`` (a solve returns a point it has checked).
     """
-    finish = finish or _keep_x
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
@@ -153,7 +175,7 @@ def iterate(
                 {k: v[i : i + rows_per_chunk] for k, v in state.items()},
                 tol=tol,
                 max_iter=max_iter,
-                fallback=fallback,
+                residual=residual,
                 finish=finish,
                 first=first,
                 chunk_scale=chunk_scale,
@@ -163,17 +185,21 @@ def iterate(
         outputs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         return outputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     iterations = torch.full((batch,), max_iter, dtype=torch.int64, device=device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=device)
-    if batch == 0 or max_iter <= 0:
-        return finish(state), iterations.zero_(), converged
+    if batch == 0:
+        outputs = finish(state)
+        outputs["residual"] = x0.new_zeros(0)
+        return outputs, iterations, torch.zeros(0, dtype=torch.bool, device=device)
 
     outputs: dict[str, Tensor] = {}
 
-    def record(where: Tensor, mask: Tensor) -> None:
+    def record(where: Tensor, mask: Tensor, res: Tensor) -> None:
         if len(where) == batch:  # every sample at once (the common case): no gathers
             outputs.update(finish(state))  # (the rows are still in order: no compaction yet)
+            outputs["residual"] = res
             return
-        for name, value in finish(_Rows(state, mask.nonzero().squeeze(1))).items():
+        out = finish(_Rows(state, mask.nonzero().squeeze(1)))
+        out["residual"] = res[mask]
+        for name, value in out.items():
             if name not in outputs:
                 outputs[name] = value.new_empty((batch, *value.shape[1:]))
             outputs[name][where] = value
@@ -182,56 +208,59 @@ def iterate(
     live = torch.ones(batch, dtype=torch.bool, device=device)  # working rows not finished
     n_live = batch
     for k in range(1, max_iter + 1):
-        prev, prev_fb = state["x"], state[fallback] if fallback else None
+        prev = state["x"]
         state = first(state) if k == 1 and first is not None else step(state)
+        if k == max_iter:
+            break
         x = state["x"]
-        x_norm = _row_norms(x)
-        done = _row_norms(x - prev) <= tol * x_norm
-        if fallback is not None:
-            zero = x_norm == 0
-            if bool(zero.any()):
-                f = state[fallback]
-                done = torch.where(zero, _row_norms(f - prev_fb) <= tol * _row_norms(f), done)
-        done &= live
-        n_done = int(done.sum())  # the one host sync per iteration
+        near = (_row_norms(x - prev) <= tol * _row_norms(x)) & live
+        if not bool(near.any()):  # the one host sync of most iterations
+            continue
+        res = residual(state)
+        done = near & (res <= tol)  # NaN compares False: never done
+        n_done = int(done.sum())
         if n_done == 0:
             continue
         finished = rows[done]
-        record(finished, done)
+        record(finished, done, res)
         iterations[finished] = k
-        converged[finished] = True
         live &= ~done
         n_live -= n_done
         if n_live == 0:
-            return outputs, iterations, converged
+            return outputs, iterations, _converged(outputs["residual"], tol)
         if (len(rows) - n_live) >= COMPACT_SHARE * len(rows):
             keep = live.nonzero().squeeze(1)
             state = {name: t.index_select(0, keep) for name, t in state.items()}
             rows = rows.index_select(0, keep)
             live = torch.ones(len(rows), dtype=torch.bool, device=device)
-    # Rows still live ran out of iterations: they keep their last state, unconverged.
-    record(rows[live], live)
-    return outputs, iterations, converged
+    # The cap: every row still running stops here, converged if its residual allows.
+    record(rows[live], live, residual(state))
+    return outputs, iterations, _converged(outputs["residual"], tol)
+
+
+def _converged(residual: Tensor, tol: float) -> Tensor:
+    """The one definition of ``converged``: a finite true residual within ``tol``."""
+    return torch.isfinite(residual) & (residual <= tol)
 
 
 class SplittingMethod:
     """One step of an operator-splitting method on the forward and the backward problem.
 
-    Subclasses give :meth:`init_forward`/:meth:`step_forward` and
-    :meth:`init_backward`/:meth:`step_backward`; :func:`iterate` runs them.
+    Subclasses give, for each problem, ``init_*`` (the zero start), ``step_*``, ``residual_*``
+    (the true fixed-point residual of the point ``finish_*`` returns, from products the step
+    formed anyway: no extra multiply) and ``finish_*``; :func:`iterate` runs them.
     """
 
     name: str = ""
     needs_resolvent: bool = False
-    fallback: str | None = None  # see iterate()
-    free_residual: bool = False  # finish_forward() gives the equilibrium and its residual
-    free_transpose: bool = False  # finish_backward() gives ũ and Wᵀũ without a multiply
 
     def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
         self.alpha = float(alpha)
         if resolvent is not None and resolvent.alpha != self.alpha:
             raise ValueError(f"resolvent was built for alpha={resolvent.alpha}, not {alpha}")
+        if resolvent is not None and not resolvent.is_current():
+            raise ValueError("resolvent was built for other weights than the operator's now")
         if self.needs_resolvent and resolvent is None:
             resolvent = op.resolvent(self.alpha)
         self.resolvent = resolvent
@@ -242,10 +271,28 @@ class SplittingMethod:
     def step_forward(self, state: State, nonlin: Nonlinearity) -> State:
         raise NotImplementedError
 
+    def residual_forward(self, state: State, nonlin: Nonlinearity) -> Tensor:
+        """``(B,)`` ``‖z − σ(W z + Ux + b)‖ / ‖z‖`` at the ``z`` :meth:`finish_forward` returns."""
+        raise NotImplementedError
+
+    def finish_forward(
+        self, state: State, nonlin: Nonlinearity, preactivation: bool = False
+    ) -> dict[str, Tensor]:
+        """``{"x": z}`` (and ``"pre"``, ``W z + Ux + b``, if asked) from a final state."""
+        raise NotImplementedError
+
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
         raise NotImplementedError
 
     def step_backward(self, state: State) -> State:
+        raise NotImplementedError
+
+    def residual_backward(self, state: State) -> Tensor:
+        """``(B,)`` ``‖ũ − J(g + Wᵀũ)‖ / ‖ũ‖`` at the ``ũ`` :meth:`finish_backward` returns."""
+        raise NotImplementedError
+
+    def finish_backward(self, state: State) -> dict[str, Tensor]:
+        """``{"x": ũ, "wtu": Wᵀũ}`` from a final state."""
         raise NotImplementedError
 
     # Both problems start from zero, where a step can often be written down without applying
@@ -258,51 +305,50 @@ class SplittingMethod:
         """The first backward step from :meth:`init_backward`'s state."""
         return self.step_backward(state)
 
-    def finish_forward(
-        self, state: State, nonlin: Nonlinearity, preactivation: bool = False
-    ) -> dict[str, Tensor]:
-        """``{"x": z*, "residual": ...}`` (and ``"pre"``, ``W z* + Ux + b``, if asked)
-        from a final state, where ``free_residual``."""
-        raise NotImplementedError
-
-    def finish_backward(self, state: State) -> dict[str, Tensor]:
-        """``{"x": ũ, "wtu": Wᵀũ}`` from a final state, where ``free_transpose``."""
-        raise NotImplementedError
-
 
 class ForwardBackward(SplittingMethod):
     """Forward–backward splitting (Algorithm 1). Needs ``α ≤ 2m / ‖I − W‖²``.
 
     forward:  ``z⁺ = σ((1 − α) z + α (W z + U x + b))``
     backward: ``ũ⁺ = J ((1 − α) ũ + α Wᵀ ũ + α g)``  (J is 0/1 for our ReLU-type σ)
+
+    The state carries ``p = W z + Ux + b`` (backward: ``Wᵀũ``) of its current point: the
+    next step needs it, and it gives that point's residual ``‖z − σ(p)‖ / ‖z‖`` with no
+    extra multiply. One multiply per iteration, as the textbook form.
     """
 
     name = "forward_backward"
 
     def init_forward(self, bias: Tensor) -> State:
-        return {"x": torch.zeros_like(bias), "bias": bias}
+        return {"x": torch.zeros_like(bias), "pre": bias, "bias": bias}  # W0 + bias = bias
 
     def step_forward(self, state: State, nonlin: Nonlinearity) -> State:
-        z, bias, a = state["x"], state["bias"], self.alpha
-        v = (1.0 - a) * z + a * (self.op.multiply(z) + bias)
-        return {"x": nonlin(v), "bias": bias}
+        z = nonlin(torch.lerp(state["x"], state["pre"], self.alpha))  # (1 − α) z + α p
+        bias = state["bias"]
+        return {"x": z, "pre": torch.add(self.op.multiply(z), bias), "bias": bias}
 
-    def first_forward(self, state: State, nonlin: Nonlinearity) -> State:
-        """From ``z = 0``: ``z⁺ = σ(α(Ux + b))``, no multiply."""
-        return {"x": nonlin(self.alpha * state["bias"]), "bias": state["bias"]}
+    def residual_forward(self, state: State, nonlin: Nonlinearity) -> Tensor:
+        return relative_residual(state["x"], nonlin(state["pre"]))
+
+    def finish_forward(
+        self, state: State, nonlin: Nonlinearity, preactivation: bool = False
+    ) -> dict[str, Tensor]:
+        return {"x": state["x"], "pre": state["pre"]} if preactivation else {"x": state["x"]}
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
-        return {"x": torch.zeros_like(grad), "grad": grad, "jac": jac}
+        zero = torch.zeros_like(grad)
+        return {"x": zero, "wtu": zero, "grad": grad, "jac": jac}
 
     def step_backward(self, state: State) -> State:
-        u, g, jac, a = state["x"], state["grad"], state["jac"], self.alpha
-        y = (1.0 - a) * u + a * (self.op.multiply_transpose(u) + g)
-        return {"x": jac * y, "grad": g, "jac": jac}
+        u, g, jac = state["x"], state["grad"], state["jac"]
+        u = jac * torch.lerp(u, state["wtu"] + g, self.alpha)
+        return {"x": u, "wtu": self.op.multiply_transpose(u), "grad": g, "jac": jac}
 
-    def first_backward(self, state: State) -> State:
-        """From ``ũ = 0``: ``ũ⁺ = J(αg)``, no multiply."""
-        g, jac = state["grad"], state["jac"]
-        return {"x": jac * (self.alpha * g), "grad": g, "jac": jac}
+    def residual_backward(self, state: State) -> Tensor:
+        return relative_residual(state["x"], state["jac"] * (state["grad"] + state["wtu"]))
+
+    def finish_backward(self, state: State) -> dict[str, Tensor]:
+        return {"x": state["x"], "wtu": state["wtu"]}
 
 
 class PeacemanRachford(SplittingMethod):
@@ -312,13 +358,13 @@ class PeacemanRachford(SplittingMethod):
 
     forward:  ``u½ = 2z − u;  z½ = V(u½ + α(Ux + b));  u = 2z½ − u½;  z = σ(u)``
     backward: ``u½ = 2ũ − u;  z½ = Vᵀ u½;  u = 2z½ − u½;  ũ = J(u + α g)``
+
+    Both return ``z½``, whose ``W z½`` (``Wᵀz½``) the resolvent identity gives for free
+    (§2), and with it the residual of the returned point.
     """
 
     name = "peaceman_rachford"
     needs_resolvent = True
-    fallback = "u"
-    free_residual = True
-    free_transpose = True
 
     def init_forward(self, bias: Tensor) -> State:
         zero = torch.zeros_like(bias)
@@ -331,24 +377,38 @@ class PeacemanRachford(SplittingMethod):
         u = torch.lerp(u_half, z_half, 2.0)
         return {"x": nonlin(u), "u": u, "bias": bias, "z_half": z_half, "u_half": u_half}
 
+    def _pre(self, state: State) -> Tensor:
+        """``W z½ + Ux + b = ((1 + α) z½ − u½) / α``, from ``(I + α(I − W)) z½ = u½ +
+        α(Ux + b)`` (§2), in one ``lerp`` pass: ``u½ + ((1 + α)/α)(z½ − u½)``. Backward,
+        the same identity transposed gives ``Wᵀz½``."""
+        a = self.alpha
+        return torch.lerp(state["u_half"], state["z_half"], (1.0 + a) / a)
+
+    def residual_forward(self, state: State, nonlin: Nonlinearity) -> Tensor:
+        return relative_residual(state["z_half"], nonlin(self._pre(state)))
+
     def finish_forward(
         self, state: State, nonlin: Nonlinearity, preactivation: bool = False
     ) -> dict[str, Tensor]:
-        """Return ``z½`` with its exact residual, which costs no multiply (§2): from
-        ``(I + α(I − W)) z½ = u½ + α(Ux + b)``, ``W z½ + Ux + b = ((1 + α) z½ − u½) / α``
-        (one ``lerp`` pass: ``u½ + ((1 + α)/α)(z½ − u½)``)."""
-        z_half, a = state["z_half"], self.alpha
-        pre = torch.lerp(state["u_half"], z_half, (1.0 + a) / a)
-        out = {"x": z_half, "residual": relative_residual(z_half, nonlin(pre))}
+        """Return ``z½`` (and ``W z½ + Ux + b``, free), which tends to ``z*``."""
+        out = {"x": state["z_half"]}
         if preactivation:
-            out["pre"] = pre
+            out["pre"] = self._pre(state)
         return out
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
         zero = torch.zeros_like(grad)
         # ũ = J(u + αg) = J u + αJg: the constant αJg once, then one fused pass a step.
         jg = torch.mul(jac, grad).mul_(self.alpha)
-        return {"x": zero, "u": zero, "jg": jg, "jac": jac, "z_half": zero, "u_half": zero}
+        return {
+            "x": zero,
+            "u": zero,
+            "jg": jg,
+            "jac": jac,
+            "grad": grad,
+            "z_half": zero,
+            "u_half": zero,
+        }
 
     def step_backward(self, state: State) -> State:
         x, u, jg, jac = state["x"], state["u"], state["jg"], state["jac"]
@@ -360,6 +420,7 @@ class PeacemanRachford(SplittingMethod):
             "u": u,
             "jg": jg,
             "jac": jac,
+            "grad": state["grad"],
             "z_half": z_half,
             "u_half": u_half,
         }
@@ -369,12 +430,14 @@ class PeacemanRachford(SplittingMethod):
         Saves one resolvent application (of about five) per backward solve."""
         return {**state, "x": state["jg"]}
 
+    def residual_backward(self, state: State) -> Tensor:
+        fu = state["jac"] * (state["grad"] + self._pre(state))
+        return relative_residual(state["z_half"], fu)
+
     def finish_backward(self, state: State) -> dict[str, Tensor]:
-        """Return ``z½`` and ``Wᵀz½`` without a multiply, as the forward does for its
-        residual (§2, transposed): ``(I + α(I − Wᵀ)) z½ = u½`` gives
+        """Return ``z½`` and ``Wᵀz½`` without a multiply: ``(I + α(I − Wᵀ)) z½ = u½`` gives
         ``Wᵀz½ = ((1 + α) z½ − u½) / α``; ``z½ → ũ*`` as PR converges."""
-        z_half, a = state["z_half"], self.alpha
-        return {"x": z_half, "wtu": torch.lerp(state["u_half"], z_half, (1.0 + a) / a)}
+        return {"x": state["z_half"], "wtu": self._pre(state)}
 
 
 SOLVERS: dict[str, type[SplittingMethod]] = {
@@ -412,49 +475,50 @@ def solve_forward(
 ) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
+    A sample stops, and is ``converged``, once ``‖z − σ(W z + bias)‖ / ‖z‖ ≤ tol`` at the
+    returned ``z`` (see :func:`iterate`); ``stats.residual`` is that residual, exact for the
+    operator's current weights.
+
     Args:
         op: the monotone operator holding W.
         nonlin: σ, a proximal operator.
         bias: ``(B, *op.z_shape)``, the injection ``Ux + b``.
         method: a name in :data:`SOLVERS`.
         alpha: step size α > 0.
-        tol: per-sample relative-change tolerance.
-        max_iter: iteration cap.
+        tol: bound on the per-sample relative residual.
+        max_iter: iteration cap, ``>= 1``.
         preactivation: also return ``W z + bias``, the argument of σ at the solution
-            (training applies the layer once more through it). Free under PR (§2); one
-            multiply under FB, which fills ``stats.residual`` too.
+            (training applies the layer once more through it); free for both methods.
         resolvent: a resolvent built aside for this α (else the operator's cached one).
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
         ``preactivation``.
+
+    Raises:
+        ValueError: unknown method, ``alpha <= 0``, ``max_iter < 1``, or a ``resolvent``
+            built for another α or other weights.
     """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    solver = get_solver(method)(op, alpha, resolvent)
-    t0 = _timed_sync(bias.device)
-    free = solver.free_residual
-    outputs, iterations, converged = iterate(
-        lambda s: solver.step_forward(s, nonlin),
-        solver.init_forward(bias),
-        tol=tol,
-        max_iter=max_iter,
-        fallback=solver.fallback,
-        finish=(lambda s: solver.finish_forward(s, nonlin, preactivation)) if free else None,
-        first=lambda s: solver.first_forward(s, nonlin),
-        chunk_scale=op.chunk_scale,
-    )
-    z = outputs["x"]
-    pre = outputs.get("pre")
-    if free:
-        residual = outputs["residual"]
-    else:
-        pre = op.multiply(z) + bias
-        residual = relative_residual(z, nonlin(pre))
-    elapsed = _timed_sync(bias.device) - t0
+    with op.fixed_weights():  # validates the weight caches once, not once per iteration
+        solver = get_solver(method)(op, alpha, resolvent)
+        t0 = _timed_sync(bias.device)
+        outputs, iterations, converged = iterate(
+            lambda s: solver.step_forward(s, nonlin),
+            solver.init_forward(bias),
+            tol=tol,
+            max_iter=max_iter,
+            residual=lambda s: solver.residual_forward(s, nonlin),
+            finish=lambda s: solver.finish_forward(s, nonlin, preactivation),
+            first=lambda s: solver.first_forward(s, nonlin),
+            chunk_scale=op.chunk_scale,
+        )
+        elapsed = _timed_sync(bias.device) - t0
+    z, pre = outputs["x"], outputs.get("pre")
     stats = SolveStats(
         iterations=iterations,
-        residual=residual,
+        residual=outputs["residual"],
         converged=converged,
         alpha=solver.alpha,
         method=solver.name,
@@ -467,7 +531,8 @@ def solve_forward(
 
 
 def relative_residual(x: Tensor, fx: Tensor) -> Tensor:
-    """``‖x − f(x)‖ / ‖x‖`` per sample (forward: ``f(z) = σ(Wz + Ux + b)``, §2).
+    """``‖x − f(x)‖ / ‖x‖`` per sample, ``(B, ...)`` → ``(B,)`` (forward: ``f(z) =
+    σ(Wz + Ux + b)``, §2; backward: ``f(ũ) = J(g + Wᵀũ)``, §3).
 
     Where ``x = 0`` the denominator is ``‖f(x)‖`` instead: a zero that is its own image
     has residual 0, a zero that is not has residual 1.
@@ -492,7 +557,8 @@ def solve_backward(
     """Implicit backward pass (Theorems 2 and 3): the gradient w.r.t. the layer's input.
 
     Solves ``ũ = J (g + Wᵀ ũ)`` per sample and returns ``g + Wᵀ ũ``, the gradient to
-    push through one autograd application of the layer.
+    push through one autograd application of the layer. A sample stops, and is
+    ``converged``, once ``‖ũ − J(g + Wᵀũ)‖ / ‖ũ‖ ≤ tol`` at the returned ``ũ``.
 
     Args:
         op: the monotone operator holding W.
@@ -502,28 +568,30 @@ def solve_backward(
 
     Returns:
         ``(g + Wᵀũ, stats)``.
+
+    Raises:
+        ValueError: as :func:`solve_forward`.
     """
-    solver = get_solver(method)(op, alpha, resolvent)
-    t0 = _timed_sync(grad.device)
-    free = solver.free_transpose
-    outputs, iterations, converged = iterate(
-        solver.step_backward,
-        solver.init_backward(grad, jac),
-        tol=tol,
-        max_iter=max_iter,
-        fallback=solver.fallback,
-        finish=solver.finish_backward if free else None,
-        first=solver.first_backward,
-        chunk_scale=op.chunk_scale,
-    )
-    u = outputs["x"]
-    wtu = outputs["wtu"] if free else op.multiply_transpose(u)
-    out = grad + wtu
-    elapsed = _timed_sync(grad.device) - t0
-    residual = relative_residual(u, jac * out)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    with op.fixed_weights():
+        solver = get_solver(method)(op, alpha, resolvent)
+        t0 = _timed_sync(grad.device)
+        outputs, iterations, converged = iterate(
+            solver.step_backward,
+            solver.init_backward(grad, jac),
+            tol=tol,
+            max_iter=max_iter,
+            residual=solver.residual_backward,
+            finish=solver.finish_backward,
+            first=solver.first_backward,
+            chunk_scale=op.chunk_scale,
+        )
+        out = grad + outputs["wtu"]
+        elapsed = _timed_sync(grad.device) - t0
     stats = SolveStats(
         iterations=iterations,
-        residual=residual,
+        residual=outputs["residual"],
         converged=converged,
         alpha=solver.alpha,
         method=solver.name,

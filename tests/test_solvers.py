@@ -9,7 +9,7 @@ from problems import dense_w_fc
 from model_core import solvers
 from model_core.nonlinearity import BorderReLU, ReLU, border_mask
 from model_core.operators import FCOperator
-from model_core.solvers import SOLVERS, get_solver, solve_forward
+from model_core.solvers import SOLVERS, get_solver, solve_backward, solve_forward
 
 TIGHT = {"tol": 1e-11, "max_iter": 20_000}
 
@@ -81,6 +81,73 @@ def test_stats_report_the_true_residual(method):
     true = (z - fz).norm(dim=1) / torch.where(norm > 0, norm, fz.norm(dim=1))
     torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-12)
     assert (stats.iterations >= 1).all() and (stats.iterations <= 500).all()
+
+
+def dense_backward_residual(op, jac, grad, out):
+    """``‖ũ − J(g + Wᵀũ)‖ / ‖ũ‖`` with ũ recovered from ``out = g + Wᵀũ`` densely."""
+    w = dense_w_fc(op)
+    u = torch.linalg.solve(w.T, (out - grad).T).T
+    return (u - jac * out).norm(dim=1) / u.norm(dim=1)
+
+
+@pytest.mark.parametrize(
+    "method, alpha_scale, tol, max_iter",
+    [
+        ("forward_backward", 1.0, 1e-4, 40),  # the bound: some rows converge, some do not
+        ("forward_backward", 0.01, 1e-2, 400),  # a tiny step: the step rule fired at once
+        ("forward_backward", 1.0, 1e-6, 2000),
+        ("peaceman_rachford", 1.0, 1e-3, 8),
+        ("peaceman_rachford", 30.0, 1e-6, 400),  # a huge α: z = σ(u) can stall at 0
+        ("peaceman_rachford", 0.01, 1e-4, 2000),
+    ],
+)
+@torch.no_grad()
+def test_converged_means_the_true_residual_is_within_tol(method, alpha_scale, tol, max_iter):
+    """Forward and backward, for every method and step size: the residual reported is the
+    true one of the returned point (against dense W), and a sample is converged exactly when
+    it is at most ``tol``."""
+    op, bias = problem(seed=8, batch=8)
+    bias = bias * torch.tensor([1e-3, 1, 0.3, 3, 1, 0.1, 2, 1], dtype=torch.float64)[:, None]
+    base = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    kw = {"method": method, "alpha": alpha_scale * base, "tol": tol, "max_iter": max_iter}
+    z, stats = solve_forward(op, ReLU(), bias, **kw)
+    true = dense_fixed_point_residual(op, bias, z) / z.norm(dim=1)
+    torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-13)
+    assert torch.equal(stats.converged, stats.residual <= tol)
+    assert ((stats.iterations < max_iter) <= stats.converged).all()  # an early stop converged
+    jac = (torch.randn(bias.shape, generator=torch.Generator().manual_seed(1)) > -0.5).double()
+    grad = torch.randn(bias.shape, generator=torch.Generator().manual_seed(2), dtype=bias.dtype)
+    out, bstats = solve_backward(op, jac, grad, **kw)
+    true = dense_backward_residual(op, jac, grad, out)
+    torch.testing.assert_close(bstats.residual, true, rtol=1e-6, atol=1e-12)
+    assert torch.equal(bstats.converged, bstats.residual <= tol)
+    if max_iter >= 2000:
+        assert stats.converged.all() and bstats.converged.all()
+
+
+@torch.no_grad()
+def test_a_small_forward_backward_step_does_not_stop_far_from_the_fixed_point():
+    """FB's relative step ``‖z⁺ − z‖/‖z⁺‖`` is about α times the residual: at its safe α
+    (0.021 here) a step rule stopped every sample after 41–58 iterations at residuals
+    0.39–0.45, 40× ``tol``. The true residual decides: 144–197 iterations."""
+    op, bias = problem(seed=9)
+    alpha = op.forward_backward_alpha()
+    kw = {"method": "forward_backward", "alpha": alpha, "tol": 1e-2}
+    z, stats = solve_forward(op, ReLU(), bias, max_iter=100, **kw)
+    step = (z - torch.relu((1 - alpha) * z + alpha * (z @ dense_w_fc(op).T + bias))).norm(dim=1)
+    assert (step <= 1e-2 * z.norm(dim=1)).all()  # a step rule would have stopped them all
+    assert stats.converged.tolist() == [False] * 6 and stats.iterations.tolist() == [100] * 6
+    assert (stats.residual > 0.05).all()
+    z, stats = solve_forward(op, ReLU(), bias, max_iter=3000, **kw)
+    assert stats.converged.all() and (stats.iterations > 100).all()
+    assert (dense_fixed_point_residual(op, bias, z) <= 1e-2 * z.norm(dim=1)).all()
+
+
+def test_max_iter_below_one_is_refused():
+    op, bias = problem()
+    with pytest.raises(ValueError, match="max_iter"):
+        solve_forward(op, ReLU(), bias, method="forward_backward", alpha=0.1, tol=1e-3,
+                      max_iter=0)  # fmt: skip
 
 
 @torch.no_grad()
