@@ -41,7 +41,9 @@ class InferenceResult:
         logits: ``(B, num_classes)``.
         stats: per-sample forward :class:`SolveStats`.
         certified_radius: ``(B,)``, ℓ2 radius (in the model's normalised input units) within
-            which no perturbation can change the predicted class (§7).
+            which no perturbation can change the predicted class (§7). NaN where the solve
+            did not converge (``stats.converged`` false): the bound holds only at the
+            equilibrium, and the logits of an unconverged iterate are not its logits.
         lipschitz: the bound ``L`` used for the radius.
     """
 
@@ -176,18 +178,22 @@ class MonDEQClassifier(nn.Module):
         """Classify normalised ``(B, C, H, W)`` input without autograd.
 
         Runs on the module's device (``x`` is moved there). Solver arguments override the
-        model's defaults for this call only.
+        model's defaults for this call only. A sample is ``converged`` when its true
+        fixed-point residual is at most ``tol`` (:func:`~model_core.solvers.solve_forward`);
+        only converged samples get a certified radius (NaN otherwise).
         """
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
         x = x.to(device=device, dtype=dtype)
-        z, stats = self.deq.solve(x, method=method, alpha=alpha, tol=tol, max_iter=max_iter)
-        logits = self.head(self.features(z))
-        lip = self.lipschitz_bound()
+        with self.op.fixed_weights():  # one check of the weight caches for the whole call
+            z, stats = self.deq.solve(x, method=method, alpha=alpha, tol=tol, max_iter=max_iter)
+            logits = self.head(self.features(z))
+            radius = self.certified_radius(logits)
+            lip = self.lipschitz_bound()
         return InferenceResult(
             logits=logits,
             stats=stats,
-            certified_radius=self.certified_radius(logits),
+            certified_radius=radius.masked_fill(~stats.converged.to(radius.device), math.nan),
             lipschitz=lip,
         )
 
@@ -205,7 +211,9 @@ class MonDEQClassifier(nn.Module):
         """Per-sample certified ℓ2 radius, ``min_j (l_y − l_j) / (‖w_y − w_j‖ · L_z)`` (§7).
 
         ``L_z = ‖pool‖ ‖U‖₂ / m`` is the Lipschitz constant of ``x ↦ pool(z*)``; using
-        ``‖w_y − w_j‖`` per rival class is tighter than ``2 ‖W_out‖₂``.
+        ``‖w_y − w_j‖`` per rival class is tighter than ``2 ‖W_out‖₂``. The bound holds for
+        the logits of the equilibrium ``z*`` only: :meth:`infer` withholds it (NaN) for
+        samples whose solve did not converge.
 
         Args:
             logits: ``(B, K)``.

@@ -117,6 +117,81 @@ def test_certified_radius_holds_against_attacks(config):
             assert torch.equal(moved.labels, out.labels)
 
 
+@pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
+def test_unconverged_samples_get_no_certified_radius(config):
+    """A radius holds only at the equilibrium: NaN for every sample the solve leaves
+    unconverged, the formula's value for every converged one."""
+    torch.manual_seed(6)
+    model = build_model(config).double()
+    x = torch.randn(6, config["in_channels"], 6, 6, dtype=torch.float64)
+    cut = model.infer(x, max_iter=1, tol=1e-6)
+    assert cut.stats.converged.tolist() == [False] * 6
+    assert cut.certified_radius.isnan().all()
+    full = model.infer(x, tol=1e-9, max_iter=3000)
+    assert full.stats.converged.all()
+    torch.testing.assert_close(full.certified_radius, model.certified_radius(full.logits))
+    assert (full.certified_radius > 0).all()
+
+
+def _edit_weights(model, how: str) -> None:
+    """Add 0.2·N(0, 1) to every operator parameter, written the way ``how`` names."""
+    gen = torch.Generator().manual_seed(11)
+    params = dict(model.op.named_parameters())
+    new = {k: p.detach() + 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+           for k, p in params.items()}  # fmt: skip
+    if how == "load_state_dict":
+        model.op.load_state_dict({**model.op.state_dict(), **new})
+        return
+    if how == "optimizer":
+        opt = torch.optim.SGD(model.op.parameters(), lr=1.0)
+        for k, p in params.items():
+            p.grad = p.detach() - new[k]  # one SGD step lands exactly on new
+        opt.step()
+        return
+    for k, p in params.items():
+        if how == ".data":
+            p.data.add_(new[k] - p.data)  # bypasses the version counter
+        elif how == ".data =":
+            p.data = new[k].clone()
+        else:  # copy_
+            with torch.no_grad():
+                p.copy_(new[k])
+
+
+@pytest.mark.parametrize(
+    "how, method",
+    [
+        (h, "peaceman_rachford")
+        for h in (".data", ".data =", "copy_", "load_state_dict", "optimizer")
+    ]
+    + [(".data", "forward_backward")],  # FB reads the spectra and its step bound, not V
+)
+@pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
+def test_weight_edits_reach_the_next_solve(config, how, method):
+    """However weights change after an ``infer`` (EMA and weight clipping write through
+    ``.data``), the next ``infer`` equals a fresh copy's with the same weights: no cached
+    resolvent, spectrum, FB step or injection norm of the old weights survives, and the
+    residual reported is the true one for the new weights."""
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    x = torch.randn(5, config["in_channels"], 6, 6, dtype=torch.float64)
+    model.infer(x, method=method)
+    _edit_weights(model, how)
+    out = model.infer(x, method=method)
+    fresh = build_model(config).double()
+    fresh.load_state_dict(model.state_dict())
+    ref = fresh.infer(x, method=method)
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.stats.residual, ref.stats.residual)
+    assert out.stats.alpha == ref.stats.alpha
+    assert torch.equal(out.certified_radius.nan_to_num(-1), ref.certified_radius.nan_to_num(-1))
+    z, stats = model.deq.solve(x, method=method)  # the residual against a direct evaluation
+    true = z - fresh.deq.nonlin(fresh.op.multiply(z) + fresh.op.bias(x))
+    true = true.flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
+    torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-12)
+    assert torch.equal(stats.converged, stats.residual <= model.deq.settings.tol)
+
+
 def test_tune_alpha_returns_the_best_of_its_curve_and_leaves_the_model_alone():
     torch.manual_seed(4)
     model = build_model(CONV)
