@@ -39,8 +39,9 @@ _PRIMITIVES = (str, int, float, bool, type(None))
 class CheckpointError(Exception):
     """A file that cannot be loaded as a monDEQ checkpoint, with the reason in the message.
 
-    Raised for a missing, truncated, corrupt, foreign or future-version file, and for one
-    whose contents do not build a model.
+    Raised for a missing, truncated, corrupt, foreign or future-version file, for one whose
+    contents do not build a model, and, on save and on load, for weights with a NaN or ±inf
+    (such a model answers every input with the same meaningless class).
     """
 
 
@@ -75,11 +76,38 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
+def non_finite_weights(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or ±inf."""
+    return [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor)
+        and (t.is_floating_point() or t.is_complex())
+        and not bool(torch.isfinite(t).all())
+    ]
+
+
+def _refuse_non_finite(state_dict: dict, where: str) -> None:
+    bad = non_finite_weights(state_dict)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{where}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}{more}; "
+            "a diverged model is no result"
+        )
+
+
 def checkpoint_payload(model: nn.Module, **metadata: Any) -> dict:
-    """The dict :func:`save_checkpoint` writes (useful to send over a wire)."""
+    """The dict :func:`save_checkpoint` writes (useful to send over a wire).
+
+    Raises:
+        TypeError: not a :class:`MonDEQClassifier`, or metadata that is not plain data.
+        CheckpointError: a weight holds a NaN or ±inf.
+    """
     model = _unwrap(model)
     if not isinstance(model, MonDEQClassifier):
         raise TypeError(f"expected a MonDEQClassifier, got {type(model).__name__}")
+    _refuse_non_finite(model.state_dict(), "refusing to save")
     _check_plain(metadata, "metadata")
     from . import __version__
 
@@ -108,9 +136,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
 
     Returns:
         The destination path.
+
+    Raises:
+        CheckpointError: a weight holds a NaN or ±inf (nothing is written).
     """
-    payload = checkpoint_payload(model, **metadata)
     path = Path(path)
+    try:
+        payload = checkpoint_payload(model, **metadata)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -190,10 +224,11 @@ def load_checkpoint(
         ``package_version``) attached.
 
     Raises:
-        CheckpointError: missing, truncated, foreign or future-version file, or contents
-            that do not build a model.
+        CheckpointError: missing, truncated, foreign or future-version file, contents that
+            do not build a model, or weights holding a NaN or ±inf.
     """
     payload = read_checkpoint(path)
+    _refuse_non_finite(payload["state_dict"], str(path))
     config = dict(payload["config"])
     if isinstance(payload.get("solver"), dict):
         config["solver"] = payload["solver"]
