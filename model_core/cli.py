@@ -4,16 +4,52 @@ Subcommands are discovered from the ``mondeq.commands`` entry-point group, so ``
 and ``service`` add theirs without ``model_core`` importing them. Each entry point is a
 function ``register(subparsers)`` that adds its parser and sets ``handler`` to a function
 ``handler(args) -> int``; heavy imports belong inside the handler.
+
+Every command checks all of its inputs before it does any work and refuses a bad one with
+one line on stderr and exit status 2; the argument types below give flags their ranges.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from importlib.metadata import entry_points
 
 from . import __version__
 from .runtime import tune_allocator
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (``mondeq train: argument --epochs: ...``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind: type, what: str, ok) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ``>= 1``."""
+    return _number(text, int, "an integer >= 1", lambda v: v >= 1)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number ``> 0``."""
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number ``>= 0``."""
+    return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
 
 
 def _builtin_commands():
@@ -23,7 +59,7 @@ def _builtin_commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mondeq",
         description="Monotone operator equilibrium networks: solve, train, serve.",
     )

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+from .cli import positive_float, positive_int
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _shape(text: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28), got {text!r}") from None
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected C,H,W of positive integers (e.g. 1,28,28), got {text!r}"
+        )
     return c, h, w
 
 
@@ -33,16 +41,20 @@ def import_locuslab(sub) -> None:
     )
     p.add_argument("src", metavar="SRC", help="state dict file (.pt) from the reference code")
     p.add_argument("--arch", default="fc", choices=["fc"], help="architecture (only fc)")
-    p.add_argument("--hidden", type=int, required=True, help="hidden width, e.g. 87")
-    p.add_argument("--m", type=float, default=1.0, help="monotonicity parameter (default 1.0)")
+    p.add_argument("--hidden", type=positive_int, required=True, help="hidden width, e.g. 87")
+    p.add_argument("--m", type=positive_float, default=1.0,
+                   help="monotonicity parameter (default 1.0)")  # fmt: skip
     p.add_argument("--in-shape", type=_shape, default=(1, 28, 28), help="C,H,W (default 1,28,28)")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, e.g. 0.1307")
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.3081")
     p.add_argument("--class-names", default=None, help="comma-separated class names")
     p.add_argument("--dataset", default=None, help="dataset name to record, e.g. mnist")
-    p.add_argument("--alpha", type=float, default=1.0, help="PR step size α (default 1.0)")
-    p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")
-    p.add_argument("--max-iter", type=int, default=300, help="iteration cap (default 300)")
+    p.add_argument("--alpha", type=positive_float, default=1.0,
+                   help="PR step size α (default 1.0)")  # fmt: skip
+    p.add_argument("--tol", type=positive_float, default=1e-2,
+                   help="solver tolerance (default 1e-2)")  # fmt: skip
+    p.add_argument("--max-iter", type=positive_int, default=300,
+                   help="iteration cap (default 300)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DST", help="checkpoint to write")
     p.set_defaults(handler=_run_import_locuslab)
 
@@ -71,16 +83,16 @@ def _run_import_locuslab(args) -> int:
                 "max_iter": args.max_iter,
             },
         )
+        out = save_checkpoint(
+            model,
+            args.out,
+            source="locuslab/monotone_op_net",
+            source_file=Path(args.src).name,
+            dataset=args.dataset,
+        )
     except (CheckpointError, ValueError) as e:
         print(f"mondeq import-locuslab: {e}", file=sys.stderr)
-        return 1
-    out = save_checkpoint(
-        model,
-        args.out,
-        source="locuslab/monotone_op_net",
-        source_file=Path(args.src).name,
-        dataset=args.dataset,
-    )
+        return 2
     print(
         f"wrote {out}: fc, hidden {args.hidden}, m {args.m}, "
         f"{model.num_parameters():,} parameters, Lipschitz bound {model.lipschitz_bound():.3g}"
@@ -102,13 +114,14 @@ def bench(sub) -> None:
         default=",".join(DEFAULT_MODELS),
         help=f"comma-separated, from {','.join(PAPER_MODELS)}",
     )
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--tol", type=float, default=1e-2, help="solver tolerance (default 1e-2)")
-    p.add_argument("--alpha", type=float, default=1.0, help="PR step size (default 1.0)")
-    p.add_argument(
-        "--repeats", type=int, default=15, help="timed repeats, median (default 15; this VM drifts)"
-    )
+    p.add_argument("--tol", type=positive_float, default=1e-2,
+                   help="solver tolerance (default 1e-2)")  # fmt: skip
+    p.add_argument("--alpha", type=positive_float, default=1.0,
+                   help="PR step size (default 1.0)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=15,
+                   help="timed repeats, median (default 15; this VM drifts)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(handler=_run_bench)
 
@@ -116,9 +129,12 @@ def bench(sub) -> None:
 def _run_bench(args) -> int:
     from .benchmark import format_table, run_benchmark
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
+        if not models:
+            raise ValueError(f"--models names no model, got {args.models!r}")
         rows = run_benchmark(
-            [m.strip() for m in args.models.split(",") if m.strip()],
+            models,
             batch=args.batch,
             device=args.device,
             tol=args.tol,

@@ -75,6 +75,8 @@ def import_locuslab(
 
     Raises:
         CheckpointError: keys or shapes that do not fit the arguments.
+        ValueError: ``mean``/``std`` not one positive-std value per channel, or
+            ``class_names`` not one per output row.
     """
     if arch != "fc":
         raise CheckpointError(
@@ -104,6 +106,13 @@ def import_locuslab(
             )
     if h != w:
         raise CheckpointError(f"in_shape must be square, got {in_shape}")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) != c:
+            raise ValueError(f"{flag} needs {c} values (one per channel), got {len(values)}")
+    if std is not None and not all(v > 0 for v in std):
+        raise ValueError(f"--std values must be > 0, got {list(std)}")
+    if class_names and len(class_names) != k:
+        raise ValueError(f"--class-names needs {k} names (the model has {k} outputs)")
     config = {
         "arch": "fc",
         "in_channels": c,

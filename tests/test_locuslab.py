@@ -101,9 +101,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     torch.save(reference_state_dict(), src)
     run = _cli("import-locuslab", str(src), "--hidden", "5", "--in-shape", "1,6,6",
                "--out", str(tmp_path / "o.pt"))  # fmt: skip
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "shape" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o.pt").exists()
     run = _cli("import-locuslab", str(tmp_path / "missing.pt"), "--hidden", "5",
                "--out", str(tmp_path / "o.pt"))  # fmt: skip
-    assert run.returncode == 1 and "no such file" in run.stderr
+    assert run.returncode == 2 and "no such file" in run.stderr
