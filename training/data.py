@@ -106,11 +106,11 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def _idx_folder_candidates(data_dir: Path | None) -> list[Path]:
-    out = []
+    # A folder the user names is the only place looked: falling back to Debian's copy would
+    # train on other data than the one asked for.
     if data_dir is not None:
-        out += [data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir]
-    out.append(DEBIAN_FASHION_MNIST)
-    return out
+        return [data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir]
+    return [DEBIAN_FASHION_MNIST]
 
 
 def _load_fashion_idx(data_dir: Path | None) -> Data | None:
@@ -181,17 +181,24 @@ def load_dataset(
 
     Args:
         name: ``mnist``, ``fashion-mnist`` (``fmnist``), ``svhn``, ``cifar10`` or ``synthetic``.
-        data_dir: torchvision root (``--data-dir``); Fashion-MNIST also falls back to Debian's.
+        data_dir: torchvision root (``--data-dir``), an existing folder unless ``download``;
+            without it Fashion-MNIST comes from Debian's package.
         download: let torchvision fetch missing files (needs the internet).
         shape, synthetic_size, seed: for ``synthetic`` only (test split is a quarter the size).
 
     Raises:
-        DataError: unknown name, or files missing / unreadable, with what to pass instead.
+        DataError: unknown name, ``data_dir`` empty or not a folder, or files missing /
+            unreadable, with what to pass instead.
     """
     name = canonical_name(name)
     if name == "synthetic":
         return synthetic(shape, synthetic_size, max(synthetic_size // 4, 1), seed=seed)
-    root = Path(data_dir).expanduser() if data_dir else None
+    if data_dir is not None and not str(data_dir).strip():
+        raise DataError("--data-dir is empty: name a folder, or leave the flag out")
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    if root is not None and not download and not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"--data-dir {root} {what} (--download creates it and fetches {name})")
     if name == "fashion-mnist" and not download:
         found = _load_fashion_idx(root)
         if found is not None:

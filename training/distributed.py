@@ -1,7 +1,8 @@
 """torch.distributed plumbing: one process per device, nccl on GPUs, gloo on CPUs.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`setup` joins the process group; otherwise every
-helper here is the single-process identity, so the training loop has one code path.
+Under ``mondeq train --nproc`` (:mod:`training.launch`) or ``torchrun`` (``WORLD_SIZE`` > 1)
+:func:`setup` joins the process group; otherwise every helper here is the single-process
+identity, so the training loop has one code path.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class Dist:
         dist.broadcast(t, 0)
         return t.item()
 
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -72,12 +81,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` → ``cuda:<local rank>`` when a GPU is present, else ``cpu``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(device)
     return device
 
