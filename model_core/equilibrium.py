@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -111,8 +112,11 @@ class EquilibriumLayer(nn.Module):
         alpha: float | None = None,
         tol: float | None = None,
         max_iter: int | None = None,
+        between: Callable[[], None] | None = None,
     ) -> tuple[Tensor, SolveStats]:
-        """Solve without autograd. ``x`` → ``(z*, stats)``, ``z*`` of ``(B, *z_shape)``."""
+        """Solve without autograd. ``x`` → ``(z*, stats)``, ``z*`` of ``(B, *z_shape)``.
+
+        ``between`` is called once per iteration (see :func:`~model_core.solvers.iterate`)."""
         method = method or self.settings.method
         with torch.no_grad():
             z, stats = solve_forward(
@@ -123,6 +127,7 @@ class EquilibriumLayer(nn.Module):
                 alpha=self.resolve_alpha(method, alpha),
                 tol=self.settings.tol if tol is None else tol,
                 max_iter=self.settings.max_iter if max_iter is None else max_iter,
+                between=between,
             )
         self.last_forward_stats = stats
         return z, stats

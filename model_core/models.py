@@ -18,6 +18,7 @@ Heads (Appendix E / the reference code): FC reads ``z`` directly; single conv av
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,19 +175,24 @@ class MonDEQClassifier(nn.Module):
         alpha: float | None = None,
         tol: float | None = None,
         max_iter: int | None = None,
+        between: Callable[[], None] | None = None,
     ) -> InferenceResult:
         """Classify normalised ``(B, C, H, W)`` input without autograd.
 
         Runs on the module's device (``x`` is moved there). Solver arguments override the
-        model's defaults for this call only. A sample is ``converged`` when its true
-        fixed-point residual is at most ``tol`` (:func:`~model_core.solvers.solve_forward`);
-        only converged samples get a certified radius (NaN otherwise).
+        model's defaults for this call only; ``between`` is called once per solver
+        iteration (a scheduler's hook, see :func:`~model_core.solvers.iterate`). A sample
+        is ``converged`` when its true fixed-point residual is at most ``tol``
+        (:func:`~model_core.solvers.solve_forward`); only converged samples get a certified
+        radius (NaN otherwise).
         """
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
         x = x.to(device=device, dtype=dtype)
         with self.op.fixed_weights():  # one check of the weight caches for the whole call
-            z, stats = self.deq.solve(x, method=method, alpha=alpha, tol=tol, max_iter=max_iter)
+            z, stats = self.deq.solve(
+                x, method=method, alpha=alpha, tol=tol, max_iter=max_iter, between=between
+            )
             logits = self.head(self.features(z))
             radius = self.certified_radius(logits)
             lip = self.lipschitz_bound()

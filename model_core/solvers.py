@@ -123,6 +123,7 @@ def iterate(
     finish: Callable[[State], dict[str, Tensor]],
     first: Callable[[State], State] | None = None,
     chunk_scale: float = 1.0,
+    between: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``.
 
@@ -153,6 +154,9 @@ def iterate(
             (default: ``step``). It must return exactly what ``step`` would.
         chunk_scale: the operator's multiple of the CPU chunk budget
             (:attr:`MonotoneOperator.chunk_scale`).
+        between: called before every step, from the solving thread, with nothing in
+            flight: a scheduler may block there to let another solve run first (the
+            service's solves share the CPU this way). It must not touch the state.
 
     Returns:
         ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample plus
@@ -179,6 +183,7 @@ def iterate(
                 finish=finish,
                 first=first,
                 chunk_scale=chunk_scale,
+                between=between,
             )
             for i in range(0, batch, rows_per_chunk)
         ]
@@ -208,6 +213,8 @@ def iterate(
     live = torch.ones(batch, dtype=torch.bool, device=device)  # working rows not finished
     n_live = batch
     for k in range(1, max_iter + 1):
+        if between is not None:
+            between()
         prev = state["x"]
         state = first(state) if k == 1 and first is not None else step(state)
         if k == max_iter:
@@ -472,6 +479,7 @@ def solve_forward(
     max_iter: int,
     preactivation: bool = False,
     resolvent: Resolvent | None = None,
+    between: Callable[[], None] | None = None,
 ) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
@@ -490,6 +498,7 @@ def solve_forward(
         preactivation: also return ``W z + bias``, the argument of σ at the solution
             (training applies the layer once more through it); free for both methods.
         resolvent: a resolvent built aside for this α (else the operator's cached one).
+        between: called once per iteration, between steps (see :func:`iterate`).
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
@@ -513,6 +522,7 @@ def solve_forward(
             finish=lambda s: solver.finish_forward(s, nonlin, preactivation),
             first=lambda s: solver.first_forward(s, nonlin),
             chunk_scale=op.chunk_scale,
+            between=between,
         )
         elapsed = _timed_sync(bias.device) - t0
     z, pre = outputs["x"], outputs.get("pre")
