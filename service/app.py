@@ -35,7 +35,7 @@ from model_core.runtime import tune_allocator
 from . import schemas
 from .alpha import NoTuningData, TuningBusy
 from .batcher import Answer, Closed, QueueFull, SolveFailed
-from .engine import ServedModel, SolveKey
+from .engine import ServedModel, SolveKey, TooMuchWork
 from .metrics import ENDPOINTS, Metrics
 from .repository import NAME_RE, NotFound, NotReady, Repository
 from .settings import Settings
@@ -419,6 +419,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def run(served: ServedModel, x: torch.Tensor, key: SolveKey) -> Answer:
         try:
             return await served.infer(x, key)
+        except TooMuchWork as e:
+            raise ApiError(422, str(e)) from None
         except QueueFull as e:
             raise ApiError(429, str(e), {"Retry-After": str(e.retry_after)}) from None
         except Closed as e:

@@ -23,6 +23,10 @@ from .settings import Settings
 log = logging.getLogger("mondeq.service")
 
 
+class TooMuchWork(ValueError):
+    """A request asks for more solver work than ``max_row_iterations`` allows."""
+
+
 @dataclass(frozen=True)
 class SolveKey:
     """Solver parameters a batch shares. Requests with different keys never share a solve."""
@@ -180,21 +184,50 @@ class ServedModel:
         """Pixels in [0, 1] ``(B, C, H, W)`` → the model's normalised input (same shape)."""
         return (x.to(torch.float32) - self.mean) / self.std
 
+    def check_work(self, rows: int, key: SolveKey) -> None:
+        """Refuse a request that may cost more than the server allows one request.
+
+        Its worst case is ``rows × max_iter`` row-iterations (converged rows stop early);
+        ``tol`` and ``max_iter`` alone are bounded by :meth:`key`.
+
+        Raises:
+            TooMuchWork: past ``max_row_iterations``, saying how to fit.
+        """
+        limit = self.settings.max_row_iterations
+        if rows * key.max_iter > limit:
+            fit = limit // key.max_iter
+            how = (
+                f"send at most {fit} rows at this max_iter, or a smaller max_iter"
+                if fit
+                else f"max_iter may be at most {limit}"
+            )
+            raise TooMuchWork(
+                f"{rows} rows × max_iter {key.max_iter} = {rows * key.max_iter} row-iterations "
+                f"exceeds the server's limit max_row_iterations = {limit}: {how}"
+            )
+
     async def infer(self, x: Tensor, key: SolveKey) -> Answer:
         """Queue pixels ``x`` ``(b, C, H, W)`` in [0, 1]; the caller's rows of its batch.
 
         Raises:
+            TooMuchWork: see :meth:`check_work`.
             batcher.QueueFull, batcher.Closed, batcher.SolveFailed.
         """
         assert self.batcher is not None, "start() first"
+        self.check_work(int(x.shape[0]), key)
         return await self.batcher.submit(x, key)
 
-    def _solve(self, x: Tensor, key: SolveKey) -> BatchOutput:
-        """Solve one batch (in the batcher's thread). ``x``: ``(N, C, H, W)`` pixels."""
+    def _solve(self, x: Tensor, key: SolveKey, between: Callable[[], None]) -> BatchOutput:
+        """Solve one batch (in a batcher thread). ``x``: ``(N, C, H, W)`` pixels;
+        ``between`` runs between solver iterations (where the batcher may pause it)."""
         t0 = time.perf_counter()
         xn = self.normalize(x)
         res = self.model.infer(
-            xn.to(self.device, self.dtype), method=key.method, tol=key.tol, max_iter=key.max_iter
+            xn.to(self.device, self.dtype),
+            method=key.method,
+            tol=key.tol,
+            max_iter=key.max_iter,
+            between=between,
         )
         logits = res.logits.float().cpu()
         st = res.stats
@@ -285,5 +318,6 @@ class ServedModel:
             "device": str(self.device),
             "tuning": self.tuner.last,
             "queue_rows": self.batcher.pending_rows if self.batcher else 0,
+            "solves_in_flight": self.batcher.solving if self.batcher else 0,
             "card": self.card or None,
         }

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     # ---- per-request solver bounds ----------------------------------------------------
     min_tol: float = Field(1e-6, gt=0, description="smallest tol a request may ask for")
     max_iter_cap: int = Field(1000, ge=1, description="largest max_iter a request may ask for")
+    max_row_iterations: int = Field(
+        100_000,
+        ge=1,
+        description="rows × max_iter one request may ask for (its worst-case solver work)",
+    )
 
     # ---- model repository -------------------------------------------------------------
     poll_interval_s: float = Field(10.0, ge=0, description="rescan model_dir (0: never)")

@@ -120,7 +120,7 @@ def test_a_filling_batch_waits_out_the_burst_and_stops_at_a_gap():
     async def main() -> None:
         sizes: list[int] = []
 
-        def solve(x: torch.Tensor, key) -> BatchOutput:
+        def solve(x: torch.Tensor, key, between) -> BatchOutput:
             sizes.append(int(x.shape[0]))
             return BatchOutput({"y": 2 * x})
 
