@@ -101,13 +101,17 @@ def v2_body(pixels: torch.Tensor, **extra) -> dict:
 
 
 def outputs(response_json: dict) -> dict:
-    """V2 response outputs by name, as tensors of their declared shapes."""
+    """V2 response outputs by name, as tensors of their declared shapes (``null``, an
+    FP32 value withheld such as an unconverged sample's radius, becomes NaN)."""
     out = {}
     for o in response_json["outputs"]:
         dtype = {"FP32": torch.float32, "INT64": torch.int64, "INT32": torch.int32}.get(
             o["datatype"], torch.bool
         )
-        out[o["name"]] = torch.tensor(o["data"], dtype=dtype).reshape(o["shape"])
+        data = o["data"]
+        if o["datatype"] == "FP32":
+            data = [float("nan") if v is None else v for v in data]
+        out[o["name"]] = torch.tensor(data, dtype=dtype).reshape(o["shape"])
     return out
 
 

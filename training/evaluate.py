@@ -33,8 +33,9 @@ def evaluate(
 
     Returns:
         ``accuracy``, ``loss``, ``iterations_{mean,p50,p99,max}``, ``residual_mean``,
-        ``converged_share``, ``lipschitz``, ``certified`` (radius → certified accuracy:
-        correct with a certified ℓ2 radius ≥ r, §7), ``samples``.
+        ``converged_share`` (true fixed-point residual ≤ tol), ``lipschitz``, ``certified``
+        (radius → certified accuracy: converged, correct, and a certified ℓ2 radius ≥ r,
+        §7; an unconverged sample has no radius), ``samples``.
     """
     dist = dist or Dist(device=next(model.parameters()).device)
     index = torch.arange(dist.rank, len(x), dist.world)
@@ -72,7 +73,8 @@ def evaluate(
         "converged_share": cat["conv"].double().mean().item(),
         "lipschitz": model.lipschitz_bound(),
         "certified": {
-            f"{r:g}": ((cat["rad"] >= r) & cat["correct"]).double().mean().item() for r in radii
+            f"{r:g}": ((cat["rad"] >= r) & cat["conv"] & cat["correct"]).double().mean().item()
+            for r in radii
         },
     }
 
