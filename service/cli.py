@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        print(f"mondeq serve: invalid settings:\n{e}", file=sys.stderr)
+        print(f"mondeq serve: {_one_line(e, overrides)}", file=sys.stderr)
         return 2
     if settings.device == "cuda":
         import torch
@@ -117,6 +117,18 @@ def run(args: argparse.Namespace) -> int:
     )
     _Server(config).run()
     return 0
+
+
+def _one_line(error, flags: dict) -> str:
+    """A settings ValidationError as one line naming each flag or ``MONDEQ_*`` variable."""
+    parts = []
+    for err in error.errors():
+        name = ".".join(map(str, err["loc"]))
+        where = "--" + name.replace("_", "-") if name in flags else f"MONDEQ_{name.upper()}"
+        if name == "poll_interval_s" and name in flags:
+            where = "--poll-interval"
+        parts.append(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}")
+    return "; ".join(parts)
 
 
 def _log_to_stderr(level: str) -> None:

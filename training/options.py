@@ -259,7 +259,8 @@ def check_consistent(options: dict, label: Callable[[str], str] = flag) -> None:
     from .data import canonical_name
     from .presets import get_preset
 
-    dataset = options.get("dataset") or get_preset(options["preset"]).dataset
+    dataset = options.get("dataset")
+    dataset = get_preset(options["preset"]).dataset if dataset is None else dataset
     synthetic = canonical_name(dataset) == "synthetic"
     if "synthetic_size" in options and not synthetic:
         raise OptionError(
