@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +36,7 @@ from . import schemas
 from .alpha import NoTuningData, TuningBusy
 from .batcher import Answer, Closed, QueueFull, SolveFailed
 from .engine import ServedModel, SolveKey, TooMuchWork
+from .images import ImageRejected, decode_image
 from .metrics import ENDPOINTS, Metrics
 from .repository import NAME_RE, NotFound, NotReady, Repository
 from .settings import Settings
@@ -159,38 +160,6 @@ def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tens
         )
     if not 1 <= arr.shape[0] <= max_rows:
         raise ApiError(422, f"batch size must lie in [1, {max_rows}], got {arr.shape[0]}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def decode_image(data: bytes, served: ServedModel, max_pixels: int, invert: bool) -> torch.Tensor:
-    """PNG/JPEG bytes → ``(1, C, H, W)`` pixels: converted to L or RGB, resized to H×W."""
-    from PIL import Image
-
-    c, h, w = served.shape
-    if c not in (1, 3):
-        raise ApiError(
-            422, f"this model takes {c}-channel input; image uploads suit 1- or 3-channel models"
-        )
-    if not data:
-        raise ApiError(400, "the uploaded file is empty")
-    try:
-        img = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"the uploaded image is too large ({e})") from None
-    except Exception:  # Pillow raises many types for foreign bytes
-        raise ApiError(400, "the uploaded file is not a PNG or JPEG image") from None
-    if img.width * img.height > max_pixels:
-        raise ApiError(
-            413, f"image of {img.width}×{img.height} pixels exceeds the limit of {max_pixels}"
-        )
-    try:
-        img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-    except Exception as e:  # truncated or corrupt image data
-        raise ApiError(400, f"the uploaded {img.format} image could not be decoded ({e})") from None
-    if invert:
-        arr = 1.0 - arr
-    arr = arr[None, None] if c == 1 else arr.transpose(2, 0, 1)[None]
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -605,7 +574,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         version: str | None = Query(None, description="default: the default version"),
     ):
-        """Classify JSON pixel arrays or an uploaded PNG/JPEG (decoded, converted and resized
+        """Classify JSON pixel arrays or an uploaded image (decoded, converted and resized
         to the model's input). Returns the top-k classes and the solver stats."""
         served = served_or_error(name, version)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -657,7 +626,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         form = await request.form(max_files=1, max_fields=16)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise ApiError(422, "multipart body needs a 'file' field holding a PNG or JPEG")
+            raise ApiError(422, "multipart body needs a 'file' field holding an image")
         data = await upload.read()
 
         fields: dict[str, str] = {}
@@ -682,7 +651,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ) from None
         top_k = params.top_k
         key = solve_key(served, params)
-        x = decode_image(data, served, settings.max_image_pixels, invert)
+        try:  # Pillow decodes in a worker thread: the event loop keeps serving
+            pixels = await run_in_threadpool(
+                decode_image,
+                data,
+                served.shape,
+                max_pixels=settings.max_image_pixels,
+                invert=invert,
+            )
+        except ImageRejected as e:
+            raise ApiError(e.status, str(e)) from None
+        x = torch.from_numpy(pixels)
         return x, top_k, key
 
     # ---- admin ---------------------------------------------------------------------------------

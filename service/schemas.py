@@ -166,7 +166,7 @@ MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["file"],
     "properties": {
-        "file": {"type": "string", "format": "binary", "description": "a PNG or JPEG image"},
+        "file": {"type": "string", "format": "binary", "description": "an image (PNG, JPEG, ...)"},
         "top_k": {"type": "integer", "minimum": 1, "default": 3},
         "tol": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_iter": {"type": "integer", "minimum": 1},

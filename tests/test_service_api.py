@@ -361,11 +361,18 @@ def _image_bytes(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def _decoded(data: bytes, mode: str, size: int) -> torch.Tensor:
-    """What the server must make of an upload: Pillow decode, convert, resize, /255."""
-    img = Image.open(io.BytesIO(data)).convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None, None] if mode == "L" else arr.transpose(2, 0, 1)[None]
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    """What the server must make of an opaque 8-bit upload: Pillow decode, convert, /255,
+    each channel resized in float32 (bilinear). tests/test_images.py covers the rest."""
+    img = Image.open(io.BytesIO(data)).convert(mode)
+    bands = [
+        np.asarray(
+            Image.fromarray(np.asarray(b, dtype=np.float32) / 255.0).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+        )
+        for b in img.split()
+    ]
+    return torch.from_numpy(np.stack(bands)[None])
 
 
 @pytest.mark.parametrize(
@@ -429,11 +436,11 @@ def test_oversized_images_are_413(client):
 
 def test_bad_uploads_and_classify_requests(client):
     txt = {"file": ("notes.txt", b"hello, not an image", "text/plain")}
-    assert_error(client.post("/v1/models/fc:classify", files=txt), 400, "not a PNG or JPEG")
-    gif = io.BytesIO()
-    Image.new("L", (8, 8)).save(gif, format="GIF")
-    r = client.post("/v1/models/fc:classify", files={"file": ("a.gif", gif.getvalue())})
-    assert_error(r, 400, "not a PNG or JPEG")
+    assert_error(client.post("/v1/models/fc:classify", files=txt), 400, "not a PNG, JPEG")
+    pcx = io.BytesIO()
+    Image.new("L", (8, 8)).save(pcx, format="PCX")
+    r = client.post("/v1/models/fc:classify", files={"file": ("a.pcx", pcx.getvalue())})
+    assert_error(r, 400, "not a PNG, JPEG, GIF, WebP, BMP or TIFF")
     png = _image_bytes(np.zeros((30, 30), dtype=np.uint8), "PNG")
     r = client.post("/v1/models/fc:classify", files={"file": ("t.png", png[: len(png) // 2])})
     assert r.status_code == 400, r.text
