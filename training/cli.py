@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from model_core import SOLVERS
+from model_core.cli import nonnegative_float, positive_float, positive_int
+
+from .options import read_config
+
+# Exit status of a run stopped at a non-finite loss, gradient or weight (2: refused input,
+# 128 + N: signal N, 1: a crash).
+EXIT_DIVERGED = 3
 
 # ---- presets ------------------------------------------------------------------------------
 
@@ -104,31 +114,9 @@ def train(sub) -> None:
                    help="no progress bars")  # fmt: skip
     p.add_argument("--config", type=Path, help="TOML or YAML file of options")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes for DistributedDataParallel (runs torchrun)")  # fmt: skip
     p.set_defaults(handler=_run_train)
-
-
-def read_config(path: Path) -> dict:
-    """Options from a TOML or YAML file, keys with dashes or underscores."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"cannot read config {path}: {e.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-    except Exception as e:
-        raise ValueError(f"config {path} does not parse: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a mapping of options")
-    return {str(k).replace("-", "_"): v for k, v in raw.items()}
 
 
 def _cli_options(args) -> dict:
@@ -140,13 +128,21 @@ def _run_train(args) -> int:
     from model_core import CheckpointError, load_checkpoint
 
     from .data import DataError
-    from .trainer import Interrupted, TrainOptions, command_line
+    from .options import check_consistent, check_options, flag
+    from .trainer import Diverged, Interrupted, TrainOptions, command_line
     from .trainer import train as run
 
     try:
-        if args.nproc > 1:
-            return _launch_torchrun(args)
         given = _cli_options(args)
+        check_options(given)  # flags first, so that a message names the flag
+
+        def label(name: str) -> str:
+            return (
+                flag(name) if name in given or args.config is None else f"{name} in {args.config}"
+            )
+
+        if args.resume is not None and args.config is not None:
+            raise ValueError("--config does not apply with --resume: the run keeps its options")
         if args.resume is not None:
             try:
                 saved = load_checkpoint(args.resume / "last.pt").metadata.get("train")
@@ -158,23 +154,47 @@ def _run_train(args) -> int:
             fixed = sorted(set(given) - changeable - {"out"})
             if fixed:
                 raise ValueError(f"--resume keeps the run's options; cannot change {fixed}")
+            done = saved["progress"]["epoch"]
+            if given.get("epochs", done) < done:
+                raise ValueError(
+                    f"--epochs {given['epochs']} is fewer than the {done} epochs already done "
+                    f"in {args.resume}"
+                )
             opts = {**saved["options"], **given, "out": str(args.resume)}
         else:
             opts = {**(read_config(args.config) if args.config else {}), **given}
             for required in ("preset", "out"):
                 if not opts.get(required):
                     raise ValueError(f"--{required} is required (or give it in --config)")
+            check_consistent(opts, label)
             opts.setdefault("command", command_line())
-        metrics = run(TrainOptions.from_dict(opts), resume=args.resume is not None)
+        options = TrainOptions.from_dict(opts, label)
+        if args.nproc > 1:
+            _check_world(options, args.nproc)
+            return _launch_torchrun(args)
+        metrics = run(options, resume=args.resume is not None)
     except Interrupted as e:
         print(f"mondeq train: {e}", file=sys.stderr)
         return 128 + e.signum
+    except Diverged as e:
+        print(f"mondeq train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (DataError, ValueError) as e:
         print(f"mondeq train: {e}", file=sys.stderr)
         return 2
     if metrics:
         print(json.dumps(metrics))
     return 0
+
+
+def _check_world(options, nproc: int) -> None:
+    """What every rank would refuse, refused once before the ranks start."""
+    from .presets import get_preset
+
+    batch = options.batch_size
+    batch = get_preset(options.preset).batch_size if batch is None else batch
+    if batch % nproc:
+        raise ValueError(f"batch size {batch} must divide evenly over {nproc} processes")
 
 
 def _launch_torchrun(args) -> int:
@@ -213,15 +233,24 @@ def evaluate(sub) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (torchvision layout)")
     p.add_argument("--download", action="store_true", help="fetch missing data")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit", type=int, default=None, help="first N test samples only")
-    p.add_argument("--radii", default="0.05,0.1,0.25,0.5", help="ℓ2 radii for certified accuracy")
-    p.add_argument("--method", default=None, help="solver override")
-    p.add_argument("--alpha", type=float, default=None, help="α override")
-    p.add_argument("--tol", type=float, default=None, help="tolerance override")
-    p.add_argument("--max-iter", type=int, default=None, help="iteration cap override")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N test samples only")
+    p.add_argument("--radii", type=_radii, default=_radii("0.05,0.1,0.25,0.5"),
+                   help="ℓ2 radii for certified accuracy")  # fmt: skip
+    p.add_argument("--method", default=None, choices=sorted(SOLVERS), help="solver override")
+    p.add_argument("--alpha", type=positive_float, default=None, help="α override")
+    p.add_argument("--tol", type=positive_float, default=None, help="tolerance override")
+    p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap override")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_eval)
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated finite radii >= 0, at least one."""
+    parts = [r.strip() for r in text.split(",") if r.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be comma-separated radii >= 0, got {text!r}")
+    return tuple(nonnegative_float(r) for r in parts)
 
 
 def _run_eval(args) -> int:
@@ -233,7 +262,6 @@ def _run_eval(args) -> int:
     from .evaluate import format_report
 
     try:
-        radii = tuple(float(r) for r in args.radii.split(",") if r.strip())
         device = pick_device(args.device)
         model = load_checkpoint(args.checkpoint, map_location=device)
         pairs = {"method": args.method, "alpha": args.alpha, "tol": args.tol}
@@ -248,11 +276,22 @@ def _run_eval(args) -> int:
                 f"{args.checkpoint} expects input {spec['shape']}, "
                 f"{data.name} has {list(data.shape)}"
             )
+        classes = spec.get("class_names")
+        if classes is not None and len(classes) != len(data.class_names):
+            raise ValueError(
+                f"{args.checkpoint} has {len(classes)} classes, {data.name} has "
+                f"{len(data.class_names)}"
+            )
         x, y = data.test_x, data.test_y
-        if args.limit:
+        if args.limit is not None:
+            if args.limit > len(x):
+                raise ValueError(
+                    f"--limit {args.limit} is more than the {len(x):,} test samples of {data.name}"
+                )
             x, y = x[: args.limit], y[: args.limit]
         metrics = run(model, x, y, Normalizer(spec["mean"], spec["std"], device),
-                      batch_size=args.batch_size, radii=radii, progress=not args.json)  # fmt: skip
+                      batch_size=args.batch_size, radii=args.radii,
+                      progress=not args.json)  # fmt: skip
     except (CheckpointError, DataError, ValueError) as e:
         print(f"mondeq eval: {e}", file=sys.stderr)
         return 2

@@ -11,12 +11,19 @@ Writes ``MODELS/<name>/<version>/``:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from model_core import CheckpointError, load_checkpoint, save_checkpoint
+
+# What the server loads: service.repository's NAME_RE and VERSION_RE (1 to 9 digits), and it
+# skips folders ending in a temporary-file suffix.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".new", "~")
+MAX_VERSION = 999_999_999
 
 
 def export(sub) -> None:
@@ -30,14 +37,33 @@ def export(sub) -> None:
     p.add_argument("--which", choices=["last", "best"], default="last",
                    help="last (default: the final epoch) or best (best test accuracy)")  # fmt: skip
     p.add_argument("--name", default=None, help="model name (default: the preset)")
-    p.add_argument("--version", type=int, default=1, help="version number (default 1)")
+    p.add_argument("--version", type=int, default=1,
+                   help=f"version number, 1 to {MAX_VERSION:,} (default 1)")  # fmt: skip
     p.add_argument("--models", type=Path, default=Path("models"), help="repository root")
     p.add_argument("--note", default=None, help="a remark for the model card")
     p.set_defaults(handler=_run_export)
 
 
+def check_export_args(name: str | None, version: int, models: Path) -> None:
+    """Refuse a name, version or repository root the server would not serve from.
+
+    Raises:
+        ValueError: one line naming the flag.
+    """
+    if name is not None and (not NAME_RE.match(name) or name.endswith(TEMP_SUFFIXES)):
+        raise ValueError(
+            f"--name {name!r}: a model name is 1-128 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit and not ending in {'/'.join(TEMP_SUFFIXES)}"
+        )
+    if not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"--version must be an integer in [1, {MAX_VERSION}], got {version}")
+    if models.exists() and not models.is_dir():
+        raise ValueError(f"--models {models} is not a folder")
+
+
 def _run_export(args) -> int:
     try:
+        check_export_args(args.name, args.version, args.models)
         folder = export_run(args.run, args.models, name=args.name, version=args.version,
                             which=args.which, note=args.note)  # fmt: skip
     except (CheckpointError, ValueError) as e:
@@ -61,9 +87,11 @@ def export_run(
     meta = dict(model.metadata)
     history = (load_checkpoint(run / "last.pt").metadata.get("train") or {}).get("progress", {})
     history = history.get("history", [])
-    name = name or meta.get("preset")
-    if not name:
-        raise ValueError("the checkpoint names no preset; pass --name")
+    if name is None:
+        name = meta.get("preset")
+        if not name:
+            raise ValueError("the checkpoint names no preset; pass --name")
+        check_export_args(name, version, models)
     meta.pop("train", None)
     meta.pop("package_version", None)
     folder = models / name / str(version)

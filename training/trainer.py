@@ -36,6 +36,7 @@ from model_core import build_model, load_checkpoint, save_checkpoint, tune_alpha
 from . import distributed
 from .data import DATASETS, Data, Normalizer, augment, load_dataset
 from .evaluate import evaluate
+from .options import check_options, flag
 from .presets import Preset, get_preset
 
 CALIBRATION_SAMPLES = 64
@@ -43,6 +44,12 @@ TUNE_EARLY_STEP = 10  # α is retuned at this step of every epoch and at mid-epo
 TUNE_SAMPLES = 32  # see _retune
 TUNE_MAX_ITER = 60
 TUNE_SPAN = 0.5  # decades either side of the current α
+# The solves of a monDEQ converge for any weights, at a rate set by α and the weights' scale;
+# samples left unconverged or a large residual mean training has left the range where its
+# gradients mean anything (e.g. --lr 1e3: every forward solve at the 300-iteration cap). A
+# healthy run leaves none unconverged, so these bounds flag such runs without false alarms.
+UNCONVERGED_WARN_SHARE = 0.05  # warn above 5% unconverged forward or backward solves
+RESIDUAL_WARN_FACTOR = 10.0  # ... or a mean forward residual above 10 × tol
 
 
 @dataclass
@@ -66,13 +73,20 @@ class TrainOptions:
     progress: bool = True
     command: str = ""
 
+    def __post_init__(self):
+        # Every construction path is checked; from_dict names the source of a bad value.
+        checked = check_options({f.name: getattr(self, f.name) for f in fields(self)})
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
     @classmethod
-    def from_dict(cls, d: dict) -> TrainOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, label=flag) -> TrainOptions:
+        """Options from ``d``; ``label(name)`` names an option in an error message.
+
+        Raises:
+            OptionError: an unknown name or a refused value (:mod:`training.options`).
+        """
+        return cls(**check_options(d, label))
 
 
 class Interrupted(Exception):
@@ -81,6 +95,22 @@ class Interrupted(Exception):
     def __init__(self, signum: int, path: Path):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; resume from {path}")
         self.signum, self.path = signum, path
+
+
+class Diverged(Exception):
+    """Raised out of :func:`train` at the first non-finite loss, gradient or weight.
+
+    The step that produced it is not applied further and nothing is written: ``last.pt``,
+    ``best.pt`` and ``metrics.jsonl`` keep the last finished epoch (none if it was the first).
+    """
+
+    def __init__(self, where: str, what: str, lr: float, kept: Path | None):
+        kept_text = f"{kept} is left as it was" if kept else "no checkpoint was written"
+        super().__init__(
+            f"diverged at {where}: {what}; start a new run with a lower --lr "
+            f"(this one: {lr:g}); {kept_text}"
+        )
+        self.where, self.what, self.kept = where, what, kept
 
 
 class _StopFlag:
@@ -147,12 +177,13 @@ def _optimizer_from_plain(state: dict) -> dict:
 
 
 def _aug_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+    # manual_seed takes 64 bits; the modulus changes nothing below 2**63 (seeds < 9.2e6).
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**63)
 
 
 def steps_in_epoch(n: int, batch_size: int, cap: int | None) -> int:
     steps = n // batch_size  # the last partial batch is dropped, as in DistributedSampler
-    return min(steps, cap) if cap else steps
+    return steps if cap is None else min(steps, cap)
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -171,7 +202,7 @@ class _Setup:
 
 def _resolve(opts: TrainOptions, dist: distributed.Dist) -> _Setup:
     preset = get_preset(opts.preset)
-    name = opts.dataset or preset.dataset
+    name = preset.dataset if opts.dataset is None else opts.dataset
     shape = DATASETS[preset.dataset][0]
     data = load_dataset(
         name,
@@ -181,14 +212,20 @@ def _resolve(opts: TrainOptions, dist: distributed.Dist) -> _Setup:
         synthetic_size=opts.synthetic_size,
         seed=opts.seed,
     )
-    batch = opts.batch_size or preset.batch_size
+    # None is "not given": the preset's value. Anything given was checked by TrainOptions.
+    batch = preset.batch_size if opts.batch_size is None else opts.batch_size
+    epochs = preset.epochs if opts.epochs is None else opts.epochs
+    lr = preset.lr if opts.lr is None else opts.lr
     if batch % dist.world:
         raise ValueError(f"batch size {batch} must divide evenly over {dist.world} processes")
     if len(data.train_x) < batch:
         raise ValueError(f"{len(data.train_x)} training samples cannot fill a batch of {batch}")
-    return _Setup(
-        opts, preset, data, opts.epochs or preset.epochs, batch, opts.lr or preset.lr, dist
-    )
+    if opts.eval_limit is not None and opts.eval_limit > len(data.test_x):
+        raise ValueError(
+            f"--eval-limit {opts.eval_limit} is more than the {len(data.test_x):,} test samples "
+            f"of {data.name}"
+        )
+    return _Setup(opts, preset, data, epochs, batch, lr, dist)
 
 
 def train(opts: TrainOptions, *, resume: bool = False) -> dict:
@@ -244,7 +281,7 @@ def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _Stop
         ]
     ]
     test_x, test_y = data.test_x, data.test_y
-    if opts.eval_limit:
+    if opts.eval_limit is not None:
         test_x, test_y = test_x[: opts.eval_limit], test_y[: opts.eval_limit]
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -290,14 +327,25 @@ def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _Stop
         model.eval()
         t0 = time.perf_counter()
         test = evaluate(model, test_x, test_y, normalize, dist=dist)
+        if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
+            where = f"epoch {epoch + 1}/{st.epochs}, test evaluation"
+            raise _diverged(st, where, f"the test loss is {test['loss']}")
         row.update({f"test_{k}": v for k, v in test.items() if k != "certified"})
         row["test_certified"] = test["certified"]
         row["eval_time_s"] = time.perf_counter() - t0
+        figures = {
+            **_train_solver_figures_of(row),
+            "test_fwd_unconverged_share": 1.0 - test["converged_share"],
+            "test_fwd_residual_mean": test["residual_mean"],
+        }
+        row["solver_warning"] = _solver_warning(figures, model.deq.settings.tol)
         progress["history"].append(row)
         progress["epoch"], progress["step"], progress["sums"] = epoch + 1, 0, None
         last_metrics = _metrics_summary(row)
         if dist.is_main:
             _log(_epoch_line(row, st.epochs))
+            if row["solver_warning"]:
+                _log(f"warning: epoch {epoch + 1}/{st.epochs}: {row['solver_warning']}")
             if test["accuracy"] > progress["best"]:
                 progress["best"] = test["accuracy"]
                 save(out / "best.pt", with_state=False, metrics=last_metrics)
@@ -326,8 +374,11 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
     local = st.batch_size // dist.world
     steps = steps_in_epoch(len(order) * dist.world, st.batch_size, opts.steps_per_epoch)
     tune_at = {min(TUNE_EARLY_STEP, steps // 4), steps // 2} if opts.tune_alpha else set()
-    keys = ("loss", "correct", "count", "fwd", "bwd", "time")
-    sums = dict(progress["sums"] or dict.fromkeys(keys, 0.0))
+    keys = ("loss", "correct", "count", "fwd", "bwd", "time",
+            "fwd_unconverged", "bwd_unconverged", "fwd_residual")  # fmt: skip
+    # A checkpoint written before the unconverged counts existed resumes with them at 0.
+    sums = dict.fromkeys(keys, 0.0) | (progress["sums"] or {})
+    warned = False
     bar = None
     if opts.progress and dist.is_main:
         from tqdm import tqdm
@@ -366,11 +417,25 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
             backward_alphas.append(model.deq.settings.backward().alpha)
         logits = net(x)
         loss = F.cross_entropy(logits, y)
+        where = f"epoch {epoch + 1}/{st.epochs}, step {step + 1}/{steps}"
+        # Every rank takes the same decision, so none waits in a collective alone.
+        if dist.any(not math.isfinite(loss.item())):
+            raise _diverged(st, where, f"the training loss is {loss.item()}", bar)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        bad = _first_non_finite((n, p.grad) for n, p in model.named_parameters())
+        if dist.any(bad is not None):
+            raise _diverged(st, where, f"the gradient of {bad} is not finite", bar)
         optimizer.step()
-        fwd = model.deq.last_forward_stats.iterations.double().mean().item()
-        bwd = model.deq.last_backward_stats.iterations.double().mean().item()
+        bad = _first_non_finite(model.named_parameters())
+        if dist.any(bad is not None):
+            raise _diverged(st, where, f"the update made {bad} non-finite", bar)
+        fstats, bstats = model.deq.last_forward_stats, model.deq.last_backward_stats
+        fwd = fstats.iterations.double().mean().item()
+        bwd = bstats.iterations.double().mean().item()
+        sums["fwd_unconverged"] += (~fstats.converged).sum().item()
+        sums["bwd_unconverged"] += (~bstats.converged).sum().item()
+        sums["fwd_residual"] += fstats.residual.double().sum().item()
         sums["loss"] += loss.item() * len(y)
         sums["correct"] += (logits.argmax(1) == y).sum().item()
         sums["count"] += len(y)
@@ -379,14 +444,24 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
         sums["time"] += time.perf_counter() - t0
         progress["step"], progress["sums"] = step + 1, dict(sums)
         progress["elapsed"] += time.perf_counter() - t0
+        warning = _solver_warning(_train_solver_figures(sums), model.deq.settings.tol)
+        if warning and not warned and dist.is_main:
+            if bar is not None:
+                bar.write(f"warning: {where}: {warning}", file=sys.stderr)
+            else:
+                _log(f"warning: {where}: {warning}")
+            warned = True
         if bar is not None:
             n = sums["count"]
+            shares = (sums["fwd_unconverged"] / n, sums["bwd_unconverged"] / n)
+            extra = {"unconverged": "/".join(f"{100 * v:.0f}%" for v in shares)} if warning else {}
             bar.set_postfix(
                 loss=f"{sums['loss'] / n:.3f}",
                 acc=f"{100 * sums['correct'] / n:.1f}%",
                 fwd=f"{fwd:.1f}",
                 bwd=f"{bwd:.1f}",
                 α=_alphas(model),
+                **extra,
                 refresh=False,
             )
             bar.update(1)
@@ -409,6 +484,7 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
         "train_accuracy": total["correct"] / n,
         "train_fwd_iterations": total["fwd"] / n,
         "train_bwd_iterations": total["bwd"] / n,
+        **_train_solver_figures(total),
         "epoch_time_s": sums["time"],
         "steps": steps,
     }
@@ -444,6 +520,63 @@ def _retune(model, x: torch.Tensor, y: torch.Tensor, agree) -> None:
         span = (log_a - TUNE_SPAN, log_a + TUNE_SPAN)
         result = tune_alpha(model, x, targets=y, log10_range=span, **search)
         model.set_solver(backward_alpha=agree(result.alpha))
+
+
+def _diverged(st: _Setup, where: str, what: str, bar=None) -> Diverged:
+    if bar is not None:
+        bar.close()
+    last = Path(st.opts.out) / "last.pt"
+    return Diverged(where, what, st.lr, last if st.dist.is_main and last.is_file() else None)
+
+
+def _first_non_finite(named) -> str | None:
+    """The first name of ``(name, tensor or None)`` pairs whose tensor has a NaN or ±inf."""
+    named = [(n, t) for n, t in named if t is not None]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])  # one host sync
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
+def _train_solver_figures(sums: dict) -> dict:
+    """Shares of unconverged solves and the mean forward residual from a step-sum dict."""
+    n = max(sums["count"], 1.0)
+    return {
+        "train_fwd_unconverged_share": sums["fwd_unconverged"] / n,
+        "train_bwd_unconverged_share": sums["bwd_unconverged"] / n,
+        "train_fwd_residual_mean": sums["fwd_residual"] / n,
+    }
+
+
+def _train_solver_figures_of(row: dict) -> dict:
+    keys = ("train_fwd_unconverged_share", "train_bwd_unconverged_share", "train_fwd_residual_mean")
+    return {k: row[k] for k in keys}
+
+
+def _solver_warning(figures: dict, tol: float) -> str | None:
+    """One line if the solves passed :data:`UNCONVERGED_WARN_SHARE` or
+    :data:`RESIDUAL_WARN_FACTOR` × ``tol``, else None.
+
+    ``figures``: ``{train,test}_{fwd,bwd}_unconverged_share`` and ``*_residual_mean`` keys,
+    any subset.
+    """
+    unconverged, residual = [], []
+    for key, value in figures.items():
+        what = " ".join(key.replace("fwd", "forward").replace("bwd", "backward").split("_")[:2])
+        if key.endswith("_unconverged_share") and value > UNCONVERGED_WARN_SHARE:
+            unconverged.append(f"{what} {100 * value:.0f}%")
+        if key.endswith("_residual_mean") and not value <= RESIDUAL_WARN_FACTOR * tol:
+            residual.append(f"{what} {value:.3g}")
+    parts = []
+    if unconverged:
+        bound = f"{100 * UNCONVERGED_WARN_SHARE:g}%"
+        parts.append(f"unconverged solves: {', '.join(unconverged)} (bound {bound})")
+    if residual:
+        bound = f"{RESIDUAL_WARN_FACTOR:g} × tol = {RESIDUAL_WARN_FACTOR * tol:g}"
+        parts.append(f"mean residual: {', '.join(residual)} (bound {bound})")
+    return f"{'; '.join(parts)}; lower --lr" if parts else None
 
 
 def _alphas(model) -> str:
@@ -542,4 +675,4 @@ def command_line() -> str:
     return shlex.join(["mondeq", *sys.argv[1:]]) if sys.argv else ""
 
 
-__all__ = ["Interrupted", "TrainOptions", "command_line", "steps_in_epoch", "train"]
+__all__ = ["Diverged", "Interrupted", "TrainOptions", "command_line", "steps_in_epoch", "train"]
