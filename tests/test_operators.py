@@ -131,6 +131,9 @@ def test_resolvent_cache_reuses_and_rebuilds_on_weight_change():
     torch.testing.assert_close(dense_of(op.multiply, n, op.z_shape), dense_w(op), rtol=0,
                                atol=1e-12)  # fmt: skip
     assert op.resolvent(0.7) is again  # unchanged values: a hit
+    key = op._weights_key()
+    op.h.data[0] = float("nan")  # bit patterns are compared: a NaN still matches its copy
+    assert op._weights_key() != key and op._weights_key() == op._weights_key()
 
 
 @pytest.mark.parametrize("size", [4, 5, 7])

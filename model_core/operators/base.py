@@ -44,6 +44,17 @@ RESOLVENT_CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """A float tensor's bit pattern as integers: equal exactly when the values are identical,
+    NaN included (a NaN weight would otherwise never match its copy)."""
+    if t.is_floating_point() and t.element_size() in _SAME_WIDTH_INT:
+        return t.view(_SAME_WIDTH_INT[t.element_size()])
+    return t
+
+
 class Resolvent:
     """``V = (I + α(I − W))⁻¹`` and ``Vᵀ``, prepared once for one (weights, α).
 
@@ -210,11 +221,10 @@ class MonotoneOperator(nn.Module):
         params = [p.detach() for p in self.parameters()]
         ident = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         snap = self._snapshot
-        # NaN weights never compare equal: every call then rebuilds, which is still right.
         if (
             snap is not None
             and snap[1] == ident
-            and all(torch.equal(p, c) for p, c in zip(params, snap[2], strict=True))
+            and all(torch.equal(_bits(p), _bits(c)) for p, c in zip(params, snap[2], strict=True))
         ):
             return snap[0]
         copies = [p.clone() for p in params]
