@@ -20,7 +20,8 @@ class SolverSettings:
     Attributes:
         method: registered solver name (``"peaceman_rachford"`` or ``"forward_backward"``).
         alpha: step size α (PR: any α > 0; FB: ``α ≤ 2m/‖I − W‖²``, ``None`` = half that bound).
-        tol: per-sample relative-change tolerance (the paper trains with 1e-2).
+        tol: bound on each sample's true fixed-point residual (§2; a sample is converged
+            when it holds). The paper trains with 1e-2, on the relative change instead.
         max_iter: iteration cap (the paper uses 300).
     """
 

@@ -25,7 +25,9 @@ class SolverOverrides(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    tol: float | None = Field(None, gt=0, le=1, description="relative-change tolerance")
+    tol: float | None = Field(
+        None, gt=0, le=1, description="bound on the true fixed-point residual"
+    )
     max_iter: int | None = Field(None, ge=1, description="iteration cap")
     method: str | None = Field(
         None, description="peaceman_rachford or forward_backward", examples=["peaceman_rachford"]
