@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from model_core import SOLVERS
 from model_core.cli import nonnegative_float, positive_float, positive_int
 
 from .options import read_config
+from .runfolder import RunFolderError, check_run_folder
 
 # Exit status of a run stopped at a non-finite loss, gradient or weight (2: refused input,
 # 128 + N: signal N, 1: a crash).
@@ -114,8 +115,10 @@ def train(sub) -> None:
                    help="no progress bars")  # fmt: skip
     p.add_argument("--config", type=Path, help="TOML or YAML file of options")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (refused without it)")  # fmt: skip
     p.add_argument("--nproc", type=positive_int, default=1,
-                   help="processes for DistributedDataParallel (runs torchrun)")  # fmt: skip
+                   help="processes for DistributedDataParallel on this machine")  # fmt: skip
     p.set_defaults(handler=_run_train)
 
 
@@ -169,22 +172,36 @@ def _run_train(args) -> int:
             check_consistent(opts, label)
             opts.setdefault("command", command_line())
         options = TrainOptions.from_dict(opts, label)
+        resume = args.resume is not None
+        # Refused here before any work; checked again under the folder's lock by the run.
+        check_run_folder(Path(options.out), resume=resume, overwrite=args.overwrite)
         if args.nproc > 1:
             _check_world(options, args.nproc)
-            return _launch_torchrun(args)
-        metrics = run(options, resume=args.resume is not None)
+            return _launch(args)
+        metrics = run(options, resume=resume, overwrite=args.overwrite)
+    except RunFolderError as e:
+        if _rank() == 0:  # rank 0's refusal, raised on every rank: say it once
+            print(f"mondeq train: {e}", file=sys.stderr)
+        return 2
     except Interrupted as e:
-        print(f"mondeq train: {e}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"mondeq train: {e}", file=sys.stderr)
         return 128 + e.signum
     except Diverged as e:
-        print(f"mondeq train: {e}", file=sys.stderr)
+        if _rank() == 0:  # every rank stops at the same step: say it once
+            print(f"mondeq train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except (DataError, ValueError) as e:
         print(f"mondeq train: {e}", file=sys.stderr)
         return 2
-    if metrics:
+    if metrics and _rank() == 0:
         print(json.dumps(metrics))
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under ``--nproc`` / torchrun, else 0."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _check_world(options, nproc: int) -> None:
@@ -197,8 +214,10 @@ def _check_world(options, nproc: int) -> None:
         raise ValueError(f"batch size {batch} must divide evenly over {nproc} processes")
 
 
-def _launch_torchrun(args) -> int:
-    """Re-run this command under ``torch.distributed.run`` with ``--nproc`` processes."""
+def _launch(args) -> int:
+    """Re-run this command as ``--nproc`` ranks (:func:`training.launch.launch`)."""
+    from .launch import launch
+
     argv = []
     for name, (flag, _, _) in _TRAIN_FLAGS.items():
         if getattr(args, name) is not None:
@@ -213,9 +232,9 @@ def _launch_torchrun(args) -> int:
         argv += ["--config", str(args.config)]
     if args.resume:
         argv += ["--resume", str(args.resume)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", "-m", "training", *argv]  # fmt: skip
-    return subprocess.call(cmd)
+    if args.overwrite:
+        argv.append("--overwrite")
+    return launch(argv, args.nproc)
 
 
 # ---- eval ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .data import DATASETS, Data, Normalizer, augment, load_dataset
 from .evaluate import evaluate
 from .options import check_options, flag
 from .presets import Preset, get_preset
+from .runfolder import RunFolderError, claim_run_folder
 
 CALIBRATION_SAMPLES = 64
 TUNE_EARLY_STEP = 10  # α is retuned at this step of every epoch and at mid-epoch
@@ -92,8 +93,13 @@ class TrainOptions:
 class Interrupted(Exception):
     """Raised out of :func:`train` after a signal, once the resumable checkpoint is written."""
 
-    def __init__(self, signum: int, path: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; resume from {path}")
+    def __init__(self, signum: int, path: Path | None):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name}; resume from {path}"
+            if path is not None
+            else f"interrupted by {name} before the first step; nothing was written"
+        )
         self.signum, self.path = signum, path
 
 
@@ -130,12 +136,17 @@ class _StopFlag:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
-            "checkpoint (send again to abort)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if os.environ.get("RANK", "0") == "0":  # every rank gets it; one says so
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this step, then writing a "
+                "resumable checkpoint (send again to abort)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def which(self) -> int:
+        """The signal this process got; SIGTERM on a rank that stops because another got one."""
+        return self.signum if self.signum is not None else signal.SIGTERM
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -228,22 +239,49 @@ def _resolve(opts: TrainOptions, dist: distributed.Dist) -> _Setup:
     return _Setup(opts, preset, data, epochs, batch, lr, dist)
 
 
-def train(opts: TrainOptions, *, resume: bool = False) -> dict:
+def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) a training run; returns the final epoch's metrics.
+
+    Rank 0 holds the run folder's lock (:mod:`training.runfolder`) from before its first
+    write until it returns; a fresh run onto a folder that holds one needs ``overwrite``.
 
     Raises:
         Interrupted: after SIGINT/SIGTERM, once ``last.pt`` is written.
+        RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` is
+            set, or another run holds its lock (nothing is written).
         DataError, ValueError: bad data or options (before any file is written).
     """
     dist = distributed.setup(opts.device)
     try:
-        with _StopFlag() as stop:  # from here on a signal stops cleanly, at a step boundary
-            return _train(opts, dist, resume, stop)
+        # From here on a signal stops cleanly, at a step boundary; the lock goes last.
+        with contextlib.ExitStack() as held, _StopFlag() as stop:
+            return _train(opts, dist, resume, stop, held=held, overwrite=overwrite)
     finally:
         distributed.teardown(dist)
 
 
-def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _StopFlag) -> dict:
+def _claim(out: Path, dist: distributed.Dist, held: contextlib.ExitStack, **how: bool) -> None:
+    """Rank 0 creates and locks ``out``; every rank raises rank 0's refusal, if any."""
+    refusal = None
+    if dist.is_main:
+        try:
+            held.enter_context(claim_run_folder(out, **how))
+        except RunFolderError as e:
+            refusal = str(e)
+    refusal = dist.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunFolderError(refusal)
+
+
+def _train(
+    opts: TrainOptions,
+    dist: distributed.Dist,
+    resume: bool,
+    stop: _StopFlag,
+    *,
+    held: contextlib.ExitStack,
+    overwrite: bool = False,
+) -> dict:
     out = Path(opts.out)
     st = _resolve(opts, dist)
     data, device = st.data, dist.device
@@ -283,8 +321,10 @@ def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _Stop
     test_x, test_y = data.test_x, data.test_y
     if opts.eval_limit is not None:
         test_x, test_y = test_x[: opts.eval_limit], test_y[: opts.eval_limit]
+    if dist.any(stop.signum is not None):  # stopped while loading: leave the folder as it is
+        raise Interrupted(stop.which(), None)
+    _claim(out, dist, held, resume=resume, overwrite=overwrite)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         _log(
             f"{opts.preset}: {model.arch}, {model.num_parameters():,} parameters, "
             f"{data.name} from {data.source} ({len(data.train_x):,} train / "
@@ -323,7 +363,7 @@ def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _Stop
             if dist.is_main:
                 save(out / "last.pt", with_state=True, metrics=last_metrics)
             dist.barrier()
-            raise Interrupted(stop.signum, out / "last.pt")
+            raise Interrupted(stop.which(), out / "last.pt")
         model.eval()
         t0 = time.perf_counter()
         test = evaluate(model, test_x, test_y, normalize, dist=dist)
@@ -353,8 +393,9 @@ def _train(opts: TrainOptions, dist: distributed.Dist, resume: bool, stop: _Stop
             _write_metrics(out, progress["history"])
             _plot_curves(out / "curves.png", progress["history"], opts.preset)
         dist.barrier()
-        if stop.signum is not None and epoch + 1 < st.epochs:
-            raise Interrupted(stop.signum, out / "last.pt")
+        # Every rank must agree, or the ones that go on wait on the others' collectives.
+        if dist.any(stop.signum is not None) and epoch + 1 < st.epochs:
+            raise Interrupted(stop.which(), out / "last.pt")
     return last_metrics
 
 
