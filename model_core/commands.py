@@ -56,6 +56,7 @@ def import_locuslab(sub) -> None:
     p.add_argument("--max-iter", type=positive_int, default=300,
                    help="iteration cap (default 300)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DST", help="checkpoint to write")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(handler=_run_import_locuslab)
 
 
@@ -66,6 +67,12 @@ def _run_import_locuslab(args) -> int:
     from .locuslab import import_locuslab as convert
     from .locuslab import read_locuslab_state_dict
 
+    if Path(args.out).exists() and not args.force:
+        print(
+            f"mondeq import-locuslab: {args.out} exists; pass --force to replace it",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model = convert(
             read_locuslab_state_dict(args.src),

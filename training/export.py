@@ -10,11 +10,15 @@ Writes ``MODELS/<name>/<version>/``:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
 import re
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 from model_core import CheckpointError, load_checkpoint, save_checkpoint
@@ -41,6 +45,8 @@ def export(sub) -> None:
                    help=f"version number, 1 to {MAX_VERSION:,} (default 1)")  # fmt: skip
     p.add_argument("--models", type=Path, default=Path("models"), help="repository root")
     p.add_argument("--note", default=None, help="a remark for the model card")
+    p.add_argument("--force", action="store_true",
+                   help="replace a published version (refused without it)")  # fmt: skip
     p.set_defaults(handler=_run_export)
 
 
@@ -65,7 +71,7 @@ def _run_export(args) -> int:
     try:
         check_export_args(args.name, args.version, args.models)
         folder = export_run(args.run, args.models, name=args.name, version=args.version,
-                            which=args.which, note=args.note)  # fmt: skip
+                            which=args.which, note=args.note, force=args.force)  # fmt: skip
     except (CheckpointError, ValueError) as e:
         print(f"mondeq export: {e}", file=sys.stderr)
         return 2
@@ -81,8 +87,19 @@ def export_run(
     version: int = 1,
     which: str = "last",
     note: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Export ``run/<which>.pt`` to ``models/<name>/<version>/``; returns that folder."""
+    """Export ``run/<which>.pt`` to ``models/<name>/<version>/``; returns that folder.
+
+    The version is written in full to a hidden folder beside it (same file system, a name the
+    server skips) and then renamed into place, so a server polling the repository sees the
+    old version or the new one, never part of one.
+
+    Raises:
+        ValueError: the version is already published and ``force`` is not set (nothing is
+            written), or it cannot be published.
+        CheckpointError: the run's checkpoint does not load.
+    """
     model = load_checkpoint(run / f"{which}.pt")
     meta = dict(model.metadata)
     history = (load_checkpoint(run / "last.pt").metadata.get("train") or {}).get("progress", {})
@@ -95,7 +112,28 @@ def export_run(
     meta.pop("train", None)
     meta.pop("package_version", None)
     folder = models / name / str(version)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not force and _published(folder):
+        raise ValueError(
+            f"{folder} is already published; pass --force to replace it or choose another --version"
+        )
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=folder.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write into {folder.parent}: {e.strerror}") from None
+    old = None
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the server must read it
+        _write_version(staging, model, meta, run, history, name, version, which, note)
+        old = _publish(staging, folder, replace=force)
+    finally:
+        for leftover in (staging, old):  # on success: nothing, or the replaced version
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return folder
+
+
+def _write_version(folder, model, meta, run, history, name, version, which, note) -> None:
     save_checkpoint(model, folder / "model.pt", **meta)
     metrics = meta.get("metrics") or {}
     epoch_times = [r["epoch_time_s"] for r in history if "epoch_time_s" in r]
@@ -128,7 +166,65 @@ def export_run(
     (folder / "README.md").write_text(_card_markdown(card, history))
     if (run / "curves.png").is_file():
         shutil.copyfile(run / "curves.png", folder / "curves.png")
-    return folder
+
+
+def _published(folder: Path) -> bool:
+    """Anything at ``folder`` other than an empty directory counts as a published version."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or any(folder.iterdir())
+
+
+def _publish(staging: Path, folder: Path, *, replace: bool) -> Path | None:
+    """Rename the complete ``staging`` folder to ``folder`` in one step.
+
+    A plain rename(2) refuses a non-empty target, so two exports racing for one version
+    cannot both publish. With ``replace`` an existing version is swapped out atomically
+    (renameat2 ``RENAME_EXCHANGE``, Linux 3.15+); where the file system lacks it, it is moved
+    aside first and the version is briefly absent, never half-written.
+
+    Returns:
+        The folder now holding the replaced version (to delete), or None.
+    """
+    try:
+        if not (replace and folder.exists()):
+            os.rename(staging, folder)
+            return None
+        if _rename_exchange(staging, folder):
+            return staging
+        aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old.tmp",
+                                      dir=folder.parent))  # fmt: skip
+        os.rename(folder, aside / folder.name)
+        os.rename(staging, folder)
+        return aside
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ValueError(
+                f"{folder} was published meanwhile; pass --force to replace it"
+            ) from None
+        raise ValueError(f"cannot publish {folder}: {e.strerror}") from None
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the OS or file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc before glibc 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _backward_alpha(solver: dict) -> str:
