@@ -111,7 +111,7 @@ def checkpoint_payload(model: nn.Module, **metadata: Any) -> dict:
     _check_plain(metadata, "metadata")
     from . import __version__
 
-    solver = model.deq.settings.to_dict()
+    solver = model.solver_settings.to_dict()
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,

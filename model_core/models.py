@@ -104,6 +104,7 @@ class MonDEQClassifier(nn.Module):
     Attributes:
         config: the normalised config (enough to rebuild the model).
         deq: the :class:`EquilibriumLayer`.
+        solver_settings: its :class:`SolverSettings` (read and assign here, not on ``deq``).
         head: ``nn.Linear`` on the pooled / flattened equilibrium.
         input_spec: ``{"shape", "mean", "std", "class_names"}`` of the expected input.
     """
@@ -142,11 +143,32 @@ class MonDEQClassifier(nn.Module):
     def arch(self) -> str:
         return self.config["arch"]
 
-    def set_solver(self, **changes) -> None:
-        """Change solver defaults (``method``, ``alpha``, ``tol``, ``max_iter``, ``backward_*``)."""
-        settings = SolverSettings.from_dict({**self.deq.settings.to_dict(), **changes})
+    @property
+    def solver_settings(self) -> SolverSettings:
+        """The solver defaults of :meth:`forward` and :meth:`infer` (frozen). Assigning
+        new settings changes them, and the config a checkpoint stores, together."""
+        return self.deq.settings
+
+    @solver_settings.setter
+    def solver_settings(self, settings: SolverSettings) -> None:
+        if not isinstance(settings, SolverSettings):
+            raise TypeError(f"solver_settings must be SolverSettings, got {type(settings)}")
         self.deq.settings = settings
         self.config["solver"] = settings.to_dict()
+
+    def set_solver(self, **changes) -> None:
+        """Change solver defaults (``method``, ``alpha``, ``tol``, ``max_iter``, ``backward_*``).
+
+        Raises:
+            ValueError: an unknown field or a bad value (the settings stay as they were).
+        """
+        self.solver_settings = self.solver_settings.replace(**changes)
+
+    def solver_alpha(self, backward: bool = False) -> float:
+        """The α the forward (``backward``: the backward) solve takes by default: the
+        settings' α, else its method's safe α for the current weights."""
+        s = self.solver_settings.backward() if backward else self.solver_settings
+        return self.deq.resolve_alpha(s.method, s.alpha)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,6 +22,17 @@ residual at the returned point** is at most ``tol``,
 relative change ``‖x⁺ − x‖ ≤ tol ‖x⁺‖`` alone is no such bound: a forward–backward step is
 about α times the residual, so with a small α it fires far from the fixed point. It serves
 only as a cheap pre-filter for when to evaluate the residual.
+
+Adding a solver: one :class:`SplittingMethod` subclass, in this module or any other, with
+the :func:`register_solver` decorator. Give it a ``name``; its capabilities
+(``needs_resolvent``, ``tunable_alpha``, ``default_alpha`` or a ``safe_alpha(op)``); the
+forward hooks ``init_forward``, ``step_forward``, ``residual_forward``, ``finish_forward``
+(and ``first_forward`` where the zero start allows a cheaper first step) and the backward
+ones of the same names. Once the module defining it is imported, the name is accepted by
+:func:`solve_forward`, :func:`solve_backward`, ``SolverSettings``, checkpoints,
+``mondeq eval --method`` and the service's ``method`` parameter; ``tune_alpha``, training and
+the service's α tuning ask its capabilities. ``tests/test_solvers.py`` holds the checks a
+new method should pass (dense fixed points, closed-form first steps, chunking).
 """
 
 from __future__ import annotations
@@ -29,18 +40,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator, Resolvent
-from .operators.base import CPU_CHUNK_BYTES, chunk_rows
+from .operators.base import chunk_rows
 
 State = dict[str, Tensor]
 
-# On the CPU the loop runs the batch in equal chunks of at most CPU_CHUNK_BYTES of iterate
-# (operators.base gives the measurement; tests patch it here). GPUs get the whole batch.
+# On the CPU the loop runs the batch in equal chunks of at most the operator's share of
+# operators.base.CPU_CHUNK_BYTES of iterate (:func:`chunk_rows`, where the budget is read and
+# measured). GPUs get the whole batch.
 
 # The loop rebuilds the working batch without its finished rows once at least this share of
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise
@@ -171,7 +184,7 @@ def iterate(
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
-    rows_per_chunk = chunk_rows(x0, int(CPU_CHUNK_BYTES * chunk_scale))
+    rows_per_chunk = chunk_rows(x0, chunk_scale)
     if batch > rows_per_chunk:
         parts = [
             iterate(
@@ -253,13 +266,47 @@ def _converged(residual: Tensor, tol: float) -> Tensor:
 class SplittingMethod:
     """One step of an operator-splitting method on the forward and the backward problem.
 
-    Subclasses give, for each problem, ``init_*`` (the zero start), ``step_*``, ``residual_*``
-    (the true fixed-point residual of the point ``finish_*`` returns, from products the step
-    formed anyway: no extra multiply) and ``finish_*``; :func:`iterate` runs them.
+    A subclass is a whole solver: :func:`register_solver` makes it known by :attr:`name` to
+    :func:`get_solver`, :class:`~model_core.equilibrium.SolverSettings`, ``tune_alpha``,
+    training and the service, which ask the class attributes below and never a name.
+
+    Capabilities (class attributes):
+        name: the registered name, stored in checkpoints and reported in
+            :attr:`SolveStats.method`, the HTTP API and metric labels.
+        needs_resolvent: the steps apply ``V = (I + α(I − W))⁻¹``: the constructor takes
+            (or builds, from the operator's cache) ``self.resolvent`` for ``self.alpha``, and
+            ``tune_alpha`` builds one aside for every α it tries.
+        tunable_alpha: every α > 0 converges and the speed depends on it, so α is worth
+            searching (math notes §6): training retunes it, the service tunes it at load and
+            on drift. False where α is bounded by a convergence rule.
+        default_alpha: the α a solve takes when neither the call nor the settings name
+            one; ``None`` where it depends on the weights (then :meth:`safe_alpha` derives
+            it from the operator).
+
+    Extension points. A state is a dict of tensors, each with the working batch as its
+    first dimension: :func:`iterate` index-selects every entry when it drops finished rows
+    and slices every entry into CPU chunks, so a state carries the problem's data (bias,
+    ``g``, ``J``) beside the iterates, and every step returns every entry. ``state["x"]`` is
+    the iterate the loop watches for its pre-filter, ``(B, *z_shape)``.
+
+    * ``init_forward(bias)``: the zero start of the forward problem (``bias = Ux + b``).
+    * ``step_forward(state, nonlin)``: one iteration; a new dict with the same keys.
+    * ``first_forward(state, nonlin)``: the first iteration from ``init_forward``'s state,
+      where the zero start gives it in closed form; exactly what ``step_forward`` returns.
+    * ``residual_forward(state, nonlin)``: ``(B,)`` true residual of the point
+      ``finish_forward`` would return, from products the step formed anyway.
+    * ``finish_forward(state, nonlin, preactivation)``: ``{"x": z}``, plus ``"pre"``
+      (``W z + Ux + b``) if asked. It may be handed a lazily gathered subset of the rows:
+      read only the entries needed.
+    * ``init_backward(grad, jac)``, ``step_backward(state)``, ``first_backward(state)``,
+      ``residual_backward(state)``, ``finish_backward(state)``: the same for
+      ``ũ = J(g + Wᵀũ)``; ``finish_backward`` returns ``{"x": ũ, "wtu": Wᵀũ}``.
     """
 
-    name: str = ""
-    needs_resolvent: bool = False
+    name: ClassVar[str] = ""
+    needs_resolvent: ClassVar[bool] = False
+    tunable_alpha: ClassVar[bool] = False
+    default_alpha: ClassVar[float | None] = None
 
     def __init__(self, op: MonotoneOperator, alpha: float, resolvent: Resolvent | None = None):
         self.op = op
@@ -272,10 +319,22 @@ class SplittingMethod:
             resolvent = op.resolvent(self.alpha)
         self.resolvent = resolvent
 
+    @classmethod
+    def safe_alpha(cls, op: MonotoneOperator) -> float:
+        """The α a solve on ``op`` takes when none is named: :attr:`default_alpha`.
+
+        Methods whose convergence bounds α in terms of the operator override this (and
+        leave :attr:`default_alpha` ``None``)."""
+        if cls.default_alpha is None:
+            raise NotImplementedError(f"{cls.__name__} sets no default_alpha nor safe_alpha")
+        return float(cls.default_alpha)
+
     def init_forward(self, bias: Tensor) -> State:
+        """The zero start, every entry ``(B, *z_shape)`` (``bias = Ux + b``)."""
         raise NotImplementedError
 
     def step_forward(self, state: State, nonlin: Nonlinearity) -> State:
+        """One iteration on ``z = σ(W z + bias)``: the next state, with the same keys."""
         raise NotImplementedError
 
     def residual_forward(self, state: State, nonlin: Nonlinearity) -> Tensor:
@@ -289,9 +348,11 @@ class SplittingMethod:
         raise NotImplementedError
 
     def init_backward(self, grad: Tensor, jac: Tensor) -> State:
+        """The zero start of ``ũ = J(g + Wᵀũ)``: ``grad`` is ``g``, ``jac`` is ``J`` (0/1)."""
         raise NotImplementedError
 
     def step_backward(self, state: State) -> State:
+        """One iteration on ``ũ = J(g + Wᵀũ)``: the next state, with the same keys."""
         raise NotImplementedError
 
     def residual_backward(self, state: State) -> Tensor:
@@ -313,6 +374,40 @@ class SplittingMethod:
         return self.step_backward(state)
 
 
+SOLVERS: dict[str, type[SplittingMethod]] = {}
+
+_Method = TypeVar("_Method", bound=type[SplittingMethod])
+
+
+def register_solver(cls: _Method) -> _Method:
+    """Class decorator: make a :class:`SplittingMethod` subclass available as ``cls.name``.
+
+    Raises:
+        TypeError: not a subclass, or neither ``default_alpha`` nor ``safe_alpha`` given.
+        ValueError: an empty name, or a name another class holds.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, SplittingMethod)):
+        raise TypeError(f"register_solver takes a SplittingMethod subclass, got {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty name")
+    if cls.default_alpha is None and cls.safe_alpha.__func__ is SplittingMethod.safe_alpha.__func__:
+        raise TypeError(f"{cls.__qualname__} needs a default_alpha or a safe_alpha(op)")
+    held = SOLVERS.get(cls.name, cls)
+    if held is not cls:
+        raise ValueError(f"solver name {cls.name!r} is taken by {held.__qualname__}")
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def get_solver(name: str) -> type[SplittingMethod]:
+    """The solver class registered as ``name``; ``ValueError`` listing the valid names if none."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
+
+
+@register_solver
 class ForwardBackward(SplittingMethod):
     """Forward–backward splitting (Algorithm 1). Needs ``α ≤ 2m / ‖I − W‖²``.
 
@@ -322,9 +417,19 @@ class ForwardBackward(SplittingMethod):
     The state carries ``p = W z + Ux + b`` (backward: ``Wᵀũ``) of its current point: the
     next step needs it, and it gives that point's residual ``‖z − σ(p)‖ / ‖z‖`` with no
     extra multiply. One multiply per iteration, as the textbook form.
+
+    State: forward ``x`` (z), ``pre`` (``W z + Ux + b``), ``bias``; backward ``x`` (ũ),
+    ``wtu`` (``Wᵀũ``), ``grad`` (g), ``jac`` (J).
     """
 
     name = "forward_backward"
+
+    @classmethod
+    def safe_alpha(cls, op: MonotoneOperator) -> float:
+        """Half the bound of Algorithm 1: ``m / ‖I − W‖²`` (``‖I − W‖₂`` by power iteration,
+        :meth:`MonotoneOperator.operator_norm_estimate`)."""
+        norm = op.operator_norm_estimate()
+        return op.m / max(norm * norm, 1e-12)
 
     def init_forward(self, bias: Tensor) -> State:
         return {"x": torch.zeros_like(bias), "pre": bias, "bias": bias}  # W0 + bias = bias
@@ -358,6 +463,7 @@ class ForwardBackward(SplittingMethod):
         return {"x": state["x"], "wtu": state["wtu"]}
 
 
+@register_solver
 class PeacemanRachford(SplittingMethod):
     """Peaceman–Rachford splitting (Algorithm 2). Converges for any α > 0.
 
@@ -368,10 +474,15 @@ class PeacemanRachford(SplittingMethod):
 
     Both return ``z½``, whose ``W z½`` (``Wᵀz½``) the resolvent identity gives for free
     (§2), and with it the residual of the returned point.
+
+    State: forward ``x`` (z), ``u``, ``bias``, ``z_half``, ``u_half``; backward ``x`` (ũ),
+    ``u``, ``jg`` (``αJg``), ``jac``, ``grad``, ``z_half``, ``u_half``.
     """
 
     name = "peaceman_rachford"
     needs_resolvent = True
+    tunable_alpha = True
+    default_alpha = 1.0
 
     def init_forward(self, bias: Tensor) -> State:
         zero = torch.zeros_like(bias)
@@ -447,24 +558,79 @@ class PeacemanRachford(SplittingMethod):
         return {"x": state["z_half"], "wtu": self._pre(state)}
 
 
-SOLVERS: dict[str, type[SplittingMethod]] = {
-    ForwardBackward.name: ForwardBackward,
-    PeacemanRachford.name: PeacemanRachford,
-}
+def relative_residual(x: Tensor, fx: Tensor) -> Tensor:
+    """``‖x − f(x)‖ / ‖x‖`` per sample, ``(B, ...)`` → ``(B,)`` (forward: ``f(z) =
+    σ(Wz + Ux + b)``, §2; backward: ``f(ũ) = J(g + Wᵀũ)``, §3).
 
-
-def get_solver(name: str) -> type[SplittingMethod]:
-    """The solver class registered as ``name``; ``ValueError`` listing the valid names if none."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
+    Where ``x = 0`` the denominator is ``‖f(x)‖`` instead: a zero that is its own image
+    has residual 0, a zero that is not has residual 1.
+    """
+    x_norm, fx_norm = _row_norms(x), _row_norms(fx)
+    denom = torch.where(x_norm > 0, x_norm, fx_norm).clamp_min(torch.finfo(x.dtype).tiny)
+    return _row_norms(x - fx) / denom
 
 
 def _timed_sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+class _Problem(NamedTuple):
+    """One problem as :func:`iterate` takes it: a start and a method's hooks bound to it."""
+
+    state: State
+    step: Callable[[State], State]
+    residual: Callable[[State], Tensor]
+    finish: Callable[[State], dict[str, Tensor]]
+    first: Callable[[State], State]
+
+
+def _solve(
+    op: MonotoneOperator,
+    pose: Callable[[SplittingMethod], _Problem],
+    direction: str,
+    device: torch.device,
+    *,
+    method: str,
+    alpha: float,
+    tol: float,
+    max_iter: int,
+    resolvent: Resolvent | None,
+    between: Callable[[], None] | None,
+) -> tuple[dict[str, Tensor], SolveStats]:
+    """Build the method, pose the problem with it, run :func:`iterate`, time it (the posing
+    and the loop) and describe the run; the operator's weights stay fixed throughout."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    with op.fixed_weights():  # validates the weight caches once, not once per iteration
+        solver = get_solver(method)(op, alpha, resolvent)
+        t0 = _timed_sync(device)
+        problem = pose(solver)
+        outputs, iterations, converged = iterate(
+            problem.step,
+            problem.state,
+            tol=tol,
+            max_iter=max_iter,
+            residual=problem.residual,
+            finish=problem.finish,
+            first=problem.first,
+            chunk_scale=op.chunk_scale,
+            between=between,
+        )
+        elapsed = _timed_sync(device) - t0
+    stats = SolveStats(
+        iterations=iterations,
+        residual=outputs["residual"],
+        converged=converged,
+        alpha=solver.alpha,
+        method=solver.name,
+        tol=tol,
+        max_iter=max_iter,
+        time_s=elapsed,
+        direction=direction,
+    )
+    return outputs, stats
 
 
 @torch.no_grad()
@@ -508,48 +674,30 @@ def solve_forward(
         ValueError: unknown method, ``alpha <= 0``, ``max_iter < 1``, or a ``resolvent``
             built for another α or other weights.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    with op.fixed_weights():  # validates the weight caches once, not once per iteration
-        solver = get_solver(method)(op, alpha, resolvent)
-        t0 = _timed_sync(bias.device)
-        outputs, iterations, converged = iterate(
-            lambda s: solver.step_forward(s, nonlin),
+
+    def pose(solver: SplittingMethod) -> _Problem:
+        return _Problem(
             solver.init_forward(bias),
-            tol=tol,
-            max_iter=max_iter,
-            residual=lambda s: solver.residual_forward(s, nonlin),
-            finish=lambda s: solver.finish_forward(s, nonlin, preactivation),
-            first=lambda s: solver.first_forward(s, nonlin),
-            chunk_scale=op.chunk_scale,
-            between=between,
+            lambda s: solver.step_forward(s, nonlin),
+            lambda s: solver.residual_forward(s, nonlin),
+            lambda s: solver.finish_forward(s, nonlin, preactivation),
+            lambda s: solver.first_forward(s, nonlin),
         )
-        elapsed = _timed_sync(bias.device) - t0
-    z, pre = outputs["x"], outputs.get("pre")
-    stats = SolveStats(
-        iterations=iterations,
-        residual=outputs["residual"],
-        converged=converged,
-        alpha=solver.alpha,
-        method=solver.name,
+
+    outputs, stats = _solve(
+        op,
+        pose,
+        "forward",
+        bias.device,
+        method=method,
+        alpha=alpha,
         tol=tol,
         max_iter=max_iter,
-        time_s=elapsed,
-        direction="forward",
+        resolvent=resolvent,
+        between=between,
     )
-    return (z, stats, pre) if preactivation else (z, stats)
-
-
-def relative_residual(x: Tensor, fx: Tensor) -> Tensor:
-    """``‖x − f(x)‖ / ‖x‖`` per sample, ``(B, ...)`` → ``(B,)`` (forward: ``f(z) =
-    σ(Wz + Ux + b)``, §2; backward: ``f(ũ) = J(g + Wᵀũ)``, §3).
-
-    Where ``x = 0`` the denominator is ``‖f(x)‖`` instead: a zero that is its own image
-    has residual 0, a zero that is not has residual 1.
-    """
-    x_norm, fx_norm = _row_norms(x), _row_norms(fx)
-    denom = torch.where(x_norm > 0, x_norm, fx_norm).clamp_min(torch.finfo(x.dtype).tiny)
-    return _row_norms(x - fx) / denom
+    z = outputs["x"]
+    return (z, stats, outputs["pre"]) if preactivation else (z, stats)
 
 
 @torch.no_grad()
@@ -582,32 +730,26 @@ def solve_backward(
     Raises:
         ValueError: as :func:`solve_forward`.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    with op.fixed_weights():
-        solver = get_solver(method)(op, alpha, resolvent)
-        t0 = _timed_sync(grad.device)
-        outputs, iterations, converged = iterate(
-            solver.step_backward,
+
+    def pose(solver: SplittingMethod) -> _Problem:
+        return _Problem(
             solver.init_backward(grad, jac),
-            tol=tol,
-            max_iter=max_iter,
-            residual=solver.residual_backward,
-            finish=solver.finish_backward,
-            first=solver.first_backward,
-            chunk_scale=op.chunk_scale,
+            solver.step_backward,
+            solver.residual_backward,
+            solver.finish_backward,
+            solver.first_backward,
         )
-        out = grad + outputs["wtu"]
-        elapsed = _timed_sync(grad.device) - t0
-    stats = SolveStats(
-        iterations=iterations,
-        residual=outputs["residual"],
-        converged=converged,
-        alpha=solver.alpha,
-        method=solver.name,
+
+    outputs, stats = _solve(
+        op,
+        pose,
+        "backward",
+        grad.device,
+        method=method,
+        alpha=alpha,
         tol=tol,
         max_iter=max_iter,
-        time_s=elapsed,
-        direction="backward",
+        resolvent=resolvent,
+        between=None,
     )
-    return out, stats
+    return grad + outputs["wtu"], stats

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .models import MonDEQClassifier
 from .operators import Resolvent
-from .solvers import SolveStats, solve_backward, solve_forward
+from .solvers import PeacemanRachford, SolveStats, get_solver, solve_backward, solve_forward
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -64,7 +64,7 @@ class AlphaTuning:
 
 
 def _forward_problem(model: MonDEQClassifier, x: Tensor, method: str, tol, max_iter) -> Solve:
-    deq = model.deq
+    deq, fwd = model.deq, model.solver_settings
     bias = deq.op.bias(x)
 
     def solve(alpha: float, resolvent: Resolvent | None) -> SolveStats:
@@ -74,8 +74,8 @@ def _forward_problem(model: MonDEQClassifier, x: Tensor, method: str, tol, max_i
             bias,
             method=method,
             alpha=alpha,
-            tol=deq.settings.tol if tol is None else tol,
-            max_iter=deq.settings.max_iter if max_iter is None else max_iter,
+            tol=fwd.tol if tol is None else tol,
+            max_iter=fwd.max_iter if max_iter is None else max_iter,
             resolvent=resolvent,
         )[1]
 
@@ -87,14 +87,13 @@ def _backward_problem(
 ) -> Solve:
     """The implicit backward problem (§3) of the cross-entropy loss on ``(x, targets)``:
     ``ũ = J(g + Wᵀũ)`` at the equilibrium the model's forward settings find."""
-    deq = model.deq
-    fwd = deq.settings
+    deq, fwd = model.deq, model.solver_settings
     _, _, pre = solve_forward(
         deq.op,
         deq.nonlin,
         deq.op.bias(x),
         method=fwd.method,
-        alpha=deq.resolve_alpha(fwd.method, fwd.alpha),
+        alpha=model.solver_alpha(),
         tol=fwd.tol,
         max_iter=fwd.max_iter,
         preactivation=True,
@@ -125,7 +124,7 @@ def _evaluate(model: MonDEQClassifier, solve: Solve, alpha: float, method: str) 
     """Solve once at ``alpha`` and return its row of the curve."""
     t0 = time.perf_counter()
     resolvent = (
-        model.deq.op.resolvent(alpha, cache=False) if method == "peaceman_rachford" else None
+        model.op.resolvent(alpha, cache=False) if get_solver(method).needs_resolvent else None
     )
     s = solve(alpha, resolvent).summary()
     return {
@@ -143,7 +142,7 @@ def tune_alpha(
     model: MonDEQClassifier,
     x: Tensor,
     *,
-    method: str = "peaceman_rachford",
+    method: str = PeacemanRachford.name,
     objective: str = "iterations",
     log10_range: tuple[float, float] = (-2.0, 2.0),
     grid: int = 9,
@@ -160,7 +159,8 @@ def tune_alpha(
     Args:
         model: the classifier.
         x: normalised calibration batch ``(B, C, H, W)`` on any device.
-        method: solver to tune (``"peaceman_rachford"``; FB's α is bounded by its step rule).
+        method: solver to tune (default PR; a method whose α is bounded by its convergence
+            rule, such as FB, has ``tunable_alpha`` false and is not worth searching).
         objective: ``"iterations"`` (mean per sample; ties, which are common, broken by the
             maximum iterations, then the mean residual: never by the clock, so that two
             runs on the same batch agree) or ``"time"``.
@@ -221,7 +221,7 @@ def tune_alpha(
             d = a + _GOLDEN * (b - a)
     best_alpha = min(rows, key=lambda al: cost(math.log10(al)))
     baseline = None
-    settings = model.deq.settings if targets is None else model.deq.settings.backward()
+    settings = model.solver_settings if targets is None else model.solver_settings.backward()
     if settings.alpha is not None and settings.method == method:
         hit = rows.get(round(settings.alpha, 6))  # a search centred on it has tried it
         baseline = hit if hit is not None else _evaluate(model, solve, settings.alpha, method)

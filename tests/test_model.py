@@ -9,6 +9,7 @@ import torch
 
 from model_core import build_model, tune_alpha
 from model_core.operators.spectral import transfer
+from model_core.solvers import ForwardBackward
 
 FC = {"arch": "fc", "in_channels": 1, "image_size": 6, "hidden": 8}
 CONV = {"arch": "conv", "in_channels": 2, "image_size": 6, "channels": 4}
@@ -61,7 +62,7 @@ def test_infer_overrides_do_not_change_defaults():
     x = torch.randn(3, 2, 6, 6)
     out = model.infer(x, method="forward_backward", tol=1e-3, max_iter=7)
     assert out.stats.method == "forward_backward" and out.stats.max_iter == 7
-    assert out.stats.alpha == pytest.approx(model.op.forward_backward_alpha())
+    assert out.stats.alpha == pytest.approx(ForwardBackward.safe_alpha(model.op))
     assert model.deq.settings.method == "peaceman_rachford"
     assert model.infer(x).stats.tol == model.deq.settings.tol
 

@@ -6,10 +6,19 @@ import pytest
 import torch
 from problems import dense_w_fc
 
-from model_core import solvers
+from model_core import build_model, solvers, tune_alpha
 from model_core.nonlinearity import BorderReLU, ReLU, border_mask
-from model_core.operators import FCOperator
-from model_core.solvers import SOLVERS, get_solver, solve_backward, solve_forward
+from model_core.operators import FCOperator, base
+from model_core.solvers import (
+    SOLVERS,
+    ForwardBackward,
+    PeacemanRachford,
+    SplittingMethod,
+    get_solver,
+    register_solver,
+    solve_backward,
+    solve_forward,
+)
 
 TIGHT = {"tol": 1e-11, "max_iter": 20_000}
 
@@ -33,7 +42,7 @@ def dense_fixed_point_residual(op, bias, z):
 @torch.no_grad()
 def test_fixed_point_satisfies_the_equation(method):
     op, bias = problem()
-    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    alpha = get_solver(method).safe_alpha(op)
     z, stats = solve_forward(op, ReLU(), bias, method=method, alpha=alpha, **TIGHT)
     assert stats.converged.all()
     assert (dense_fixed_point_residual(op, bias, z) <= 1e-8 * z.norm(dim=1).clamp_min(1)).all()
@@ -46,7 +55,7 @@ def test_fb_and_pr_reach_the_same_point():
     op, bias = problem(seed=1)
     z_pr, _ = solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=1.0, **TIGHT)
     z_fb, _ = solve_forward(
-        op, ReLU(), bias, method="forward_backward", alpha=op.forward_backward_alpha(), **TIGHT
+        op, ReLU(), bias, method="forward_backward", alpha=ForwardBackward.safe_alpha(op), **TIGHT
     )
     torch.testing.assert_close(z_pr, z_fb, rtol=0, atol=1e-8)
 
@@ -67,7 +76,7 @@ def test_pr_converges_for_alpha_over_four_decades(alpha):
 @torch.no_grad()
 def test_stats_report_the_true_residual(method):
     op, bias = problem(seed=3)
-    alpha = 0.8 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    alpha = 0.8 if method == "peaceman_rachford" else ForwardBackward.safe_alpha(op)
     z, stats = solve_forward(op, ReLU(), bias, method=method, alpha=alpha, tol=1e-3, max_iter=500)
     b = bias.shape[0]
     assert stats.iterations.shape == (b,) and stats.iterations.dtype == torch.int64
@@ -108,8 +117,8 @@ def test_converged_means_the_true_residual_is_within_tol(method, alpha_scale, to
     it is at most ``tol``."""
     op, bias = problem(seed=8, batch=8)
     bias = bias * torch.tensor([1e-3, 1, 0.3, 3, 1, 0.1, 2, 1], dtype=torch.float64)[:, None]
-    base = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
-    kw = {"method": method, "alpha": alpha_scale * base, "tol": tol, "max_iter": max_iter}
+    safe = get_solver(method).safe_alpha(op)
+    kw = {"method": method, "alpha": alpha_scale * safe, "tol": tol, "max_iter": max_iter}
     z, stats = solve_forward(op, ReLU(), bias, **kw)
     true = dense_fixed_point_residual(op, bias, z) / z.norm(dim=1)
     torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-13)
@@ -131,7 +140,7 @@ def test_a_small_forward_backward_step_does_not_stop_far_from_the_fixed_point():
     (0.021 here) a step rule stopped every sample after 41–58 iterations at residuals
     0.39–0.45, 40× ``tol``. The true residual decides: 144–197 iterations."""
     op, bias = problem(seed=9)
-    alpha = op.forward_backward_alpha()
+    alpha = ForwardBackward.safe_alpha(op)
     kw = {"method": "forward_backward", "alpha": alpha, "tol": 1e-2}
     z, stats = solve_forward(op, ReLU(), bias, max_iter=100, **kw)
     step = (z - torch.relu((1 - alpha) * z + alpha * (z @ dense_w_fc(op).T + bias))).norm(dim=1)
@@ -166,7 +175,7 @@ def test_per_sample_stopping_equals_solo_solves(method):
     """Easy (tiny injection) and hard samples mixed: each gets its solo answer and count."""
     op, bias = problem(seed=5, batch=8)
     bias = bias * torch.tensor([1e-3, 1, 1e-3, 3, 1, 1e-3, 2, 1], dtype=torch.float64)[:, None]
-    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    alpha = get_solver(method).safe_alpha(op)
     kw = {"method": method, "alpha": alpha, "tol": 1e-6, "max_iter": 2000}
     z, stats = solve_forward(op, ReLU(), bias, **kw)
     assert stats.iterations.unique().numel() > 1  # the batch really is mixed
@@ -182,14 +191,14 @@ def test_per_sample_stopping_equals_solo_solves(method):
 def test_chunking_and_compaction_do_not_change_answers(method, monkeypatch):
     op, bias = problem(seed=6, batch=40)
     bias = bias * torch.linspace(1e-3, 3, 40, dtype=torch.float64)[:, None]
-    alpha = 1.0 if method == "peaceman_rachford" else op.forward_backward_alpha()
+    alpha = get_solver(method).safe_alpha(op)
     kw = {"method": method, "alpha": alpha, "tol": 1e-7, "max_iter": 2000}
-    monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(base, "CPU_CHUNK_BYTES", 1 << 40)
     monkeypatch.setattr(solvers, "COMPACT_SHARE", 2.0)  # never compact
     z0, s0 = solve_forward(op, ReLU(), bias, **kw)
     monkeypatch.setattr(solvers, "COMPACT_SHARE", 0.0)  # compact whenever anyone stops
     z1, s1 = solve_forward(op, ReLU(), bias, **kw)
-    monkeypatch.setattr(solvers, "CPU_CHUNK_BYTES", 1)  # one-row chunks
+    monkeypatch.setattr(base, "CPU_CHUNK_BYTES", 1)  # one-row chunks
     z2, s2 = solve_forward(op, ReLU(), bias, **kw)
     for z, s in ((z1, s1), (z2, s2)):
         torch.testing.assert_close(z, z0, rtol=0, atol=1e-12)
@@ -229,6 +238,107 @@ def test_registry_and_errors():
     with pytest.raises(ValueError, match="alpha"):
         solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=0.0, tol=1e-3,
                       max_iter=10)  # fmt: skip
+
+
+class DouglasRachford(PeacemanRachford):
+    """Douglas–Rachford: PR's map averaged with the identity, ``u⁺ = u + z½ − z`` (backward
+    ``u⁺ = u + z½ − ũ``). A whole new solver as one class: PR's start, residual and finish
+    hold, since ``z½`` still comes from the resolvent."""
+
+    name = "test_douglas_rachford"
+
+    def step_forward(self, state, nonlin):
+        z, u, bias = state["x"], state["u"], state["bias"]
+        u_half = torch.lerp(u, z, 2.0)
+        z_half = self.resolvent.inverse(torch.add(u_half, bias, alpha=self.alpha))
+        u = u + z_half - z
+        return {"x": nonlin(u), "u": u, "bias": bias, "z_half": z_half, "u_half": u_half}
+
+    def step_backward(self, state):
+        x, u = state["x"], state["u"]
+        u_half = torch.lerp(u, x, 2.0)
+        z_half = self.resolvent.inverse_transpose(u_half)
+        u = u + z_half - x
+        x = torch.addcmul(state["jg"], state["jac"], u)
+        return {**state, "x": x, "u": u, "z_half": z_half, "u_half": u_half}
+
+
+@pytest.fixture
+def douglas_rachford():
+    """``DouglasRachford`` registered for one test only."""
+    register_solver(DouglasRachford)
+    yield DouglasRachford.name
+    del SOLVERS[DouglasRachford.name]
+
+
+@torch.no_grad()
+def test_a_registered_solver_is_one_class(douglas_rachford):
+    """Registered, the class solves both problems to the dense answers, its closed-form
+    first steps (inherited) equal its steps, and settings, a model, training and
+    ``tune_alpha`` take it by name and ask its capabilities."""
+    name = douglas_rachford
+    assert get_solver(name) is DouglasRachford
+    op, bias = problem(seed=1)
+    kw = {"method": name, "alpha": 0.7, **TIGHT}
+    z, stats = solve_forward(op, ReLU(), bias, **kw)
+    ref, _ = solve_forward(op, ReLU(), bias, method="peaceman_rachford", alpha=1.0, **TIGHT)
+    torch.testing.assert_close(z, ref, rtol=0, atol=1e-8)
+    assert stats.method == name and stats.converged.all()
+    jac = (torch.randn(bias.shape, generator=torch.Generator().manual_seed(1)) > -0.5).double()
+    grad = torch.randn(bias.shape, generator=torch.Generator().manual_seed(2), dtype=bias.dtype)
+    out, bstats = solve_backward(op, jac, grad, **kw)
+    assert bstats.converged.all()
+    assert (dense_backward_residual(op, jac, grad, out) <= 1e-9).all()
+    solver = DouglasRachford(op, 0.7)
+    fast = solver.first_backward(solver.init_backward(grad, jac))
+    slow = solver.step_backward(solver.init_backward(grad, jac))
+    assert all(torch.equal(fast[k], slow[k]) for k in slow)
+
+    model = build_model({"arch": "fc", "in_channels": 1, "image_size": 4, "hidden": 6,
+                         "solver": {"method": name, "alpha": None}})  # fmt: skip
+    assert model.solver_settings.solver is DouglasRachford
+    assert model.solver_alpha() == DouglasRachford.default_alpha == 1.0
+    x = torch.randn(4, 1, 4, 4)
+    assert model.infer(x).stats.method == name
+    with torch.enable_grad():
+        model(x).sum().backward()
+    assert model.deq.last_backward_stats.method == name
+    result = tune_alpha(model, x, method=name, grid=3, refine=0)  # builds resolvents aside
+    assert result.method == name and len(result.curve) == 3
+
+
+def test_register_solver_refuses_what_cannot_be_a_solver(douglas_rachford):
+    class Nameless(PeacemanRachford):
+        name = ""
+
+    class NoAlpha(ForwardBackward):
+        name = "test_no_alpha"
+        safe_alpha = SplittingMethod.safe_alpha
+
+    class Impostor(PeacemanRachford):
+        name = douglas_rachford
+
+    with pytest.raises(TypeError, match="SplittingMethod subclass"):
+        register_solver(dict)
+    with pytest.raises(ValueError, match="non-empty name"):
+        register_solver(Nameless)
+    with pytest.raises(TypeError, match="default_alpha or a safe_alpha"):
+        register_solver(NoAlpha)
+    with pytest.raises(ValueError, match="'test_douglas_rachford' is taken by DouglasRachford"):
+        register_solver(Impostor)
+    assert register_solver(DouglasRachford) is DouglasRachford  # registering again is a no-op
+    assert "test_no_alpha" not in SOLVERS and get_solver(douglas_rachford) is DouglasRachford
+
+
+def test_capabilities_of_the_built_in_solvers():
+    """What tuning, training and the service ask instead of a method's name."""
+    op, _ = problem()
+    pr, fb = get_solver("peaceman_rachford"), get_solver("forward_backward")
+    assert (pr.needs_resolvent, pr.tunable_alpha, pr.default_alpha) == (True, True, 1.0)
+    assert (fb.needs_resolvent, fb.tunable_alpha, fb.default_alpha) == (False, False, None)
+    assert pr.safe_alpha(op) == 1.0
+    norm = op.operator_norm_estimate()
+    assert fb.safe_alpha(op) == pytest.approx(op.m / norm**2, rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -22,13 +22,15 @@ from torch import Tensor, nn
 CPU_CHUNK_BYTES = 6 << 20
 
 
-def chunk_rows(x: Tensor, budget: int | None = None) -> int:
-    """Rows of ``x`` (``(B, ...)``) per chunk: equal chunks of at most ``budget`` bytes
-    (default :data:`CPU_CHUNK_BYTES`) on the CPU, one row at least; the whole batch on GPUs."""
+def chunk_rows(x: Tensor, scale: float = 1.0) -> int:
+    """Rows of ``x`` (``(B, ...)``) per chunk: equal chunks of at most ``scale`` ×
+    :data:`CPU_CHUNK_BYTES` bytes on the CPU, one row at least; the whole batch on GPUs.
+
+    The one reader of the budget (read at each call, so a test may patch it here)."""
     batch = x.shape[0]
     if x.device.type != "cpu" or batch <= 1:
         return max(batch, 1)
-    budget = CPU_CHUNK_BYTES if budget is None else budget
+    budget = int(CPU_CHUNK_BYTES * scale)
     rows = max(1, budget // max(1, x[0].numel() * x.element_size()))
     chunks = -(-batch // rows)
     return -(-batch // chunks)
@@ -270,7 +272,8 @@ class MonotoneOperator(nn.Module):
 
     @torch.no_grad()
     def operator_norm_estimate(self, iters: int = 50, seed: int = 0) -> float:
-        """``‖I − W‖₂`` by power iteration on ``(I − W)ᵀ(I − W)`` (for the FB step bound)."""
+        """``‖I − W‖₂`` by power iteration on ``(I − W)ᵀ(I − W)`` (FB's step bound,
+        :meth:`~model_core.solvers.ForwardBackward.safe_alpha`)."""
         p = next(self.parameters())
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn((1, *self.z_shape), generator=gen, dtype=p.dtype).to(p.device)
@@ -282,8 +285,3 @@ class MonotoneOperator(nn.Module):
                 sigma = w.norm().sqrt().item()
                 v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
         return sigma
-
-    def forward_backward_alpha(self) -> float:
-        """A safe FB step: half the bound ``2m / ‖I − W‖²`` of Algorithm 1."""
-        norm = self.operator_norm_estimate()
-        return self.m / max(norm * norm, 1e-12)
