@@ -5,7 +5,9 @@ The public API is this page; everything else is implementation.
 * :func:`build_model` / :class:`MonDEQClassifier`: classifiers from a config dict.
 * :func:`save_checkpoint` / :func:`load_checkpoint` / :class:`CheckpointError`.
 * :func:`tune_alpha`: the step-size search (math notes §6).
-* :func:`solve_forward` / :func:`solve_backward` / :class:`SolveStats` / :data:`SOLVERS`.
+* :func:`solve_forward` / :func:`solve_backward` / :class:`SolveStats`.
+* Solvers: :class:`SplittingMethod`, :func:`register_solver`, :func:`get_solver`, :data:`SOLVERS`
+  (a new solver is one registered class; see :mod:`model_core.solvers`).
 * Operators (:class:`FCOperator`, :class:`MultiTierOperator`) and nonlinearities.
 """
 
@@ -14,7 +16,15 @@ from .equilibrium import EquilibriumLayer, SolverSettings
 from .models import InferenceResult, MonDEQClassifier, build_model, normalize_config
 from .nonlinearity import BorderReLU, Nonlinearity, ReLU
 from .operators import FCOperator, MonotoneOperator, MultiTierOperator, Resolvent
-from .solvers import SOLVERS, SolveStats, get_solver, solve_backward, solve_forward
+from .solvers import (
+    SOLVERS,
+    SolveStats,
+    SplittingMethod,
+    get_solver,
+    register_solver,
+    solve_backward,
+    solve_forward,
+)
 from .tuning import AlphaTuning, tune_alpha
 
 __version__ = "0.1.0"
@@ -36,10 +46,12 @@ __all__ = [
     "Resolvent",
     "SolveStats",
     "SolverSettings",
+    "SplittingMethod",
     "build_model",
     "get_solver",
     "load_checkpoint",
     "normalize_config",
+    "register_solver",
     "save_checkpoint",
     "solve_backward",
     "solve_forward",

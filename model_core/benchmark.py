@@ -18,7 +18,11 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from .equilibrium import SolverSettings
 from .models import build_model
+
+# The paper's solver setup (PR): the defaults of SolverSettings.
+PAPER_SOLVER = SolverSettings()
 
 T = TypeVar("T")
 
@@ -82,8 +86,8 @@ def bench_model(
     *,
     batch: int = 64,
     device: str = "auto",
-    tol: float = 1e-2,
-    alpha: float = 1.0,
+    tol: float = PAPER_SOLVER.tol,
+    alpha: float = PAPER_SOLVER.alpha,
     repeats: int = 3,
     seed: int = 0,
 ) -> dict:
@@ -93,7 +97,7 @@ def bench_model(
     config, ref_infer, ref_train = PAPER_MODELS[name]
     dev = pick_device(device)
     torch.manual_seed(seed)
-    solver = {"method": "peaceman_rachford", "alpha": alpha, "tol": tol, "max_iter": 300}
+    solver = PAPER_SOLVER.replace(alpha=alpha, tol=tol).to_dict()
     model = build_model({**config, "solver": solver}).to(dev)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)

@@ -33,6 +33,9 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def import_locuslab(sub) -> None:
+    from .equilibrium import SolverSettings
+
+    d = SolverSettings()
     p = sub.add_parser(
         "import-locuslab",
         help="convert a state dict from the paper's reference code into a checkpoint",
@@ -49,12 +52,12 @@ def import_locuslab(sub) -> None:
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, e.g. 0.3081")
     p.add_argument("--class-names", default=None, help="comma-separated class names")
     p.add_argument("--dataset", default=None, help="dataset name to record, e.g. mnist")
-    p.add_argument("--alpha", type=positive_float, default=1.0,
-                   help="PR step size α (default 1.0)")  # fmt: skip
-    p.add_argument("--tol", type=positive_float, default=1e-2,
-                   help="solver tolerance (default 1e-2)")  # fmt: skip
-    p.add_argument("--max-iter", type=positive_int, default=300,
-                   help="iteration cap (default 300)")  # fmt: skip
+    p.add_argument("--alpha", type=positive_float, default=d.alpha,
+                   help=f"PR step size α (default {d.alpha})")  # fmt: skip
+    p.add_argument("--tol", type=positive_float, default=d.tol,
+                   help=f"solver tolerance (default {d.tol})")  # fmt: skip
+    p.add_argument("--max-iter", type=positive_int, default=d.max_iter,
+                   help=f"iteration cap (default {d.max_iter})")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DST", help="checkpoint to write")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(handler=_run_import_locuslab)
@@ -83,12 +86,7 @@ def _run_import_locuslab(args) -> int:
             mean=args.mean,
             std=args.std,
             class_names=args.class_names.split(",") if args.class_names else None,
-            solver={
-                "method": "peaceman_rachford",
-                "alpha": args.alpha,
-                "tol": args.tol,
-                "max_iter": args.max_iter,
-            },
+            solver={"alpha": args.alpha, "tol": args.tol, "max_iter": args.max_iter},
         )
         out = save_checkpoint(
             model,
@@ -108,7 +106,7 @@ def _run_import_locuslab(args) -> int:
 
 
 def bench(sub) -> None:
-    from .benchmark import DEFAULT_MODELS, PAPER_MODELS
+    from .benchmark import DEFAULT_MODELS, PAPER_MODELS, PAPER_SOLVER
 
     p = sub.add_parser(
         "bench",
@@ -123,10 +121,10 @@ def bench(sub) -> None:
     )
     p.add_argument("--batch", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--tol", type=positive_float, default=1e-2,
-                   help="solver tolerance (default 1e-2)")  # fmt: skip
-    p.add_argument("--alpha", type=positive_float, default=1.0,
-                   help="PR step size (default 1.0)")  # fmt: skip
+    p.add_argument("--tol", type=positive_float, default=PAPER_SOLVER.tol,
+                   help=f"solver tolerance (default {PAPER_SOLVER.tol})")  # fmt: skip
+    p.add_argument("--alpha", type=positive_float, default=PAPER_SOLVER.alpha,
+                   help=f"PR step size (default {PAPER_SOLVER.alpha})")  # fmt: skip
     p.add_argument("--repeats", type=positive_int, default=15,
                    help="timed repeats, median (default 15; this VM drifts)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_core import SOLVERS, SolverSettings
+
 # ---- errors ------------------------------------------------------------------------------------
 
 
@@ -30,7 +32,9 @@ class SolverOverrides(BaseModel):
     )
     max_iter: int | None = Field(None, ge=1, description="iteration cap")
     method: str | None = Field(
-        None, description="peaceman_rachford or forward_backward", examples=["peaceman_rachford"]
+        None,
+        description=f"a registered solver: {', '.join(sorted(SOLVERS))}",
+        examples=[SolverSettings().method],
     )
 
 

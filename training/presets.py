@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-# The paper's common setup: PR, tol 1e-2, max_iter 300, m = 1, α tuned during training.
-PAPER_SOLVER = {"method": "peaceman_rachford", "alpha": 1.0, "tol": 1e-2, "max_iter": 300}
+from model_core import SolverSettings
+
+# The paper's common setup, which SolverSettings' defaults are: PR, α 1 (tuned during
+# training), tol 1e-2, max_iter 300; with m = 1.
+PAPER_SOLVER = {k: getattr(SolverSettings(), k) for k in ("method", "alpha", "tol", "max_iter")}
 
 
 @dataclass(frozen=True)
