@@ -4,7 +4,7 @@ The public API is this page; everything else is implementation.
 
 * :func:`build_model` / :class:`MonDEQClassifier`: classifiers from a config dict.
 * :func:`save_checkpoint` / :func:`load_checkpoint` / :class:`CheckpointError`.
-* :func:`tune_alpha`: the step-size search (math notes §6).
+* :func:`tune_alpha`: the step-size search (docs/math.md §6).
 * :func:`solve_forward` / :func:`solve_backward` / :class:`SolveStats`.
 * Solvers: :class:`SplittingMethod`, :func:`register_solver`, :func:`get_solver`, :data:`SOLVERS`
   (a new solver is one registered class; see :mod:`model_core.solvers`).

@@ -1,4 +1,4 @@
-"""The equilibrium layer: forward solve without autograd, implicit backward (math notes §3)."""
+"""The equilibrium layer: forward solve without autograd, implicit backward (docs/math.md §3)."""
 
 from __future__ import annotations
 

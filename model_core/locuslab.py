@@ -65,7 +65,7 @@ def import_locuslab(
     Args:
         state_dict: keys as in the module docstring (a ``module.`` prefix is stripped).
         arch: only ``"fc"``: the reference conv layers store free scale scalars whose
-            sign our parameterisation forbids (math notes §1).
+            sign our parameterisation forbids (docs/math.md §1).
         hidden: hidden width ``n``.
         m: the monotonicity parameter the model was trained with.
         in_shape: ``(C, H, W)`` of the input.

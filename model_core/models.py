@@ -1,5 +1,7 @@
 """monDEQ classifiers with the paper's heads, built from a plain config dict.
 
+§N refers to docs/math.md.
+
 Config keys (``build_model``):
 
 ``arch``          ``"fc" | "conv" | "multi_tier"``

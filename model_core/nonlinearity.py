@@ -1,4 +1,4 @@
-"""The nonlinearity σ, as a proximal operator (math notes §1, Appendix C.2 of the paper).
+"""The nonlinearity σ, as a proximal operator (docs/math.md §1; paper, Appendix C.2).
 
 Both are prox operators of indicators of convex sets, so the splitting methods apply:
 

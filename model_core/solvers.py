@@ -1,4 +1,4 @@
-"""Operator-splitting solvers: one iteration loop, one step per method (math notes §2 and §3).
+"""Operator-splitting solvers: one iteration loop, one step per method (docs/math.md §2, §3).
 
 Both problems are monotone inclusions ``0 ∈ F(x) + G(x)`` that share the linear operator
 ``I − W``:
@@ -277,7 +277,7 @@ class SplittingMethod:
             (or builds, from the operator's cache) ``self.resolvent`` for ``self.alpha``, and
             ``tune_alpha`` builds one aside for every α it tries.
         tunable_alpha: every α > 0 converges and the speed depends on it, so α is worth
-            searching (math notes §6): training retunes it, the service tunes it at load and
+            searching (docs/math.md §6): training retunes it, the service tunes it at load and
             on drift. False where α is bounded by a convergence rule.
         default_alpha: the α a solve takes when neither the call nor the settings name
             one; ``None`` where it depends on the weights (then :meth:`safe_alpha` derives

@@ -1,4 +1,4 @@
-"""Step-size search (math notes §6).
+"""Step-size search (docs/math.md §6).
 
 PR converges for every α > 0, but how fast depends on α, and not monotonically (paper,
 Fig. 3). :func:`tune_alpha` searches ``log α`` on a calibration batch: a coarse grid, then a

@@ -32,7 +32,7 @@ def dense_w_fc(op: FCOperator) -> Tensor:
 
 
 def dense_w_multitier(op: MultiTierOperator) -> Tensor:
-    """``W = (1 − m) I − L + B − Bᵀ`` (§5) from space-domain convolutions."""
+    """``W = (1 − m) I − L + B − Bᵀ`` (docs/math.md §5) from space-domain convolutions."""
     a_w, b_w, s_w = op.weights()
     ch, sz = op.channels, op.sizes
     mats_a = [

@@ -35,7 +35,7 @@ def evaluate(
         ``accuracy``, ``loss``, ``iterations_{mean,p50,p99,max}``, ``residual_mean``,
         ``converged_share`` (true fixed-point residual ≤ tol), ``lipschitz``, ``certified``
         (radius → certified accuracy: converged, correct, and a certified ℓ2 radius ≥ r,
-        §7; an unconverged sample has no radius), ``samples``.
+        docs/math.md §7; an unconverged sample has no radius), ``samples``.
     """
     dist = dist or Dist(device=next(model.parameters()).device)
     index = torch.arange(dist.rank, len(x), dist.world)

@@ -1,4 +1,4 @@
-"""Training presets: the paper's nine models (math notes §8) plus offline Fashion-MNIST ones.
+"""Training presets: the paper's nine models (docs/math.md §8) plus offline Fashion-MNIST ones.
 
 A preset is a dataset, a model config for :func:`model_core.build_model` (``in_channels``,
 ``image_size`` and ``num_classes`` come from the dataset) and the optimisation recipe.

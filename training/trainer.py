@@ -532,7 +532,7 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
 
 
 def _retune(model, x: torch.Tensor, y: torch.Tensor, agree) -> None:
-    """α searches around the current α's, cheap enough to run twice an epoch (§6).
+    """α searches around the current α's, cheap enough to run twice an epoch (docs/math.md §6).
 
     The forward α first, then the backward one (§3) at the equilibrium the new forward α
     finds: the two problems are fastest at different α's. Each search runs on up to

@@ -1,4 +1,4 @@
-"""The interface every monotone linear operator implements (math notes §1–§5)."""
+"""The interface every monotone linear operator implements (docs/math.md §1–§5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Convolutional monotone operators: single circular conv and multi-tier (math notes §4, §5).
+"""Convolutional monotone operators: single circular conv and multi-tier (docs/math.md §4, §5).
 
 One class covers both: a single-conv model is the one-tier case. Tier ``i`` holds ``n_i``
 channels on an ``s_i × s_i`` grid. The image is zero-padded by one pixel, so

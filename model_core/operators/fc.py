@@ -1,4 +1,4 @@
-"""Fully connected monotone operator (math notes §1, paper §3, Proposition 1)."""
+"""Fully connected monotone operator (docs/math.md §1; paper §3, Proposition 1)."""
 
 from __future__ import annotations
 

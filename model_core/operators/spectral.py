@@ -1,4 +1,4 @@
-"""Fourier-domain machinery for circular convolutions on square grids (math notes §4, §5).
+"""Fourier-domain machinery for circular convolutions on square grids (docs/math.md §4, §5).
 
 Conventions, fixed here once:
 
