@@ -193,6 +193,25 @@ def test_weight_edits_reach_the_next_solve(config, how, method):
     assert torch.equal(stats.converged, stats.residual <= model.deq.settings.tol)
 
 
+@pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
+def test_a_changed_monotonicity_parameter_reaches_the_next_solve(config):
+    """``m`` is part of ``W`` (``I − W = m I + AᵀA − B + Bᵀ``) without being a parameter: after
+    ``op.m`` changes, no resolvent or spectrum of the old ``W`` serves. (A stale one gave
+    logits 0.29 (fc), 0.08 (conv) and 0.07 (multi-tier) away at tol 1e-9, all converged.)"""
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    x = torch.randn(5, config["in_channels"], 6, 6, dtype=torch.float64)
+    model.infer(x)
+    model.op.m = model.op.m * 0.5
+    out = model.infer(x, tol=1e-9, max_iter=3000)
+    fresh = build_model(config).double()
+    fresh.load_state_dict(model.state_dict())
+    fresh.op.m = model.op.m
+    ref = fresh.infer(x, tol=1e-9, max_iter=3000)
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.stats.residual, ref.stats.residual)
+
+
 def test_tune_alpha_returns_the_best_of_its_curve_and_leaves_the_model_alone():
     torch.manual_seed(4)
     model = build_model(CONV)

@@ -205,7 +205,7 @@ class MonotoneOperator(nn.Module):
     def _weights_key(self) -> tuple:
         """Identifies the current weight *values*; every per-weight cache keys on it.
 
-        The key changes whenever a parameter's value does, however it was written: an
+        The key changes whenever a parameter's value or ``m`` does, however it was written: an
         optimizer step, ``load_state_dict``, ``copy_``, ``.to()``, replacing ``.data`` or
         writing through it (which bypasses the version counter). Storage, version, dtype and
         device are compared first; if they are unchanged, every parameter is compared
@@ -221,7 +221,8 @@ class MonotoneOperator(nn.Module):
 
     def _check_weights(self) -> tuple:
         params = [p.detach() for p in self.parameters()]
-        ident = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        # m is part of W (I − W = m I + ...) though not a parameter: a changed m is new weights.
+        ident = (self.m, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         snap = self._snapshot
         if (
             snap is not None
