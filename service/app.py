@@ -284,8 +284,10 @@ class Guard:
         return b"".join(chunks)
 
     def _observe(self, scope: Scope, code: int, seconds: float) -> None:
+        # FastAPI's routes put themselves in the scope; Starlette's plain routes (the docs
+        # pages, /openapi.json) leave only their endpoint, whose name is the route's.
         route = scope.get("route")
-        name = getattr(route, "name", None)
+        name = getattr(route, "name", None) or getattr(scope.get("endpoint"), "__name__", None)
         endpoint = name if name in ENDPOINTS else ("docs" if name in DOC_ROUTES else "other")
         params = scope.get("path_params") or {}
         model = ""

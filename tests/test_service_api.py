@@ -620,6 +620,24 @@ def test_openapi_and_docs(client):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
+def test_docs_requests_count_under_endpoint_docs(client):
+    """/docs, /docs/oauth2-redirect, /redoc and /openapi.json (GET and HEAD) count as
+    endpoint="docs"; an unknown path as "other"."""
+
+    def counts() -> tuple[float, float]:
+        s = metric_samples(client.get("/metrics").text)
+        name = "mondeq_requests_total"
+        return metric(s, name, endpoint="docs", code="200"), metric(s, name, endpoint="other")
+
+    docs0, other0 = counts()
+    for path in ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 200
+    assert client.head("/docs").status_code == 200
+    assert client.get("/no/such/path").status_code == 404
+    docs1, other1 = counts()
+    assert (docs1 - docs0, other1 - other0) == (5, 1)
+
+
 def test_empty_repository_is_not_ready(tmp_path):
     srv = LiveServer(model_dir=tmp_path / "nothing-here").start(wait_ready=False)
     try:
