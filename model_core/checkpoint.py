@@ -18,6 +18,7 @@ No class is pickled, so files load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -97,6 +98,41 @@ def _refuse_non_finite(state_dict: dict, where: str) -> None:
         )
 
 
+def check_input_spec(spec: Any, config: dict) -> None:
+    """Refuse an ``input_spec`` that does not describe the input of the model ``config`` builds.
+
+    ``shape`` must be ``[in_channels, image_size, image_size]``; ``mean`` and ``std`` one
+    finite number per channel, ``std`` > 0 (inputs are ``(x / 255 - mean) / std``, so a NaN
+    or a zero there turns every image into NaN or inf, and every answer into the same class);
+    ``class_names``, when present, one string per class.
+
+    Raises:
+        ValueError: the first entry that is wrong, in one line.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"input_spec must be a mapping, got {type(spec).__name__}")
+    c, size = config.get("in_channels"), config.get("image_size")
+    shape = spec.get("shape")
+    if not isinstance(shape, list | tuple) or list(shape) != [c, size, size]:
+        raise ValueError(f"input_spec shape {spec.get('shape')!r} is not [{c}, {size}, {size}]")
+    for key in ("mean", "std"):
+        v = spec.get(key)
+        ok = isinstance(v, list | tuple) and len(v) == c
+        ok = ok and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
+        if not ok or (key == "std" and not all(x > 0 for x in v)):
+            what = "finite numbers > 0" if key == "std" else "finite numbers"
+            raise ValueError(f"input_spec {key} must be {c} {what}, got {v!r}")
+    names, k = spec.get("class_names"), config.get("num_classes")
+    if names is not None and not (
+        isinstance(names, list | tuple)
+        and len(names) == k
+        and all(isinstance(n, str) for n in names)
+    ):
+        raise ValueError(f"input_spec class_names must be {k} strings, got {names!r}")
+
+
 def checkpoint_payload(model: nn.Module, **metadata: Any) -> dict:
     """The dict :func:`save_checkpoint` writes (useful to send over a wire).
 
@@ -108,6 +144,10 @@ def checkpoint_payload(model: nn.Module, **metadata: Any) -> dict:
     if not isinstance(model, MonDEQClassifier):
         raise TypeError(f"expected a MonDEQClassifier, got {type(model).__name__}")
     _refuse_non_finite(model.state_dict(), "refusing to save")
+    try:
+        check_input_spec(model.input_spec, model.config)
+    except ValueError as e:
+        raise CheckpointError(f"refusing to save: {e}") from None
     _check_plain(metadata, "metadata")
     from . import __version__
 
@@ -189,6 +229,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{path}: unreadable, truncated or corrupt ({_first_line(e)})"
         ) from None
+    except Exception as e:
+        # Bytes that are no zip archive go to torch's legacy pickle reader, which answers
+        # garbage with whatever its opcode interpreter trips on (a text file: KeyError 101,
+        # random bytes: IndexError).
+        raise CheckpointError(
+            f"{path}: not a checkpoint file (the reader failed with {type(e).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
         if isinstance(payload, dict) and any(str(k).startswith("mon.") for k in payload):
@@ -246,6 +293,12 @@ def load_checkpoint(
             f"{path}: weights do not match the config "
             f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
+    try:
+        check_input_spec(payload["input_spec"], model.config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if not isinstance(payload.get("metadata") or {}, dict):
+        raise CheckpointError(f"{path}: 'metadata' is not a dict")
     model.input_spec = dict(payload["input_spec"])
     model.metadata = dict(payload.get("metadata") or {})
     model.metadata.setdefault("package_version", payload.get("package_version"))

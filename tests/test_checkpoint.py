@@ -87,6 +87,14 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]
 
 
+def test_input_spec_that_turns_images_into_nan_is_refused_on_save(tmp_path):
+    model = build_model(CONFIGS[0])
+    model.input_spec = {**model.input_spec, "std": [0.0]}
+    with pytest.raises(CheckpointError, match="refusing to save: input_spec std must be 1"):
+        save_checkpoint(model, tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _bad(tmp_path, name, data):
     p = tmp_path / name
     if isinstance(data, bytes):
@@ -111,6 +119,13 @@ def _bad(tmp_path, name, data):
         ("bad_config", "invalid model config"),
         ("wrong_weights", "weights do not match"),
         ("pickled_class", "unreadable.*pickled Python objects"),
+        # Text and random bytes reach torch's legacy pickle reader (KeyError, IndexError).
+        ("text", "not a checkpoint file .*KeyError"),
+        ("spec_no_shape", "input_spec shape None is not \\[2, 6, 6\\]"),
+        ("spec_mean_nan", "input_spec mean must be 2 finite numbers, got \\[nan, 0.0\\]"),
+        ("spec_std_zero", "input_spec std must be 2 finite numbers > 0, got \\[0.0, 1.0\\]"),
+        ("spec_classes", "input_spec class_names must be 10 strings"),
+        ("metadata_int", "'metadata' is not a dict"),
     ],
 )
 def test_malformed_files_raise_checkpoint_error(tmp_path, case, match):
@@ -138,6 +153,21 @@ def test_malformed_files_raise_checkpoint_error(tmp_path, case, match):
         path = _bad(tmp_path, "bc.pt", {**raw, "config": {**raw["config"], "arch": "rnn"}})
     elif case == "wrong_weights":
         path = _bad(tmp_path, "ww.pt", {**raw, "config": {**raw["config"], "channels": 5}})
+    elif case == "text":
+        path = _bad(tmp_path, "x.pt", b"hello\n")
+    elif case.startswith("spec_"):
+        spec = dict(raw["input_spec"])
+        spec.update(
+            {
+                "spec_no_shape": {"shape": None},
+                "spec_mean_nan": {"mean": [float("nan"), 0.0]},
+                "spec_std_zero": {"std": [0.0, 1.0]},
+                "spec_classes": {"class_names": ["a", "b"]},
+            }[case]
+        )
+        path = _bad(tmp_path, "sp.pt", {**raw, "input_spec": spec})
+    elif case == "metadata_int":
+        path = _bad(tmp_path, "mi.pt", {**raw, "metadata": 5})
     else:
         path = _bad(tmp_path, "pc.pt", {**raw, "metadata": {"obj": _Pickled()}})
     with pytest.raises(CheckpointError, match=match):
