@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/solver_speed.py [--models cifar-conv,cifar-multitier] [--device cpu]
 
-Prints the Markdown table that goes into the README and writes the raw rows to
+Prints the Markdown table of docs/performance.md (Solver speed) and writes the raw rows to
 bench/results/solver_speed-<device>.json.
 """
 
