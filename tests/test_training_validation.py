@@ -156,6 +156,12 @@ def test_epochs_0_is_refused_by_a_process(tmp_path):
         (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
         (["--seed", str(2**32)], "--seed must be an integer in [0, 4294967295], got 4294967296"),
         (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got the string 'gpu'"),
+        # Device types torch knows but training cannot use: were tracebacks mid-run.
+        (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got the string "
+         "'meta'"),
+        (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got the string 'mps'"),
+        (["--device", "cpu:1"], "--device must be auto, cpu, cuda or cuda:N, got the string "
+         "'cpu:1'"),
         (["--preset", "fmnist-fcc"], f"--preset must be one of {PRESETS} (did you mean "
          "'fmnist-fc'?), got the string 'fmnist-fcc'"),
         (["--dataset", "imagenet"], "--dataset must be one of mnist, fashion-mnist, svhn, "
@@ -272,6 +278,12 @@ def test_eval_inputs_are_checked_against_the_data(capsys, two_epoch_run, tmp_pat
                               "synthetic\n")  # fmt: skip
     code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--device", "gpu")
     assert (code, err) == (2, "mondeq eval: --device 'gpu': expected auto, cpu, cuda or cuda:N\n")
+    for device in ("meta", "mps", "cpu:1"):  # were tracebacks
+        code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--device", device)
+        assert (code, err) == (
+            2,
+            f"mondeq eval: --device '{device}': expected auto, cpu, cuda or cuda:N\n",
+        )
     code, err = run(capsys, "eval", tmp_path / "none.pt", "--dataset", "synthetic")
     assert (code, err) == (2, f"mondeq eval: {tmp_path / 'none.pt'}: no such file\n")
 

@@ -88,9 +88,13 @@ def _device(value: Any) -> str:
     if value == "auto":
         return value
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, ValueError, TypeError):
         raise _Refused("auto, cpu, cuda or cuda:N") from None
+    # torch names more device types (meta, mps, xla, ...) than this package trains on; they
+    # would fail mid-run with a traceback.
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise _Refused("auto, cpu, cuda or cuda:N")
     return value
 
 
