@@ -312,11 +312,21 @@ class Repository:
             # Newest versions first: the default becomes servable soonest.
             todo = [(n, v, p, s) for n, vs in found.items() for v, (p, s) in vs.items()]
             todo.sort(key=lambda t: (-t[1], t[0]))
+            # Loads run one after another (minutes with α tuning): every version found is
+            # listed as loading at once, so that a model not reached yet is 503 (not ready),
+            # never 404 (unknown), to clients and probes meanwhile.
+            before = {(n, v): e for n, vs in self.entries.items() for v, e in vs.items()}
+            for name, version, path, stamp in todo:
+                if (name, version) not in before:
+                    self.entries.setdefault(name, {})[version] = VersionEntry(
+                        name, version, path, stamp
+                    )
+                    self._update_metrics(name)
             now = time.monotonic()
             for name, version, path, stamp in todo:
                 if self.closing:
                     break
-                old = self.entries.get(name, {}).get(version)
+                old = before.get((name, version))
                 if old is not None and old.status != "pending" and old.stamp == stamp:
                     if old.reload is not None:  # the file that serves is back on disk
                         old.reload = None

@@ -286,3 +286,34 @@ def test_a_fresh_checkpoint_at_start_settles_before_ready(tmp_path, poll):
             assert models(c)["fresh"]["status"] == "ready"
     finally:
         srv.stop()
+
+
+# ---- models waiting for their turn to load ---------------------------------------------------
+
+
+def test_models_not_loaded_yet_are_503_not_404(tmp_path):
+    """Models load one after another (each tunes α on its calibration batch). Until its turn,
+    a model on disk is listed as loading and answers 503 (not ready), never 404 (unknown):
+    a probe or client must not take a model that is about to serve for one that does not
+    exist. (Each was 404 until the loader reached it.)"""
+    root = tmp_path / "models"
+    names = ["a", "b", "c"]
+    for i, name in enumerate(names):
+        make_checkpoint(root / f"{name}/1/model.pt", FC_CONFIG, seed=i, calibration=64)
+    srv = LiveServer(model_dir=root, retune_factor=0).start(wait_ready=False)
+    try:
+        with srv.client() as c:
+            wait_until(lambda: models(c) != {}, timeout=60)
+            listed = models(c)
+            assert sorted(listed) == names
+            waiting = [n for n in names if listed[n]["status"] == "loading"]
+            assert waiting, listed  # the first is still tuning
+            for name in waiting:
+                r = c.get(f"/v2/models/{name}/ready")
+                assert r.status_code in (200, 503), r.text  # 200: it loaded meanwhile
+                r = c.post(f"/v2/models/{name}/infer", json=v2_body(X))
+                assert r.status_code in (200, 503), r.text
+            wait_until(lambda: c.get("/v2/health/ready").status_code == 200, timeout=120)
+            assert all(m["status"] == "ready" for m in models(c).values())
+    finally:
+        srv.stop()
