@@ -457,7 +457,11 @@ def test_cli_entry_points():
     run = subprocess.run(
         [sys.executable, "-m", "service"], capture_output=True, text=True, timeout=120, env=env
     )
-    assert run.returncode == 2 and "max_batch_size" in run.stderr
+    # One line naming the variable the user set, and the rule it broke.
+    assert run.returncode == 2
+    assert run.stderr == (
+        "mondeq serve: MONDEQ_MAX_BATCH_SIZE: input should be greater than or equal to 1, got '0'\n"
+    )
 
 
 def test_service_never_imports_training():
