@@ -591,7 +591,6 @@ def _solve(
     pose: Callable[[SplittingMethod], _Problem],
     direction: str,
     device: torch.device,
-    *,
     method: str,
     alpha: float,
     tol: float,
@@ -684,18 +683,8 @@ def solve_forward(
             lambda s: solver.first_forward(s, nonlin),
         )
 
-    outputs, stats = _solve(
-        op,
-        pose,
-        "forward",
-        bias.device,
-        method=method,
-        alpha=alpha,
-        tol=tol,
-        max_iter=max_iter,
-        resolvent=resolvent,
-        between=between,
-    )
+    run = (method, alpha, tol, max_iter, resolvent, between)
+    outputs, stats = _solve(op, pose, "forward", bias.device, *run)
     z = outputs["x"]
     return (z, stats, outputs["pre"]) if preactivation else (z, stats)
 
@@ -740,16 +729,6 @@ def solve_backward(
             solver.first_backward,
         )
 
-    outputs, stats = _solve(
-        op,
-        pose,
-        "backward",
-        grad.device,
-        method=method,
-        alpha=alpha,
-        tol=tol,
-        max_iter=max_iter,
-        resolvent=resolvent,
-        between=None,
-    )
+    run = (method, alpha, tol, max_iter, resolvent, None)
+    outputs, stats = _solve(op, pose, "backward", grad.device, *run)
     return grad + outputs["wtu"], stats

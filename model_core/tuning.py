@@ -63,28 +63,14 @@ class AlphaTuning:
         }
 
 
-def _forward_problem(model: MonDEQClassifier, x: Tensor, method: str, tol, max_iter) -> Solve:
-    deq, fwd = model.deq, model.solver_settings
-    bias = deq.op.bias(x)
-
-    def solve(alpha: float, resolvent: Resolvent | None) -> SolveStats:
-        return solve_forward(
-            deq.op,
-            deq.nonlin,
-            bias,
-            method=method,
-            alpha=alpha,
-            tol=fwd.tol if tol is None else tol,
-            max_iter=fwd.max_iter if max_iter is None else max_iter,
-            resolvent=resolvent,
-        )[1]
-
-    return solve
+def _forward_problem(model: MonDEQClassifier, x: Tensor) -> tuple[Callable, tuple]:
+    """The forward problem (§2) on ``x``: its solver function and data arguments."""
+    return solve_forward, (model.op, model.deq.nonlin, model.op.bias(x))
 
 
 def _backward_problem(
-    model: MonDEQClassifier, x: Tensor, targets: Tensor, method: str, tol, max_iter
-) -> Solve:
+    model: MonDEQClassifier, x: Tensor, targets: Tensor
+) -> tuple[Callable, tuple]:
     """The implicit backward problem (§3) of the cross-entropy loss on ``(x, targets)``:
     ``ũ = J(g + Wᵀũ)`` at the equilibrium the model's forward settings find."""
     deq, fwd = model.deq, model.solver_settings
@@ -102,22 +88,7 @@ def _backward_problem(
         z_hat = deq.nonlin(pre).requires_grad_()
         loss = F.cross_entropy(model.head(model.features(z_hat)), targets.to(pre.device))
         (grad,) = torch.autograd.grad(loss, z_hat)
-    jac = deq.nonlin.derivative(pre)
-    bwd = fwd.backward()
-
-    def solve(alpha: float, resolvent: Resolvent | None) -> SolveStats:
-        return solve_backward(
-            deq.op,
-            jac,
-            grad,
-            method=method,
-            alpha=alpha,
-            tol=bwd.tol if tol is None else tol,
-            max_iter=bwd.max_iter if max_iter is None else max_iter,
-            resolvent=resolvent,
-        )[1]
-
-    return solve
+    return solve_backward, (deq.op, deq.nonlin.derivative(pre), grad)
 
 
 def _evaluate(model: MonDEQClassifier, solve: Solve, alpha: float, method: str) -> dict:
@@ -182,9 +153,19 @@ def tune_alpha(
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     if targets is None:
-        solve = _forward_problem(model, x, method, tol, max_iter)
+        settings = model.solver_settings
+        solve_problem, data = _forward_problem(model, x)
     else:
-        solve = _backward_problem(model, x, targets, method, tol, max_iter)
+        settings = model.solver_settings.backward()
+        solve_problem, data = _backward_problem(model, x, targets)
+    stopping = {
+        "tol": settings.tol if tol is None else tol,
+        "max_iter": settings.max_iter if max_iter is None else max_iter,
+    }
+
+    def solve(alpha: float, resolvent: Resolvent | None) -> SolveStats:
+        return solve_problem(*data, method=method, alpha=alpha, resolvent=resolvent, **stopping)[1]
+
     rows: dict[float, dict] = {}
 
     def cost(log_a: float) -> tuple[float, ...]:
@@ -221,7 +202,6 @@ def tune_alpha(
             d = a + _GOLDEN * (b - a)
     best_alpha = min(rows, key=lambda al: cost(math.log10(al)))
     baseline = None
-    settings = model.solver_settings if targets is None else model.solver_settings.backward()
     if settings.alpha is not None and settings.method == method:
         hit = rows.get(round(settings.alpha, 6))  # a search centred on it has tried it
         baseline = hit if hit is not None else _evaluate(model, solve, settings.alpha, method)
