@@ -300,7 +300,7 @@ def _train(
         saved = load_checkpoint(out / "last.pt")
         train_meta = saved.metadata.get("train") or {}
         model.load_state_dict(saved.state_dict())
-        model.set_solver(**saved.deq.settings.to_dict())
+        model.solver_settings = saved.solver_settings
         optimizer.load_state_dict(_optimizer_from_plain(train_meta["optimizer"]))
         progress = dict(train_meta["progress"])
     model.to(device)
@@ -340,8 +340,8 @@ def _train(
             "command": opts.command,
             "seed": opts.seed,
             "epoch": progress["epoch"],
-            "alpha": model.deq.settings.alpha,
-            "backward_alpha": model.deq.settings.backward().alpha,
+            "alpha": model.solver_settings.alpha,
+            "backward_alpha": model.solver_settings.backward().alpha,
             "metrics": metrics or {},
             "train_time_s": progress["elapsed"],
             "machine": _machine(device),
@@ -378,7 +378,7 @@ def _train(
             "test_fwd_unconverged_share": 1.0 - test["converged_share"],
             "test_fwd_residual_mean": test["residual_mean"],
         }
-        row["solver_warning"] = _solver_warning(figures, model.deq.settings.tol)
+        row["solver_warning"] = _solver_warning(figures, model.solver_settings.tol)
         progress["history"].append(row)
         progress["epoch"], progress["step"], progress["sums"] = epoch + 1, 0, None
         last_metrics = _metrics_summary(row)
@@ -454,8 +454,8 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
             model.eval()
             _retune(model, calib_x, calib_y, dist.broadcast_float)
             model.train()
-            alphas.append(model.deq.settings.alpha)
-            backward_alphas.append(model.deq.settings.backward().alpha)
+            alphas.append(model.solver_settings.alpha)
+            backward_alphas.append(model.solver_settings.backward().alpha)
         logits = net(x)
         loss = F.cross_entropy(logits, y)
         where = f"epoch {epoch + 1}/{st.epochs}, step {step + 1}/{steps}"
@@ -485,7 +485,7 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
         sums["time"] += time.perf_counter() - t0
         progress["step"], progress["sums"] = step + 1, dict(sums)
         progress["elapsed"] += time.perf_counter() - t0
-        warning = _solver_warning(_train_solver_figures(sums), model.deq.settings.tol)
+        warning = _solver_warning(_train_solver_figures(sums), model.solver_settings.tol)
         if warning and not warned and dist.is_main:
             if bar is not None:
                 bar.write(f"warning: {where}: {warning}", file=sys.stderr)
@@ -517,8 +517,8 @@ def _run_epoch(st, model, net, optimizer, normalize, progress, stop) -> dict | N
     return {
         "epoch": epoch + 1,
         "lr": lr if steps else st.lr,
-        "alpha": model.deq.settings.alpha,
-        "backward_alpha": model.deq.settings.backward().alpha,
+        "alpha": model.solver_settings.alpha,
+        "backward_alpha": model.solver_settings.backward().alpha,
         "alphas_tuned": alphas,
         "backward_alphas_tuned": backward_alphas,
         "train_loss": total["loss"] / n,
@@ -547,20 +547,23 @@ def _retune(model, x: torch.Tensor, y: torch.Tensor, agree) -> None:
     searches). The best α moves slowly, so a search that ends on its grid's edge goes on at
     the next retune. ``agree`` makes every rank take rank 0's result.
     """
-    pr = "peaceman_rachford"  # FB's step is bounded by its convergence rule, not tuned
-    max_iter = min(TUNE_MAX_ITER, model.deq.settings.max_iter)
-    search = {"grid": 5, "refine": 4, "max_iter": max_iter}
     x, y = x[:TUNE_SAMPLES], y[:TUNE_SAMPLES]
-    if model.deq.settings.method == pr:
-        log_a = math.log10(model.deq.settings.alpha or 1.0)
-        span = (log_a - TUNE_SPAN, log_a + TUNE_SPAN)
-        result = tune_alpha(model, x, log10_range=span, **search)
-        model.set_solver(alpha=agree(result.alpha))
-    if model.deq.settings.backward().method == pr:
-        log_a = math.log10(model.deq.settings.backward().alpha or 1.0)
-        span = (log_a - TUNE_SPAN, log_a + TUNE_SPAN)
-        result = tune_alpha(model, x, targets=y, log10_range=span, **search)
-        model.set_solver(backward_alpha=agree(result.alpha))
+    for backward, key in ((False, "alpha"), (True, "backward_alpha")):
+        s = model.solver_settings.backward() if backward else model.solver_settings
+        if not s.solver.tunable_alpha:  # e.g. FB: its step is bounded by its convergence rule
+            continue
+        log_a = math.log10(model.solver_alpha(backward))
+        result = tune_alpha(
+            model,
+            x,
+            method=s.method,
+            targets=y if backward else None,
+            log10_range=(log_a - TUNE_SPAN, log_a + TUNE_SPAN),
+            grid=5,
+            refine=4,
+            max_iter=min(TUNE_MAX_ITER, model.solver_settings.max_iter),
+        )
+        model.set_solver(**{key: agree(result.alpha)})
 
 
 def _diverged(st: _Setup, where: str, what: str, bar=None) -> Diverged:
@@ -622,7 +625,7 @@ def _solver_warning(figures: dict, tol: float) -> str | None:
 
 def _alphas(model) -> str:
     """``"forward/backward"`` α's for the progress bar."""
-    s = model.deq.settings
+    s = model.solver_settings
     return "/".join("-" if a is None else f"{a:.3g}" for a in (s.alpha, s.backward().alpha))
 
 
