@@ -631,10 +631,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "multipart body needs a 'file' field holding an image")
         data = await upload.read()
 
+        # Every field but the file goes through the JSON body's model: an unknown one
+        # (a misspelt max_iter) is 422 there too, with the same message.
         fields: dict[str, str] = {}
-        for k in ("top_k", "tol", "max_iter", "method", "invert"):
-            raw = form.get(k)
-            if raw is None or raw == "":
+        for k, raw in form.multi_items():
+            if k == "file" or raw == "":
                 continue
             if not isinstance(raw, str):
                 raise ApiError(422, f"form field {k!r} must be a plain value")
@@ -700,15 +701,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, str(e)) from None
         return JSONResponse(finite({"model": name, "version": str(served.version), **out}))
 
-    @app.post("/v1/models/{name}/reload", name="v1_reload", tags=["admin"], responses=ADMIN_ERRORS)
+    @app.post(
+        "/v1/models/{name}/reload",
+        name="v1_reload",
+        tags=["admin"],
+        responses={**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415]},
+        openapi_extra=_json_body(schemas.ReloadRequest, required=False),
+    )
     async def reload(
         name: str,
+        request: Request,
         creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ):
         """Reread the model's folder: load new versions, reload every version from disk,
         drop removed ones. Requests in flight finish on the versions they started on. A file
-        still changing stays ``pending``; a reload that fails keeps the loaded weights."""
+        still changing stays ``pending``; a reload that fails keeps the loaded weights.
+        No body, or ``{}``: a body is read by the JSON rules of every endpoint, so that a
+        malformed one is refused (400) rather than ignored."""
         admin(creds)
+        raw = await request.body()
+        if raw.strip():
+            _json_content_type(request.headers.get("content-type"), "send application/json")
+            _parse_json(raw, schemas.ReloadRequest)
         repo = rt.repository()
         if not NAME_RE.match(name) or not (
             name in repo.entries or (settings.model_dir / name).is_dir()
@@ -738,7 +752,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus text exposition."""
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _document_bodies(app, schemas.InferRequest, schemas.ClassifyRequest, schemas.TuneRequest)
+    _document_bodies(
+        app,
+        schemas.InferRequest,
+        schemas.ClassifyRequest,
+        schemas.TuneRequest,
+        schemas.ReloadRequest,
+    )
     return app
 
 
@@ -899,7 +919,8 @@ def _exception_handlers(app: FastAPI) -> None:
         headers = dict(getattr(e, "headers", None) or {})
         method = "HEAD" if request.scope.get(HEAD_SCOPE_KEY) else request.method
         if e.status_code == 404 and detail == "Not Found":
-            detail = f"no such path: {method} {request.url.path}"
+            # No method in the text: HEAD must get GET's headers, Content-Length included.
+            detail = f"no such path: {request.url.path}"
         elif e.status_code == 405:
             allowed = _allowed(headers.get("Allow", ""))
             headers["Allow"] = ", ".join(allowed)

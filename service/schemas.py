@@ -119,7 +119,10 @@ class LiveBody(BaseModel):
 
 class ClassifyRequest(BaseModel):
     """``POST /v1/models/{name}:classify`` as JSON. ``inputs`` holds pixels in [0, 1]:
-    ``[H, W]`` (one-channel models), ``[C, H, W]`` or ``[B, C, H, W]``."""
+    ``[H, W]`` (one-channel models), ``[C, H, W]`` or ``[B, C, H, W]``. An unknown field
+    is 422: a misspelt ``max_iter`` would otherwise solve with the default unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(description="nested array of pixel intensities in [0, 1]")
     top_k: int = Field(3, ge=1, description="classes to return per sample")
@@ -159,13 +162,22 @@ class ModelList(BaseModel):
 
 
 class TuneRequest(BaseModel):
-    """``POST /v1/models/{name}/tune-alpha``."""
+    """``POST /v1/models/{name}/tune-alpha``. An unknown field is 422: a misspelt
+    ``"apply": false`` must not switch α in production."""
+
+    model_config = ConfigDict(extra="forbid")
 
     source: Literal["auto", "recent", "calibration"] = Field(
         "auto", description="auto: recent traffic if any, else the calibration batch"
     )
     apply: bool = Field(True, description="switch the model to the α found")
     version: int | None = Field(None, ge=1, description="default: the default version")
+
+
+class ReloadRequest(BaseModel):
+    """``POST /v1/models/{name}/reload`` takes no parameters: no body, or ``{}``."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 MULTIPART_SCHEMA = {

@@ -49,6 +49,7 @@ GET_ROUTES = [
     "/v2/models/broken",  # 503
     "/v2/models/broken/ready",  # 503
     "/v2/models/nope",  # 404
+    "/no/such/path",  # 404 from the router
     "/v1/models",
     "/metrics",
     "/openapi.json",
@@ -168,6 +169,7 @@ JSON_ENDPOINTS = [
     ("/v2/models/fc/versions/1/infer", {}),
     ("/v1/models/fc:classify", {}),
     ("/v1/models/fc/tune-alpha", AUTH),
+    ("/v1/models/fc/reload", AUTH),  # takes no parameters, but a body is still read as JSON
 ]
 
 
@@ -219,6 +221,22 @@ def test_json_without_content_type_and_with_utf8_charset_is_read(client):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/v1/models/fc/tune-alpha", {"source": "calibration", "aply": False}, "aply"),
+        ("/v1/models/fc/reload", {"version": 1}, "version"),
+    ],
+)
+def test_unknown_fields_are_422_not_ignored(client, path, body, field):
+    """A misspelt field must not be dropped silently: ``"aply": false`` applied the α
+    search's result (200), ``maxiter`` solved with the default max_iter."""
+    before = client.get("/v1/models").json()
+    r = client.post(path, json=body, headers=AUTH)
+    assert error(r, 422) == f"invalid request: body.{field}: Extra inputs are not permitted"
+    assert client.get("/v1/models").json() == before  # nothing tuned or reloaded
+
+
 # ---- one set of rules for JSON and multipart ---------------------------------------------------
 
 
@@ -235,6 +253,7 @@ def test_json_without_content_type_and_with_utf8_charset_is_read(client):
             "invalid request: body.max_iter: Input should be greater than or equal to 1",
         ),
         ("method", "newton", "unknown method 'newton'"),
+        ("maxiter", 5, "invalid request: body.maxiter: Extra inputs are not permitted"),
     ],
 )
 def test_json_and_multipart_share_the_validation_rules(client, field, value, message):
