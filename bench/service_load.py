@@ -82,14 +82,15 @@ class Limit:
         mean = torch.tensor(spec["mean"]).view(1, c, 1, 1)
         std = torch.tensor(spec["std"]).view(1, c, 1, 1)
         self.x = ((pixel_batch(model) - mean) / std).to(device)
-        if model.deq.settings.method == "peaceman_rachford":
-            model.set_solver(alpha=tune_alpha(model, self.x).alpha)
+        s = model.solver_settings
+        if s.solver.tunable_alpha:
+            model.set_solver(alpha=tune_alpha(model, self.x, method=s.method).alpha)
         self.model = model
         model.infer(self.x)  # warm: resolvent and allocator
 
     @property
     def alpha(self) -> float:
-        return self.model.deq.settings.alpha
+        return self.model.solver_settings.alpha
 
     def samples_per_s(self, batch: int, seconds: float) -> float:
         xb = self.x[:batch]

@@ -21,11 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from model_core import MonDEQClassifier, tune_alpha
+from model_core import SOLVERS, MonDEQClassifier, tune_alpha
 
 log = logging.getLogger("mondeq.service")
-
-TUNABLE_METHOD = "peaceman_rachford"  # FB's α is bounded by its step rule; it is not searched
 
 
 class TuningBusy(Exception):
@@ -84,7 +82,9 @@ class AlphaTuner:
 
     @property
     def tunable(self) -> bool:
-        return self.model.deq.settings.method == TUNABLE_METHOD
+        """Whether the model's method has an α worth searching (PR yes; FB's α is bounded
+        by its convergence rule)."""
+        return self.model.solver_settings.solver.tunable_alpha
 
     @property
     def busy(self) -> bool:
@@ -130,18 +130,19 @@ class AlphaTuner:
             NoTuningData: nothing to tune on.
             ValueError: the model's method has no tunable α, or a bad ``source``.
         """
+        method = self.model.solver_settings.method
         if not self.tunable:
+            tunable = sorted(n for n, cls in SOLVERS.items() if cls.tunable_alpha)
             raise ValueError(
-                f"the α search applies to {TUNABLE_METHOD}; this model solves with "
-                f"{self.model.deq.settings.method}"
+                f"the α search applies to {', '.join(tunable)}; this model solves with {method}"
             )
         if not self._lock.acquire(blocking=False):
             raise TuningBusy("an α search for this model is running already")
         try:
             x, used = self.batch(source)
-            previous = self.model.deq.settings.alpha
+            previous = self.model.solver_settings.alpha
             t0 = time.perf_counter()
-            result = tune_alpha(self.model, x)
+            result = tune_alpha(self.model, x, method=method)
             best = next((r for r in result.curve if r["alpha"] == result.alpha), None)
             iters = best["iterations_mean"] if best else None
             if apply:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model_core import SOLVERS, MonDEQClassifier
+from model_core import SOLVERS, MonDEQClassifier, SolverSettings
 
 from .alpha import AlphaTuner
 from .batcher import Answer, Batcher, BatchOutput
@@ -150,8 +150,9 @@ class ServedModel:
 
     # ---- serving -------------------------------------------------------------------------------
     @property
-    def solver(self):
-        return self.model.deq.settings
+    def solver(self) -> SolverSettings:
+        """The model's default solver settings (α as tuned now)."""
+        return self.model.solver_settings
 
     def default_key(self) -> SolveKey:
         s = self.solver
