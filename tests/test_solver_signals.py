@@ -198,3 +198,29 @@ def test_http_unconverged_samples_carry_null_radii(served, pixels):
         preds = r.json()["predictions"]
         assert all(p["converged"] and p["certified_radius"] >= 0 for p in preds)
         assert all(p["residual"] <= 0.01 for p in preds)
+
+
+@pytest.mark.parametrize("name", DEFAULT_MODELS)
+def test_http_a_loose_tol_buys_no_certificate(served, pixels, name):
+    """``tol: 1`` stops every sample at once (all ``converged``, as the rule says), but such a
+    point is no equilibrium: 27 (fmnist-conv) and 10 (fmnist-fc) of these 100 labels differ
+    from the tol-1e-6 solve's, and each carried a certified radius. A radius is given only
+    at a residual within the model's own tol (0.01), whatever the request's tol."""
+    x = pixels[:100]
+    model = load_checkpoint(checkpoint(name))
+    ref = model.infer(normalise(model, x), tol=1e-6, max_iter=1000)
+    assert ref.stats.converged.all()
+    with served.client() as client:
+        r = client.post(f"/v2/models/{name}/infer", json=v2_body(x, parameters={"tol": 1.0}))
+        assert r.status_code == 200, r.text
+        out = outputs(r.json())
+        v1 = client.post(f"/v1/models/{name}:classify", json={"inputs": x.tolist(), "tol": 1.0})
+        assert v1.status_code == 200, v1.text
+    assert out["converged"].all()
+    assert (out["label"] != ref.labels).sum() > 0  # stopped short of the equilibrium
+    certified = ~out["certified_radius"].isnan()
+    assert torch.equal(certified, out["residual"] <= 0.01)
+    assert (out["label"][certified] == ref.labels[certified]).all()
+    assert [p["certified_radius"] is None for p in v1.json()["predictions"]] == (
+        (~certified).tolist()
+    )
