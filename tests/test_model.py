@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model_core import build_model, tune_alpha
+from model_core import SolverSettings, build_model, tune_alpha
 from model_core.operators.spectral import transfer
 from model_core.solvers import ForwardBackward
 
@@ -65,6 +65,30 @@ def test_infer_overrides_do_not_change_defaults():
     assert out.stats.alpha == pytest.approx(ForwardBackward.safe_alpha(model.op))
     assert model.deq.settings.method == "peaceman_rachford"
     assert model.infer(x).stats.tol == model.deq.settings.tol
+
+
+def test_solver_settings_are_one_public_view():
+    """Read, assigned and changed through the classifier; the config a checkpoint stores
+    follows; a bad change raises and leaves them as they were; ``solver_alpha`` is the α a
+    solve takes: the settings', else the method's safe α for the current weights."""
+    model = build_model(FC)
+    assert model.solver_settings is model.deq.settings
+    model.set_solver(alpha=0.5, backward_method="forward_backward")
+    assert model.config["solver"] == model.solver_settings.to_dict()
+    assert (model.solver_alpha(), model.solver_settings.backward().alpha) == (0.5, None)
+    assert model.solver_alpha(backward=True) == ForwardBackward.safe_alpha(model.op)
+    before = model.solver_settings
+    with pytest.raises(ValueError, match="unknown solver settings"):
+        model.set_solver(speed=3)
+    with pytest.raises(ValueError, match="unknown solver 'newton'"):
+        model.set_solver(method="newton")
+    with pytest.raises(TypeError, match="SolverSettings"):
+        model.solver_settings = {"alpha": 2.0}
+    assert model.solver_settings is before and model.config["solver"] == before.to_dict()
+    model.solver_settings = SolverSettings(method="forward_backward", alpha=None)
+    assert model.config["solver"]["method"] == "forward_backward"
+    assert model.solver_alpha() == ForwardBackward.safe_alpha(model.op)
+    assert model.solver_settings.solver is ForwardBackward
 
 
 def test_lipschitz_bound_fc_matches_dense_norms():
