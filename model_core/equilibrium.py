@@ -19,6 +19,12 @@ from .solvers import (
     solve_forward,
 )
 
+# The solvers compute with α and 1/α in the weights' dtype: float32 holds both for any α in
+# this range with room to spare, while α = 1e-40 or 1e300 fails inside the first iteration.
+ALPHA_RANGE = (1e-30, 1e30)
+# An iteration count is an int64 tensor; no solve comes near this many iterations.
+MAX_ITER = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class SolverSettings:
@@ -29,11 +35,16 @@ class SolverSettings:
 
     Attributes:
         method: a registered solver name (:data:`~model_core.solvers.SOLVERS`).
-        alpha: step size α (PR: any α > 0; FB: ``α ≤ 2m/‖I − W‖²``); ``None``: the method's
+        alpha: step size α in :data:`ALPHA_RANGE` (PR: any α > 0 in exact arithmetic; FB:
+            ``α ≤ 2m/‖I − W‖²``); ``None``: the method's
             :meth:`~model_core.solvers.SplittingMethod.safe_alpha` (FB: half that bound).
         tol: bound on each sample's true fixed-point residual (§2; a sample is converged
             when it holds). The paper trains with 1e-2, on the relative change instead.
-        max_iter: iteration cap (the paper uses 300).
+        max_iter: iteration cap, 1 to :data:`MAX_ITER` (the paper uses 300).
+
+    Raises:
+        ValueError: an unknown method, α outside :data:`ALPHA_RANGE`, tol not > 0 or
+            max_iter outside [1, MAX_ITER], forward or backward.
     """
 
     method: str = PeacemanRachford.name
@@ -49,12 +60,19 @@ class SolverSettings:
         get_solver(self.method)  # raises ValueError naming the valid solvers
         if self.backward_method is not None:
             get_solver(self.backward_method)
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"solver alpha must be > 0, got {self.alpha}")
-        if not self.tol > 0:
-            raise ValueError(f"solver tol must be > 0, got {self.tol}")
-        if int(self.max_iter) < 1:
-            raise ValueError(f"solver max_iter must be >= 1, got {self.max_iter}")
+        lo, hi = ALPHA_RANGE
+        for prefix, alpha, tol, max_iter in (
+            ("", self.alpha, self.tol, self.max_iter),
+            ("backward_", self.backward_alpha, self.backward_tol, self.backward_max_iter),
+        ):
+            if alpha is not None and not lo <= alpha <= hi:
+                raise ValueError(f"solver {prefix}alpha must be in [{lo:g}, {hi:g}], got {alpha}")
+            if tol is not None and not tol > 0:
+                raise ValueError(f"solver {prefix}tol must be > 0, got {tol}")
+            if max_iter is not None and not 1 <= int(max_iter) <= MAX_ITER:
+                raise ValueError(
+                    f"solver {prefix}max_iter must be in [1, {MAX_ITER}], got {max_iter}"
+                )
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SolverSettings:

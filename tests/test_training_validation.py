@@ -278,6 +278,14 @@ def test_eval_inputs_are_checked_against_the_data(capsys, two_epoch_run, tmp_pat
                               "synthetic\n")  # fmt: skip
     code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--device", "gpu")
     assert (code, err) == (2, "mondeq eval: --device 'gpu': expected auto, cpu, cuda or cuda:N\n")
+    # Solver overrides float32 cannot compute with: were tracebacks in the first iteration.
+    code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--alpha", "1e300")
+    assert (code, err) == (2, "mondeq eval: solver alpha must be in [1e-30, 1e+30], got 1e+300\n")
+    code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--max-iter", str(10**20))
+    assert (code, err) == (
+        2,
+        f"mondeq eval: solver max_iter must be in [1, {2**31 - 1}], got {10**20}\n",
+    )
     for device in ("meta", "mps", "cpu:1"):  # were tracebacks
         code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--device", device)
         assert (code, err) == (
