@@ -8,7 +8,8 @@ answer. :func:`decode_image` decodes with Pillow and applies, in this order:
 
 1. **Format.** PNG, JPEG (MPO included), GIF, WebP, BMP and TIFF; anything else is 400.
    Width × height over the server's ``max_image_pixels`` (or over Pillow's decompression-bomb
-   limit) is 413, decided from the header before any pixel is decoded.
+   limit) is 413, decided from the header before any pixel is decoded; so is a PNG text or
+   ICC chunk that inflates past Pillow's ``MAX_TEXT_CHUNK``.
 2. **Frames.** An animation (GIF, APNG, WebP) or a multi-page TIFF has no single picture to
    classify: 422. An MPO (a camera JPEG carrying a second view or a depth map) is shown by
    viewers as its first, primary image, which is used.
@@ -130,7 +131,8 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
         img = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except Image.DecompressionBombError as e:
         raise ImageRejected(413, f"the uploaded image is too large ({e})") from None
-    except Exception:  # Pillow raises many types for foreign bytes
+    except Exception as e:  # Pillow raises many types for foreign bytes
+        _refuse_chunk_bomb(e)
         raise ImageRejected(400, f"the uploaded file is not a {FORMAT_NAMES} image") from None
     fmt = img.format
     if img.width * img.height > max_pixels:
@@ -150,6 +152,7 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
     except Image.DecompressionBombError as e:
         raise ImageRejected(413, f"the uploaded image is too large ({e})") from None
     except Exception as e:  # truncated or corrupt image data
+        _refuse_chunk_bomb(e)
         raise ImageRejected(400, f"the uploaded {fmt} image could not be decoded ({e})") from None
     # In place keeps format and info; a malformed EXIF block leaves the picture unturned, as
     # viewers leave it.
@@ -187,6 +190,20 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
     if invert:
         out = 1.0 - out
     return out
+
+
+def _refuse_chunk_bomb(e: Exception) -> None:
+    """A compressed PNG text or ICC chunk (``zTXt``, ``iTXt``, ``iCCP``) that inflates past
+    Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` is a decompression bomb too: 413, as one in the
+    pixels (Pillow says so only in a ``ValueError``'s text).
+
+    Raises:
+        ImageRejected: 413 when ``e`` is that refusal; otherwise returns.
+    """
+    if isinstance(e, ValueError) and "Decompressed data too large" in str(e):
+        raise ImageRejected(
+            413, f"the uploaded image holds metadata too large once decompressed ({e})"
+        ) from None
 
 
 Band = Callable[[], np.ndarray]

@@ -546,6 +546,19 @@ NOISE_PNG = save(
 )
 
 
+def png_with_chunk(kind: bytes, data: bytes, after_pixels: bool = False) -> bytes:
+    """A valid 8×8 grey PNG with one more chunk, before or after its pixels (``IDAT``)."""
+    chunk = struct.pack(">I", len(data)) + kind + data
+    chunk += struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    png = save(Image.new("L", (8, 8), 64), "PNG")
+    at = png.index(b"IEND") - 4 if after_pixels else png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+# 200 MiB of text in 200 KiB: inflating it is the bomb, in a chunk rather than the pixels.
+TEXT_BOMB = zlib.compress(b"a" * (200 << 20), 9)
+
+
 @pytest.mark.parametrize(
     "data,status,words",
     [
@@ -554,8 +567,20 @@ NOISE_PNG = save(
         (save(Image.new("L", (8, 8)), "PCX"), 400, "not a PNG"),
         (NOISE_PNG[: len(NOISE_PNG) // 2], 400, "could not be decoded"),
         (save(Image.new("L", (5000, 4000)), "PNG"), 413, "exceeds the limit"),
+        (png_with_chunk(b"zTXt", b"k\x00\x00" + TEXT_BOMB), 413, "metadata too large"),
+        (png_with_chunk(b"iCCP", b"p\x00\x00" + TEXT_BOMB), 413, "metadata too large"),
+        (png_with_chunk(b"zTXt", b"k\x00\x00" + TEXT_BOMB, True), 413, "metadata too large"),
     ],
-    ids=["empty", "text", "pcx", "truncated", "too-many-pixels"],
+    ids=[
+        "empty",
+        "text",
+        "pcx",
+        "truncated",
+        "too-many-pixels",
+        "ztxt-bomb",
+        "iccp-bomb",
+        "ztxt-bomb-after-pixels",
+    ],
 )
 def test_bad_files_are_refused(data, status, words):
     with pytest.raises(ImageRejected) as e:
