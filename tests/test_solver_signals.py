@@ -118,6 +118,27 @@ def test_mondeq_eval_counts_unconverged_samples_as_not_certified():
     assert cut["certified"] == {"0": 0.0, "0.05": 0.0}
 
 
+def test_mondeq_eval_at_a_loose_tol_certifies_no_sample_off_the_equilibrium():
+    """``mondeq eval --tol 1`` on fmnist-conv: every sample "converges" at residual ~0.5, and
+    before, 51% of 200 test images were certified at ε = 0.05 from points that are not the
+    equilibrium. A radius needs a residual within ``min(tol, CERTIFY_TOL)``."""
+    from model_core.models import CERTIFY_TOL
+
+    model = load_checkpoint(checkpoint("fmnist-conv"))
+    x = torch.from_numpy(read_idx(IMAGES)[:50].copy()).unsqueeze(1)
+    y = torch.from_numpy(read_idx(LABELS)[:50].astype("int64"))
+    spec = model.input_spec
+    norm = Normalizer(spec["mean"], spec["std"], device="cpu")
+    model.set_solver(tol=1.0)
+    r = model.infer(norm(x))
+    off = r.stats.residual > CERTIFY_TOL
+    assert r.stats.converged.all() and off.all()
+    assert r.certified_radius.isnan().all()
+    loose = evaluate(model, x, y, norm, radii=(0.0, 0.05))
+    assert loose["converged_share"] == 1.0
+    assert loose["certified"] == {"0": 0.0, "0.05": 0.0}
+
+
 @torch.no_grad()
 def test_forward_backward_on_a_blank_image_reaches_the_pr_label():
     """The issue's all-zeros image on fmnist-fc: FB stopped at residual 1.8 and said label 0

@@ -34,8 +34,9 @@ def evaluate(
     Returns:
         ``accuracy``, ``loss``, ``iterations_{mean,p50,p99,max}``, ``residual_mean``,
         ``converged_share`` (true fixed-point residual ≤ tol), ``lipschitz``, ``certified``
-        (radius → certified accuracy: converged, correct, and a certified ℓ2 radius ≥ r,
-        docs/math.md §7; an unconverged sample has no radius), ``samples``.
+        (radius → certified accuracy: correct, and a certified ℓ2 radius ≥ r,
+        docs/math.md §7; a sample not solved to within ``min(tol, CERTIFY_TOL)`` has no
+        radius, so ``--tol 1`` certifies nothing it did not before), ``samples``.
     """
     dist = dist or Dist(device=next(model.parameters()).device)
     index = torch.arange(dist.rank, len(x), dist.world)
