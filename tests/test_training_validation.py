@@ -56,6 +56,11 @@ def test_yaml_float_written_without_a_dot_is_a_number(tmp_path):
         "epochs": 3,
     }
     assert read_config(write(tmp_path / "c.yaml", "tune_alpha: no\n")) == {"tune_alpha": False}
+    # YAML 1.2 integers: 010 is ten (YAML 1.1: octal 8), 0o10 is eight.
+    assert read_config(write(tmp_path / "e.yaml", "epochs: 010\nseed: 0o10\n")) == {
+        "epochs": 10,
+        "seed": 8,
+    }
     assert read_config(write(tmp_path / "d.toml", "lr = 1e-3\nbatch-size = 32\n")) == {
         "lr": 0.001,
         "batch_size": 32,
@@ -87,6 +92,19 @@ def test_yaml_float_written_without_a_dot_is_a_number(tmp_path):
         ("k.yaml", "- epochs\n", "config {path} must be a mapping of options"),
         ("l.toml", 'command = "x"\n', "config {path}: 'command': unknown option; known: "
          f"{KNOWN}"),
+        # YAML 1.1 read these as 90 (base 60), 90.5 and 3; the last of two keys won silently,
+        # and an empty value meant the preset's.
+        ("m.yaml", "epochs: 1:30\n", "epochs in {path} must be an integer >= 1, got the string "
+         "'1:30'"),
+        ("n.yaml", "lr: 1:30.5\n", "lr in {path} must be a finite number > 0, got the string "
+         "'1:30.5'"),
+        ("o.yaml", "epochs: 0b11\n", "epochs in {path} must be an integer >= 1, got the string "
+         "'0b11'"),
+        ("p.yaml", "lr: 1e-3\nepochs: 2\nlr: 5\n", "config {path} does not parse: duplicate "
+         "key 'lr' (line 3)"),
+        ("q.yaml", "batch-size: 64\nbatch_size: 32\n", "config {path}: 'batch-size' and "
+         "'batch_size' set the same option"),
+        ("r.yaml", "epochs:\n", "epochs in {path} has no value; give one or remove the key"),
     ],
 )  # fmt: skip
 def test_config_values_are_checked(tmp_path, name, text, message):

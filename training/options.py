@@ -9,8 +9,11 @@ against the training split, ``--eval-limit`` against the test split) run in
 
 Config files (:func:`read_config`):
 
-* TOML, or YAML read with the YAML 1.2 float syntax, so ``lr: 1e-3`` is the number 0.001
-  (PyYAML's YAML 1.1 rules read it as the string ``"1e-3"``);
+* TOML, or YAML read with the YAML 1.2 number syntax, so ``lr: 1e-3`` is the number 0.001
+  (PyYAML's YAML 1.1 rules read it as the string ``"1e-3"``) and ``epochs: 1:30`` a string,
+  not 90 in base 60 (``010`` is 10, not octal 8);
+* a key given twice (``lr: 1e-3`` … ``lr: 5``, or ``batch-size`` and ``batch_size``), or a key
+  with no value (``epochs:``), is refused rather than one of them winning silently;
 * a quoted number (``epochs: "2"``, ``lr: "1e-3"``) stays a string and is refused, as are
   ``"false"`` for a boolean and ``2.0`` or ``true`` for an integer;
 * an unknown key is refused, with the nearest known key as a suggestion.
@@ -207,13 +210,49 @@ _YAML12_FLOAT = re.compile(
 )
 
 
+# YAML 1.2's integers (decimal, 0o octal, 0x hex; underscores kept as digit separators).
+# YAML 1.1's would read `epochs: 1:30` as 90 (base 60), `010` as 8 and `0b11` as 3, and its
+# floats `lr: 1:30.5` as 90.5.
+_YAML12_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+
+
+def _yaml_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    for prefix, base in (("0o", 8), ("0x", 16)):
+        if text.startswith(prefix):
+            return int(text[2:], base)
+    return int(text, 10)
+
+
 def _yaml_loader():
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            # YAML requires unique keys; PyYAML keeps the last one, so `lr: 1e-3` followed
+            # by `lr: 5` would silently train at 5. (Keys merged in with `<<` may be
+            # overridden: that is what the merge key is for.)
+            seen = set()
+            for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"duplicate key {key.value!r} (line {key.start_mark.line + 1})",
+                        )
+                    seen.add(key.value)
+            return super().construct_mapping(node, deep)
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(int_tag, _YAML12_INT, list("-+0123456789"))
+    Loader.add_implicit_resolver(float_tag, _YAML12_FLOAT, list("-+0123456789."))
+    Loader.add_constructor(int_tag, _yaml_int)
     return Loader
 
 
@@ -244,12 +283,16 @@ def read_config(path: Path) -> dict:
         raise OptionError(f"config {path} does not parse: {first}") from None
     if not isinstance(raw, dict):
         raise OptionError(f"config {path} must be a mapping of options")
-    options = {}
+    options, spelt = {}, {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in CONFIG_KEYS:
             raise OptionError(_unknown(name, CONFIG_KEYS, f"config {path}: {key!r}"))
-        options[name] = value
+        if name in options:
+            raise OptionError(f"config {path}: {spelt[name]!r} and {key!r} set the same option")
+        if value is None:  # `epochs:` with nothing after it; a default would pass unnoticed
+            raise OptionError(f"{name} in {path} has no value; give one or remove the key")
+        options[name], spelt[name] = value, key
     return check_options(options, lambda name: f"{name} in {path}")
 
 
