@@ -639,7 +639,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 continue
             if not isinstance(raw, str):
                 raise ApiError(422, f"form field {k!r} must be a plain value")
-            fields[k] = raw
+            fields[k] = _form_value(k, raw)
         try:
             invert = _boolean(fields.pop("invert", "false"))
         except ValueError as e:
@@ -778,6 +778,22 @@ def _boolean(raw: str) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def _form_value(key: str, raw: str) -> Any:
+    """A multipart text field as the JSON value it spells, for the numeric fields of
+    :class:`schemas.ClassifyRequest` (``"30"`` → 30, ``"1e-3"`` → 0.001), so the form obeys
+    the JSON body's strict rules: ``"3_0"`` or ``"true"`` for ``max_iter`` is refused there,
+    not read as 30 or 1. Other fields (``method``) stay text."""
+    if key not in _NUMERIC_FORM_FIELDS:
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw  # the strict field refuses the text with the JSON body's message
+
+
+_NUMERIC_FORM_FIELDS = ("top_k", "tol", "max_iter")
 
 
 def _parse_json(raw: bytes, model: type[schemas.BaseModel]):

@@ -27,10 +27,12 @@ class SolverOverrides(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    # Strict: JSON ``true`` or ``"3"`` is refused, not read as 1 or 3 (a value is honoured
+    # as sent or refused, never guessed at).
     tol: float | None = Field(
-        None, gt=0, le=1, description="bound on the true fixed-point residual"
+        None, gt=0, le=1, strict=True, description="bound on the true fixed-point residual"
     )
-    max_iter: int | None = Field(None, ge=1, description="iteration cap")
+    max_iter: int | None = Field(None, ge=1, strict=True, description="iteration cap")
     method: str | None = Field(
         None,
         description=f"a registered solver: {', '.join(sorted(SOLVERS))}",
@@ -125,9 +127,9 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(description="nested array of pixel intensities in [0, 1]")
-    top_k: int = Field(3, ge=1, description="classes to return per sample")
-    tol: float | None = Field(None, gt=0, le=1)
-    max_iter: int | None = Field(None, ge=1)
+    top_k: int = Field(3, ge=1, strict=True, description="classes to return per sample")
+    tol: float | None = Field(None, gt=0, le=1, strict=True)
+    max_iter: int | None = Field(None, ge=1, strict=True)
     method: str | None = None
 
 

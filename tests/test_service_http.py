@@ -265,3 +265,45 @@ def test_json_and_multipart_share_the_validation_rules(client, field, value, mes
     assert error(as_form, 422).startswith(message)
     if as_json.json().get("detail"):
         assert as_form.json()["detail"] == as_json.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "field,value,text,kind",
+    [
+        ("max_iter", True, "true", "a valid integer"),
+        ("max_iter", "3", "3_0", "a valid integer"),
+        ("top_k", 2.0, "2.5", "a valid integer"),
+        ("tol", "0.01", "1e-2x", "a valid number"),
+        ("tol", False, "false", "a valid number"),
+    ],
+)
+def test_numbers_are_read_as_sent_not_coerced(client, field, value, text, kind):
+    """JSON ``"max_iter": true`` solved with max_iter 1 and ``"3"`` with 3; the form's
+    ``3_0`` with 30. A value is honoured as sent or refused (422 naming the field), never
+    guessed at; plain numbers in either encoding still work."""
+    message = f"invalid request: body.{field}: Input should be {kind}"
+    as_json = client.post("/v1/models/fc:classify", json={"inputs": PIXELS, field: value})
+    assert error(as_json, 422).startswith(message)
+    as_form = client.post(
+        "/v1/models/fc:classify", files={"file": ("a.png", png())}, data={field: text}
+    )
+    assert error(as_form, 422).startswith(message)
+    body = {**infer_body(), "parameters": {field: value}}
+    if field != "top_k":  # V2 has no top_k
+        r = client.post("/v2/models/fc/infer", json=body)
+        assert r.status_code == 422, r.text
+        assert field in r.json()["error"] and kind in r.json()["error"]
+
+
+def test_plain_numbers_pass_in_json_form_and_v2(client):
+    ok = {"max_iter": 30, "tol": 0.01, "top_k": 2}
+    r = client.post("/v1/models/fc:classify", json={"inputs": PIXELS, **ok})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"][0]["top_k"]) == 2
+    form = {"max_iter": "30", "tol": "1e-2", "top_k": "2"}
+    r = client.post("/v1/models/fc:classify", files={"file": ("a.png", png())}, data=form)
+    assert r.status_code == 200, r.text
+    assert r.json()["solver"]["max_iter"] == 30 and r.json()["solver"]["tol"] == 0.01
+    r = client.post("/v2/models/fc/infer", json={**infer_body(), "parameters": {"max_iter": 30}})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["max_iter"] == 30
