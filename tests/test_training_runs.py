@@ -237,6 +237,21 @@ def test_export_refuses_to_replace_a_published_version_unless_forced(finished_ru
     ]  # fmt: skip
 
 
+def test_a_published_version_is_no_run_folder_even_with_overwrite(finished_run, tmp_path):
+    models = tmp_path / "models"
+    mondeq("export", finished_run, "--models", models, "--name", "fmnist-fc", "--version", "1")
+    version = models / "fmnist-fc" / "1"
+    published = snapshot(models)
+    for extra in ([], ["--overwrite"]):  # --overwrite replaced the version's curves.png
+        proc = mondeq("train", *SMOKE, "--epochs", "1", "--out", version, *extra, check=False)
+        assert proc.returncode == 2
+        assert one_line(proc.stderr) == (
+            f"mondeq train: --out {version} is a published model version (model.pt, "
+            "card.json); train into a run folder and `mondeq export` it"
+        )
+        assert snapshot(models) == published
+
+
 def test_import_locuslab_refuses_to_replace_a_checkpoint(finished_run, tmp_path):
     dst = tmp_path / "model.pt"
     shutil.copyfile(finished_run / "best.pt", dst)

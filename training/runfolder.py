@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")
+# What `mondeq export` writes into MODELS/NAME/VERSION besides curves.png.
+PUBLISHED_FILES = ("model.pt", "card.json")
 LOCK_NAME = ".lock"
 
 
@@ -35,13 +37,22 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to start a fresh run where one exists, unless told what to do with it.
 
     Raises:
-        RunFolderError: ``out`` is not a folder, or holds run files and neither ``resume`` nor
+        RunFolderError: ``out`` is not a folder, is a published model version (holds
+            ``model.pt`` or ``card.json``), or holds run files and neither ``resume`` nor
             ``overwrite`` is set, or both are set.
     """
     if resume and overwrite:
         raise RunFolderError("--resume continues a run and --overwrite replaces it; pass one")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder")
+    published = [name for name in PUBLISHED_FILES if (out / name).exists()]
+    if published:
+        # Not even with --overwrite: a run would replace the version's curves.png and leave
+        # its checkpoints beside the model a server loads from there.
+        raise RunFolderError(
+            f"--out {out} is a published model version ({', '.join(published)}); "
+            "train into a run folder and `mondeq export` it"
+        )
     found = existing_run_files(out) if out.is_dir() else []
     if found and not (resume or overwrite):
         raise RunFolderError(
