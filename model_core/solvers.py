@@ -149,7 +149,9 @@ def iterate(
     2. ``residual(state) ≤ tol``: the true fixed-point residual of the point ``finish``
        returns. This alone decides ``converged``.
 
-    In the last iteration the residual is evaluated for every sample still running. Every
+    A sample whose iterate turns non-finite (NaN or inf: diverged weights, a NaN input)
+    stops at that step, unconverged, with a NaN residual: it would never come back. In the
+    last iteration the residual is evaluated for every sample still running. Every
     decision is per sample, so a sample's answer and count do not depend on its batch.
 
     Args:
@@ -233,11 +235,15 @@ def iterate(
         if k == max_iter:
             break
         x = state["x"]
-        near = (_row_norms(x - prev) <= tol * _row_norms(x)) & live
-        if not bool(near.any()):  # the one host sync of most iterations
+        x_norm = _row_norms(x)
+        near = (_row_norms(x - prev) <= tol * x_norm) & live
+        # A non-finite iterate (diverged weights, an overflowing α) never comes back: stop
+        # its row now, unconverged, instead of grinding to max_iter on NaN.
+        lost = ~torch.isfinite(x_norm) & live
+        if not bool((near | lost).any()):  # the one host sync of most iterations
             continue
         res = residual(state)
-        done = near & (res <= tol)  # NaN compares False: never done
+        done = (near & (res <= tol)) | lost  # NaN compares False: lost rows stop unconverged
         n_done = int(done.sum())
         if n_done == 0:
             continue

@@ -357,3 +357,24 @@ def test_border_relu_is_relu_inside_and_zero_on_the_border(dtype):
     out.sum().backward()
     assert torch.equal(w.grad, ((v > 0) & (mask > 0)).to(dtype))
     assert torch.equal(sigma.derivative(v), ((v > 0) & (mask > 0)).to(dtype))
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_a_non_finite_row_stops_at_once_and_leaves_the_others_alone(method):
+    """A NaN in one sample's injection (a diverged model, a NaN pixel) made that row run to
+    max_iter on NaN: 300 wasted steps per sample in a diverged training run. It now stops on
+    its first step, unconverged with a NaN residual; the other rows solve as without it."""
+    op, bias = problem(seed=3, batch=5)
+    alpha = 0.05 if method == "forward_backward" else 1.0
+    bad = bias.clone()
+    bad[2, 0] = float("nan")
+    z, st = solve_forward(op, ReLU(), bad, method=method, alpha=alpha, tol=1e-6, max_iter=300)
+    ref, ref_st = solve_forward(
+        op, ReLU(), bias, method=method, alpha=alpha, tol=1e-6, max_iter=300
+    )
+    assert st.iterations[2].item() == 1
+    assert not st.converged[2].item() and st.residual[2].isnan().item()
+    keep = [0, 1, 3, 4]
+    assert st.converged[keep].all()
+    assert torch.equal(st.iterations[keep], ref_st.iterations[keep])
+    assert torch.allclose(z[keep], ref[keep], rtol=0, atol=1e-12)
