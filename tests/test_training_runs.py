@@ -295,16 +295,20 @@ def test_a_signal_to_nproc_2_stops_every_rank_after_a_resumable_checkpoint(tmp_p
         assert load_checkpoint(out / "last.pt").metadata["epoch"] == 4
 
 
-def test_sigterm_to_a_single_process_run_stops_at_a_step_with_a_resumable_checkpoint(tmp_path):
+# SIGHUP (a closed terminal or ssh session) killed the run at once, losing the epoch so far.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_a_single_process_run_stops_at_a_step_with_a_resumable_checkpoint(
+    tmp_path, signum
+):
     out = tmp_path / "run"
     proc = start("train", *LONG, "--seed", "7", "--out", out)
     wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    assert proc.returncode == 128 + signum, err
     assert processes_naming(out) == []
     assert err.rstrip().splitlines()[-1] == (
-        f"mondeq train: interrupted by SIGTERM; resume from {out}/last.pt"
+        f"mondeq train: interrupted by {signal.Signals(signum).name}; resume from {out}/last.pt"
     )
     assert "Traceback" not in err
     last = load_checkpoint(out / "last.pt")
@@ -312,4 +316,27 @@ def test_sigterm_to_a_single_process_run_stops_at_a_step_with_a_resumable_checkp
     assert 1 <= state["epoch"] < 4, state
     weights = last.state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (out / ".lock").exists()
+
+
+def test_a_second_signal_aborts_at_once_with_the_signal_s_exit_status(tmp_path):
+    out = tmp_path / "run"
+    proc = start("train", *LONG, "--seed", "7", "--out", out)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    first = (out / "last.pt").read_bytes()  # epoch 1's
+    # Both pending while stopped, so both arrive within one step: SIGINT's handler runs
+    # first (lower number) and stops the run, SIGTERM's aborts it. Was: exit 130 after
+    # SIGTERM, and a bare "interrupted".
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.rstrip().splitlines()[-1] == (
+        f"mondeq train: aborted by a second SIGTERM; resume from {out}/last.pt"
+    )
+    assert "Traceback" not in err
+    assert processes_naming(out) == []
+    assert (out / "last.pt").read_bytes() == first
     assert not (out / ".lock").exists()

@@ -132,7 +132,7 @@ def _run_train(args) -> int:
 
     from .data import DataError
     from .options import check_consistent, check_options, flag
-    from .trainer import Diverged, Interrupted, TrainOptions, command_line
+    from .trainer import Aborted, Diverged, Interrupted, TrainOptions, command_line
     from .trainer import train as run
 
     try:
@@ -186,6 +186,12 @@ def _run_train(args) -> int:
     except Interrupted as e:
         if _rank() == 0:
             print(f"mondeq train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except Aborted as e:
+        if _rank() == 0:
+            last = Path(options.out) / "last.pt"
+            kept = f"resume from {last}" if last.is_file() else "no checkpoint was written"
+            print(f"mondeq train: {e}; {kept}", file=sys.stderr)
         return 128 + e.signum
     except Diverged as e:
         if _rank() == 0:  # every rank stops at the same step: say it once

@@ -9,8 +9,8 @@ more than 30 s to write their checkpoint, and, since a terminal's Ctrl-C reaches
 forwards the signal again, makes every rank see two SIGINTs, which means "abort".
 
 Each rank runs in its own session, so only the launcher receives a terminal's signals; it
-forwards SIGINT and SIGTERM to every rank (each finishes its step, rank 0 writes a resumable
-``last.pt``), and returns only when every rank has exited. A second signal is forwarded too (the
+forwards SIGINT, SIGTERM and SIGHUP to every rank (each finishes its step, rank 0 writes a
+resumable ``last.pt``), and returns only when every rank has exited. A second signal is forwarded too (the
 ranks abort at once), a third kills them. If the launcher itself is killed, the kernel sends
 each rank SIGTERM (``PR_SET_PDEATHSIG``), so no rank trains on unattended.
 """
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the ranks' STOP_SIGNALS
 FAILURE_GRACE_S = 60.0  # after a rank fails, how long the others get to exit before SIGKILL
 _POLL_S = 0.05
 _PR_SET_PDEATHSIG = 1

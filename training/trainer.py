@@ -3,7 +3,7 @@
 Files written to ``--out`` (rank 0 only, each atomically):
 
 * ``last.pt``: the latest model plus everything needed to resume (optimizer, position in the
-  epoch, partial epoch sums, history), written after every epoch and on Ctrl-C / SIGTERM;
+  epoch, partial epoch sums, history), written after every epoch and on a stop signal;
 * ``best.pt``: the model with the best test accuracy so far (no training state);
 * ``metrics.jsonl``: one line per epoch; ``curves.png``: loss, accuracy, iterations and α.
 
@@ -119,22 +119,39 @@ class Diverged(Exception):
         self.where, self.what, self.kept = where, what, kept
 
 
+class Aborted(KeyboardInterrupt):
+    """A second stop signal: the run ends at once, without writing a checkpoint.
+
+    Files are only ever replaced by rename, so the run folder keeps the last checkpoint
+    written (none before the first epoch ends or the first signal's ``last.pt``).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"aborted by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# Ctrl-C, `kill` / `docker stop` / a scheduler, and a closed terminal or ssh session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _StopFlag:
-    """Ctrl-C / SIGTERM set a flag the loop checks after each step; a second one aborts."""
+    """A stop signal (:data:`STOP_SIGNALS`) sets a flag the loop checks after each step; a
+    second one aborts (:class:`Aborted`)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, object] = {}
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.signum = signum
         if os.environ.get("RANK", "0") == "0":  # every rank gets it; one says so
             print(
@@ -246,7 +263,8 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False) 
     write until it returns; a fresh run onto a folder that holds one needs ``overwrite``.
 
     Raises:
-        Interrupted: after SIGINT/SIGTERM, once ``last.pt`` is written.
+        Interrupted: after SIGINT, SIGTERM or SIGHUP, once ``last.pt`` is written.
+        Aborted: after a second one, at once.
         RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` is
             set, or another run holds its lock (nothing is written).
         DataError, ValueError: bad data or options (before any file is written).
@@ -719,4 +737,13 @@ def command_line() -> str:
     return shlex.join(["mondeq", *sys.argv[1:]]) if sys.argv else ""
 
 
-__all__ = ["Diverged", "Interrupted", "TrainOptions", "command_line", "steps_in_epoch", "train"]
+__all__ = [
+    "STOP_SIGNALS",
+    "Aborted",
+    "Diverged",
+    "Interrupted",
+    "TrainOptions",
+    "command_line",
+    "steps_in_epoch",
+    "train",
+]
