@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,6 +143,50 @@ def test_idx_reader_rejects_truncated_and_foreign_files(tmp_path):
     foreign.write_bytes(b"PK\x03\x04 not an idx file")
     with pytest.raises(DataError, match="not an unsigned-byte IDX"):
         read_idx(foreign)
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _fashion_dir(root: Path, **replace: np.ndarray) -> Path:
+    """IDX files of 4 training and 2 test 28×28 images, with ``replace`` swapped in."""
+    files = {
+        "train_images": np.zeros((4, 28, 28)), "train_labels": np.array([0, 1, 2, 9]),
+        "t10k_images": np.zeros((2, 28, 28)), "t10k_labels": np.array([3, 4]),
+    } | replace  # fmt: skip
+    root.mkdir()
+    for key, array in files.items():
+        split, kind = key.split("_")
+        _idx(root / f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte", array)
+    return root
+
+
+@pytest.mark.parametrize(
+    "replace,message",
+    [
+        # Each trained or evaluated without a word, or failed mid-run with a traceback.
+        ({"train_labels": np.array([0, 1, 10, 9])}, "training split: label 10 is outside 0..9"),
+        ({"t10k_labels": np.array([255, 4])}, "test split: label 255 is outside 0..9"),
+        ({"train_labels": np.array([0, 1, 2])}, "training split: 4 images but labels of shape "
+         "[3] (one per image)"),
+        ({"train_images": np.zeros((4, 27, 27)), "t10k_images": np.zeros((2, 27, 27))},
+         "training split: images are 1x27x27, fashion-mnist has 1x28x28"),
+    ],
+)  # fmt: skip
+def test_data_files_that_disagree_are_refused(tmp_path, replace, message):
+    root = _fashion_dir(tmp_path / "data", **replace)
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist", root)
+    assert str(err.value) == f"fashion-mnist from {root}, {message}"
+
+
+def test_idx_files_of_the_wrong_rank_are_refused(tmp_path):
+    root = _fashion_dir(tmp_path / "data", train_labels=np.zeros((4, 1)))
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist", root)
+    assert str(err.value) == f"{root}/train-labels-idx1-ubyte holds a 2-d array, not labels (N,)"
 
 
 def test_missing_data_says_what_to_pass(tmp_path):

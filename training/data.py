@@ -13,6 +13,7 @@ that is most of the per-epoch overhead for models this small.
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)):
+    if len(raw) - offset != math.prod(dims):  # exact: np.prod wraps at 2**63
         raise DataError(f"{path} is truncated: header says {dims}, file has {len(raw)} bytes")
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
 
@@ -113,6 +114,38 @@ def _idx_folder_candidates(data_dir: Path | None) -> list[Path]:
     return [DEBIAN_FASHION_MNIST]
 
 
+def check_data(data: Data) -> Data:
+    """Refuse a dataset whose files disagree with each other or with what it is.
+
+    Images must be ``(N, C, H, W)`` with the dataset's ``(C, H, W)`` (:data:`DATASETS`) in both
+    splits, labels ``(N,)`` with one per image and each in ``[0, classes)``. A label out of
+    range fails only when a batch draws it (the cross-entropy's index error, mid-run or at
+    the end-of-epoch evaluation); a shorter label file pairs the wrong labels with images;
+    images of another size build a model the served dataset cannot feed.
+
+    Raises:
+        DataError: one line naming the split and what is wrong.
+    """
+    want = DATASETS[data.name][0] if data.name in DATASETS else data.shape
+    classes = len(data.class_names)
+    for split, x, y in (("training", data.train_x, data.train_y),
+                        ("test", data.test_x, data.test_y)):  # fmt: skip
+        where = f"{data.name} from {data.source}, {split} split"
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(want):
+            got = "x".join(map(str, x.shape[1:])) if x.ndim == 4 else f"{x.ndim - 1}-d"
+            raise DataError(
+                f"{where}: images are {got}, {data.name} has {'x'.join(map(str, want))}"
+            )
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(
+                f"{where}: {len(x):,} images but labels of shape {list(y.shape)} (one per image)"
+            )
+        if len(y) and not (int(y.min()) >= 0 and int(y.max()) < classes):
+            bad = int(y.max()) if int(y.max()) >= classes else int(y.min())
+            raise DataError(f"{where}: label {bad} is outside 0..{classes - 1}")
+    return data
+
+
 def _load_fashion_idx(data_dir: Path | None) -> Data | None:
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]  # fmt: skip
@@ -120,6 +153,10 @@ def _load_fashion_idx(data_dir: Path | None) -> Data | None:
         files = [_find_idx(folder, s) for s in stems]
         if all(files):
             xtr, ytr, xte, yte = (read_idx(f) for f in files)
+            for f, a, ndim in zip(files, (xtr, ytr, xte, yte), (3, 1, 3, 1), strict=True):
+                if a.ndim != ndim:
+                    what = "images (N, H, W)" if ndim == 3 else "labels (N,)"
+                    raise DataError(f"{f} holds a {a.ndim}-d array, not {what}")
             return Data(
                 "fashion-mnist",
                 torch.from_numpy(xtr.copy()).unsqueeze(1),
@@ -187,8 +224,8 @@ def load_dataset(
         shape, synthetic_size, seed: for ``synthetic`` only (test split is a quarter the size).
 
     Raises:
-        DataError: unknown name, ``data_dir`` empty or not a folder, or files missing /
-            unreadable, with what to pass instead.
+        DataError: unknown name, ``data_dir`` empty or not a folder, files missing /
+            unreadable, with what to pass instead, or files that disagree (:func:`check_data`).
     """
     name = canonical_name(name)
     if name == "synthetic":
@@ -202,7 +239,7 @@ def load_dataset(
     if name == "fashion-mnist" and not download:
         found = _load_fashion_idx(root)
         if found is not None:
-            return found
+            return check_data(found)
     if root is None and not download:
         hint = (
             f" or install the Debian package dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})"
@@ -215,7 +252,7 @@ def load_dataset(
         )
     root = root or Path("data")
     try:
-        return _torchvision(name, root, download)
+        data = _torchvision(name, root, download)
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = "download failed" if download else "not found"
@@ -223,6 +260,7 @@ def load_dataset(
             f"dataset {name!r} {what} under {root} ({first}); expected {_LAYOUT[name]}"
             + ("" if download else ", or pass --download to fetch it")
         ) from None
+    return check_data(data)
 
 
 def synthetic(
