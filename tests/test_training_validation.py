@@ -267,6 +267,51 @@ def test_resume_checks_its_inputs(two_epoch_run, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in two_epoch_run.iterdir()} == before
 
 
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        # Were tracebacks (size mismatch, KeyError, UnboundLocalError) or a silent extra epoch.
+        ("other_preset", "its weights are a fc model {'arch': 'fc', 'hidden': 87, 'm': 1.0, "
+         "'in_channels': 1, 'image_size': 28, 'num_classes': 10}, preset fmnist-conv now "
+         "builds another; train afresh"),
+        ("no_progress", "its training state is malformed"),
+        ("epoch_negative", "its training state is malformed"),
+        ("best", "holds no training state to resume"),
+    ],
+)  # fmt: skip
+def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, capsys, case,
+                                                    message):  # fmt: skip
+    raw = torch.load(two_epoch_run / "last.pt", weights_only=True)
+    train_state = raw["metadata"]["train"]
+    if case == "other_preset":
+        train_state["options"]["preset"] = "fmnist-conv"
+    elif case == "no_progress":
+        del train_state["progress"]
+    elif case == "epoch_negative":
+        train_state["progress"]["epoch"] = -1
+    else:
+        del raw["metadata"]["train"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(raw, run_dir / "last.pt")
+    code, err = run(capsys, "train", "--resume", run_dir, "--epochs", "3")
+    assert (code, err) == (2, f"mondeq train: cannot resume: {run_dir / 'last.pt'}: {message}\n")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pt"]
+
+
+def test_resume_refuses_a_step_past_the_epoch_s_end(two_epoch_run, tmp_path, capsys):
+    raw = torch.load(two_epoch_run / "last.pt", weights_only=True)
+    raw["metadata"]["train"]["progress"]["step"] = 5  # the run takes 1 step per epoch
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(raw, run_dir / "last.pt")
+    code, err = run(capsys, "train", "--resume", run_dir, "--epochs", "3")
+    assert (code, err) == (
+        2,
+        f"mondeq train: cannot resume: {run_dir / 'last.pt'} is at step 5 of an epoch of 1 steps\n",
+    )
+
+
 # ---- eval, export, bench, import-locuslab -----------------------------------------------------
 
 

@@ -148,11 +148,10 @@ def _run_train(args) -> int:
             raise ValueError("--config does not apply with --resume: the run keeps its options")
         if args.resume is not None:
             try:
-                saved = load_checkpoint(args.resume / "last.pt").metadata.get("train")
+                last = args.resume / "last.pt"
+                saved = _resume_state(load_checkpoint(last), last)
             except CheckpointError as e:
                 raise ValueError(f"cannot resume: {e}") from None
-            if not saved:
-                raise ValueError(f"{args.resume / 'last.pt'} holds no training state to resume")
             changeable = {"epochs", "device", "progress", "data_dir", "eval_limit"}
             fixed = sorted(set(given) - changeable - {"out"})
             if fixed:
@@ -203,6 +202,59 @@ def _run_train(args) -> int:
     if metrics and _rank() == 0:
         print(json.dumps(metrics))
     return 0
+
+
+def _resume_state(model, path: Path) -> dict:
+    """The training state of a loaded ``last.pt``, checked before anything is built from it.
+
+    Raises:
+        CheckpointError: no training state, a malformed one, or weights of another model than
+            the run's preset builds (a run from a version whose preset has since changed).
+    """
+    from model_core import CheckpointError
+    from model_core.models import normalize_config
+
+    from .presets import get_preset
+
+    saved = model.metadata.get("train")
+    if not saved:
+        raise CheckpointError(f"{path}: holds no training state to resume")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: its training state is not a mapping")
+    options, optimizer, progress = (saved.get(k) for k in ("options", "optimizer", "progress"))
+    ok = (
+        isinstance(options, dict)
+        and isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(progress, dict)
+        and all(_count(progress.get(k)) for k in ("epoch", "step"))
+        and isinstance(progress.get("history"), list)
+        and len(progress["history"]) == progress["epoch"]
+        and isinstance(progress.get("sums"), dict | None)
+        and all(isinstance(progress.get(k), int | float) for k in ("best", "elapsed"))
+    )
+    if not ok:
+        raise CheckpointError(f"{path}: its training state is malformed")
+    try:
+        preset = get_preset(options.get("preset"))
+        spec = model.input_spec
+        built = normalize_config(
+            preset.model_config(tuple(spec["shape"]), len(spec["class_names"]))
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its training options do not build a model: {e}") from None
+    ours = {k: v for k, v in model.config.items() if k != "solver"}
+    if {k: v for k, v in built.items() if k != "solver"} != ours:
+        raise CheckpointError(
+            f"{path}: its weights are a {model.arch} model {ours}, preset {preset.name} now "
+            "builds another; train afresh"
+        )
+    return saved
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _rank() -> int:

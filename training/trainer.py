@@ -321,6 +321,12 @@ def _train(
         model.solver_settings = saved.solver_settings
         optimizer.load_state_dict(_optimizer_from_plain(train_meta["optimizer"]))
         progress = dict(train_meta["progress"])
+        steps = steps_in_epoch(len(data.train_x), st.batch_size, opts.steps_per_epoch)
+        if progress["step"] >= max(steps, 1):  # a written last.pt stops before an epoch's end
+            raise ValueError(
+                f"cannot resume: {out / 'last.pt'} is at step {progress['step']} of an epoch of "
+                f"{steps} steps"
+            )
     model.to(device)
     _optimizer_to_device(optimizer, device)
     net = (
