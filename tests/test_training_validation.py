@@ -377,6 +377,24 @@ def test_export_flags_are_checked(capsys, two_epoch_run, tmp_path, flags, messag
     assert not (tmp_path / "m").exists()
 
 
+def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(capsys, two_epoch_run,
+                                                                  tmp_path):  # fmt: skip
+    # As `last.pt` is after a signal in epoch 1: no metrics. Was a TypeError traceback.
+    raw = torch.load(two_epoch_run / "last.pt", weights_only=True)
+    raw["metadata"].update(metrics={}, epoch=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(raw, run_dir / "last.pt")
+    code, err = run(capsys, "export", run_dir, "--models", tmp_path / "m")
+    assert (code, err) == (
+        2,
+        f"mondeq export: {run_dir / 'last.pt'} was written before the run's first epoch ended, "
+        "so there is no tested model to publish; continue it with `mondeq train --resume "
+        f"{run_dir}`\n",
+    )
+    assert not (tmp_path / "m").exists()
+
+
 def test_export_refuses_a_file_as_the_repository(capsys, two_epoch_run, tmp_path):
     models = write(tmp_path / "models", "not a folder")
     code, err = run(capsys, "export", two_epoch_run, "--models", models)

@@ -96,12 +96,19 @@ def export_run(
     old version or the new one, never part of one.
 
     Raises:
-        ValueError: the version is already published and ``force`` is not set (nothing is
-            written), or it cannot be published.
+        ValueError: the checkpoint holds no finished epoch, the version is already published
+            and ``force`` is not set (nothing is written), or it cannot be published.
         CheckpointError: the run's checkpoint does not load.
     """
     model = load_checkpoint(run / f"{which}.pt")
     meta = dict(model.metadata)
+    if not meta.get("metrics"):
+        # A run stopped before its first epoch ended: weights nobody has evaluated, and a
+        # card without accuracy or iterations.
+        raise ValueError(
+            f"{run / f'{which}.pt'} was written before the run's first epoch ended, so there "
+            f"is no tested model to publish; continue it with `mondeq train --resume {run}`"
+        )
     history = (load_checkpoint(run / "last.pt").metadata.get("train") or {}).get("progress", {})
     history = history.get("history", [])
     if name is None:
