@@ -259,6 +259,13 @@ def test_resume_checks_its_inputs(two_epoch_run, tmp_path, capsys):
     )
     code, err = run(capsys, "train", "--resume", two_epoch_run, "--epochs", "0")
     assert (code, err) == (2, "mondeq train: --epochs must be an integer >= 1, got 0\n")
+    # Was ignored: the run went on in the --resume folder.
+    code, err = run(capsys, "train", "--resume", two_epoch_run, "--out", tmp_path / "other")
+    assert (code, err) == (
+        2,
+        f"mondeq train: --resume {two_epoch_run} continues the run in that folder; --out "
+        f"{tmp_path / 'other'} names another (copy the run there and resume it there)\n",
+    )
     code, err = run(capsys, "train", "--resume", two_epoch_run, "--eval-limit", "65")
     assert (code, err) == (
         2,

@@ -156,6 +156,11 @@ def _run_train(args) -> int:
             fixed = sorted(set(given) - changeable - {"out"})
             if fixed:
                 raise ValueError(f"--resume keeps the run's options; cannot change {fixed}")
+            if "out" in given and Path(given["out"]).resolve() != args.resume.resolve():
+                raise ValueError(
+                    f"--resume {args.resume} continues the run in that folder; --out "
+                    f"{given['out']} names another (copy the run there and resume it there)"
+                )
             done = saved["progress"]["epoch"]
             if given.get("epochs", done) < done:
                 raise ValueError(
