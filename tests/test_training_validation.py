@@ -202,6 +202,16 @@ def test_train_flags_are_checked_before_any_work(tmp_path, capsys, flags, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_a_synthetic_size_beyond_memory_is_refused(tmp_path, capsys):
+    flags = [a for a in SMOKE if a not in ("--synthetic-size", "512")]
+    code, err = run(capsys, "train", *flags, "--synthetic-size", 10**12, "--out", tmp_path / "r")
+    assert code == 2  # was a RuntimeError traceback from torch's allocator
+    assert err.startswith(
+        "mondeq train: --synthetic-size 1,000,000,000,000 does not fit in memory ("
+    )
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
 def test_data_folder_is_honoured_or_refused(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     code, err = run(capsys, "train", "--preset", "fmnist-fc", "--data-dir", missing,

@@ -229,7 +229,13 @@ def load_dataset(
     """
     name = canonical_name(name)
     if name == "synthetic":
-        return synthetic(shape, synthetic_size, max(synthetic_size // 4, 1), seed=seed)
+        try:
+            return synthetic(shape, synthetic_size, max(synthetic_size // 4, 1), seed=seed)
+        except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"--synthetic-size {synthetic_size:,} does not fit in memory ({first[:120]})"
+            ) from None
     if data_dir is not None and not str(data_dir).strip():
         raise DataError("--data-dir is empty: name a folder, or leave the flag out")
     root = Path(data_dir).expanduser() if data_dir is not None else None
