@@ -41,6 +41,10 @@ def read_locuslab_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch state dict ({e})") from None
+    except Exception as e:  # garbage reaches torch's legacy pickle reader: KeyError, IndexError
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch state dict (the reader failed with {type(e).__name__})"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -113,6 +117,8 @@ def import_locuslab(
         raise ValueError(f"--std values must be > 0, got {list(std)}")
     if class_names and len(class_names) != k:
         raise ValueError(f"--class-names needs {k} names (the model has {k} outputs)")
+    if class_names and not all(name.strip() for name in class_names):
+        raise ValueError(f"--class-names holds an empty name: {list(class_names)}")
     config = {
         "arch": "fc",
         "in_channels": c,

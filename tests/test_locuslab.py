@@ -107,3 +107,18 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     run = _cli("import-locuslab", str(tmp_path / "missing.pt"), "--hidden", "5",
                "--out", str(tmp_path / "o.pt"))  # fmt: skip
     assert run.returncode == 2 and "no such file" in run.stderr
+    names = "0,1,2,3,4,,6,7,8,9"  # was written as a class named ''
+    run = _cli("import-locuslab", str(src), "--hidden", str(HIDDEN), "--in-shape", "1,6,6",
+               "--class-names", names, "--out", str(tmp_path / "o.pt"))  # fmt: skip
+    assert (run.returncode, run.stderr) == (
+        2,
+        f"mondeq import-locuslab: --class-names holds an empty name: {names.split(',')}\n",
+    )
+    text = tmp_path / "notes.pt"  # was a KeyError traceback from torch's pickle reader
+    text.write_text("hello\n")
+    run = _cli("import-locuslab", str(text), "--hidden", "5", "--out", str(tmp_path / "o.pt"))
+    assert (run.returncode, run.stderr) == (
+        2,
+        f"mondeq import-locuslab: {text}: not a readable PyTorch state dict (the reader failed "
+        "with KeyError)\n",
+    )
