@@ -39,9 +39,29 @@ DEFAULT_MODELS = ("cifar-conv", "cifar-multitier")
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given.
+
+    Raises:
+        ValueError: another name (torch's meta, mps, ... fail inside the first solve), or
+            CUDA asked for where there is none.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if (
+        dev is None
+        or dev.type not in ("cpu", "cuda")
+        or (dev.type == "cpu" and dev.index is not None)
+    ):
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but no CUDA device is available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def _timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
@@ -154,6 +174,7 @@ def bench_model(
 
 
 def run_benchmark(models=DEFAULT_MODELS, progress: bool = True, **kwargs) -> list[dict]:
+    pick_device(kwargs.get("device", "auto"))  # refused before the first model's line
     rows = []
     for name in models:
         if progress:

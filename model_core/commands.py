@@ -149,5 +149,11 @@ def _run_bench(args) -> int:
     except ValueError as e:
         print(f"mondeq bench: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        # torch reports a failed allocation (CPU or CUDA) as a RuntimeError subclass.
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        print(f"mondeq bench: --batch {args.batch:,} does not fit in memory", file=sys.stderr)
+        return 2
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0

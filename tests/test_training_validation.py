@@ -429,6 +429,13 @@ def test_export_refuses_a_file_as_the_repository(capsys, two_epoch_run, tmp_path
         (["bench", "--tol", "0"], "mondeq bench: argument --tol: must be a finite number > 0, "
          "got '0' (see mondeq bench --help)"),
         (["bench", "--models", ","], "mondeq bench: --models names no model, got ','"),
+        # Were tracebacks from inside the first solve or from torch's allocator.
+        (["bench", "--device", "meta"], "mondeq bench: --device 'meta': expected auto, cpu, "
+         "cuda or cuda:N"),
+        (["bench", "--batch", str(10**14)], "benchmarking cifar-conv ...\nmondeq bench: "
+         "--batch 100,000,000,000,000 does not fit in memory"),
+        (["bench", "--alpha", "1e300"], "benchmarking cifar-conv ...\nmondeq bench: solver "
+         "alpha must be in [1e-30, 1e+30], got 1e+300"),
         (["import-locuslab", "x.pt", "--hidden", "0", "--out", "y.pt"], "mondeq "
          "import-locuslab: argument --hidden: must be an integer >= 1, got '0' (see mondeq "
          "import-locuslab --help)"),
