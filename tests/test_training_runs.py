@@ -237,6 +237,18 @@ def test_export_refuses_to_replace_a_published_version_unless_forced(finished_ru
     ]  # fmt: skip
 
 
+def test_an_input_the_ranks_refuse_is_said_once(tmp_path):
+    # --eval-limit is checked against the data inside each rank: every rank printed it.
+    out = tmp_path / "run"
+    proc = mondeq("train", *SMOKE, "--eval-limit", "129", "--nproc", "2", "--out", out,
+                  check=False, env=DDP_ENV)  # fmt: skip
+    assert proc.returncode == 2
+    assert one_line(proc.stderr) == (
+        "mondeq train: --eval-limit 129 is more than the 128 test samples of synthetic"
+    )
+    assert not out.exists()
+
+
 def test_a_published_version_is_no_run_folder_even_with_overwrite(finished_run, tmp_path):
     models = tmp_path / "models"
     mondeq("export", finished_run, "--models", models, "--name", "fmnist-fc", "--version", "1")

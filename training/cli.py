@@ -202,7 +202,8 @@ def _run_train(args) -> int:
             print(f"mondeq train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except (DataError, ValueError) as e:
-        print(f"mondeq train: {e}", file=sys.stderr)
+        if _rank() == 0:  # every rank checks the same inputs: say it once
+            print(f"mondeq train: {e}", file=sys.stderr)
         return 2
     if metrics and _rank() == 0:
         print(json.dumps(metrics))
