@@ -151,6 +151,17 @@ def test_overwrite_replaces_the_run_and_resume_continues_it(finished_run, tmp_pa
     assert not (out / ".lock").exists()
 
 
+def test_overwrite_that_diverges_before_writing_leaves_the_previous_run(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    proc = mondeq("train", *SMOKE, "--epochs", "1", "--lr", "1e30", "--out", out, "--overwrite",
+                  check=False)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr  # diverged; was: the previous run deleted first
+    assert proc.stderr.rstrip().splitlines()[-1].endswith(f"; {out}/last.pt is left as it was")
+    assert snapshot(out) == before
+
+
 # ---- two runs, one folder -----------------------------------------------------------------
 
 

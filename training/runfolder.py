@@ -61,12 +61,25 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def clear_run_files(out: Path) -> None:
+    """Remove the previous run's files (``RUN_FILES``) from ``out``.
+
+    ``--overwrite`` calls this just before the new run's first write, not when it starts: a
+    run that is refused, diverges or is stopped before writing anything leaves the previous
+    one as it was, and one that writes leaves no file of the previous run beside its own.
+    """
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[Path]:
-    """Create and lock ``out`` for one run; with ``overwrite``, remove the previous run's files.
+    """Create and lock ``out`` for one run.
 
     The check of :func:`check_run_folder` is repeated under the lock, so two runs started
-    together cannot both pass it. The lock is released (and ``.lock`` removed) on exit.
+    together cannot both pass it. The lock is released (and ``.lock`` removed) on exit. With
+    ``overwrite`` the previous run's files stay until the caller's first write
+    (:func:`clear_run_files`).
 
     Raises:
         RunFolderError: as :func:`check_run_folder`; ``out`` is locked by another run; or it
@@ -81,9 +94,6 @@ def claim_run_folder(out: Path, *, resume: bool, overwrite: bool) -> Iterator[Pa
     fd = _lock(lock)
     try:
         check_run_folder(out, resume=resume, overwrite=overwrite)
-        if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
         yield out
     finally:
         # Unlink while still holding the lock: a run that opened the old file meanwhile gets
@@ -129,5 +139,6 @@ __all__ = [
     "RunFolderError",
     "check_run_folder",
     "claim_run_folder",
+    "clear_run_files",
     "existing_run_files",
 ]

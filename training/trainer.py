@@ -38,7 +38,7 @@ from .data import DATASETS, Data, Normalizer, augment, load_dataset
 from .evaluate import evaluate
 from .options import check_options, flag
 from .presets import Preset, get_preset
-from .runfolder import RunFolderError, claim_run_folder
+from .runfolder import RunFolderError, claim_run_folder, clear_run_files
 
 CALIBRATION_SAMPLES = 64
 TUNE_EARLY_STEP = 10  # α is retuned at this step of every epoch and at mid-epoch
@@ -357,7 +357,12 @@ def _train(
             + f", {st.epochs} epochs on {device}"
         )
 
+    previous = [overwrite]  # the replaced run's files, removed just before the first write
+
     def save(path: Path, *, with_state: bool, metrics: dict | None) -> None:
+        if previous[0]:
+            clear_run_files(out)
+            previous[0] = False
         meta = {
             "preset": opts.preset,
             "dataset": data.name,
