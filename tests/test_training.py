@@ -189,6 +189,18 @@ def test_idx_files_of_the_wrong_rank_are_refused(tmp_path):
     assert str(err.value) == f"{root}/train-labels-idx1-ubyte holds a 2-d array, not labels (N,)"
 
 
+def test_constant_training_images_are_refused_not_reported_as_divergence(tmp_path):
+    root = _fashion_dir(tmp_path / "data")  # all-black images: std 0
+    proc = mondeq("train", "--preset", "fmnist-fc", "--data-dir", root, "--batch-size", "2",
+                  "--no-progress", "--out", tmp_path / "run", check=False)  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        2,  # was 3, "diverged at epoch 1/1, step 1/2: the training loss is nan; ... lower --lr"
+        f"mondeq train: fashion-mnist from {root}: channel 0 of the training images is constant "
+        "(std 0), so it cannot be normalised\n",
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_says_what_to_pass(tmp_path):
     with pytest.raises(DataError, match=r"--data-dir DIR holding .*--download"):
         load_dataset("cifar10")

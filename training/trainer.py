@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from model_core import build_model, load_checkpoint, save_checkpoint, tune_alpha
 
 from . import distributed
-from .data import DATASETS, Data, Normalizer, augment, load_dataset
+from .data import DATASETS, Data, DataError, Normalizer, augment, load_dataset
 from .evaluate import evaluate
 from .options import check_options, flag
 from .presets import Preset, get_preset
@@ -304,6 +304,12 @@ def _train(
     st = _resolve(opts, dist)
     data, device = st.data, dist.device
     mean, std = data.channel_stats()
+    flat = [c for c, s in enumerate(std) if not s > 0]
+    if flat:  # normalising would divide by zero: a NaN loss at step 1, not a too-high --lr
+        raise DataError(
+            f"{data.name} from {data.source}: channel {flat[0]} of the training images is "
+            "constant (std 0), so it cannot be normalised"
+        )
     torch.manual_seed(opts.seed)
     model = build_model(st.preset.model_config(data.shape, len(data.class_names)))
     model.input_spec = {
