@@ -212,6 +212,25 @@ def test_a_synthetic_size_beyond_memory_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
+def test_nproc_over_the_gpus_is_refused_before_the_ranks_start(monkeypatch):
+    # nccl fails at the first collective with two ranks on one GPU ("Duplicate GPU
+    # detected"). This machine has no GPU, so its presence is stubbed: one CUDA device.
+    from training.cli import _check_world
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device, message in [
+        ("auto", "--nproc 2 needs 2 CUDA devices (nccl: one per process), this machine has 1; "
+         "pass --device cpu to run the processes on the CPU"),
+        ("cuda:0", "--device cuda:0 puts all 2 processes on one GPU; nccl needs one GPU per "
+         "process: pass --device cuda"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            _check_world(TrainOptions(preset="fmnist-fc", out="x", device=device), 2)
+        assert str(err.value) == message
+    _check_world(TrainOptions(preset="fmnist-fc", out="x", device="cpu"), 2)  # gloo: fine
+
+
 def test_data_folder_is_honoured_or_refused(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     code, err = run(capsys, "train", "--preset", "fmnist-fc", "--data-dir", missing,

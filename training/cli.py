@@ -276,6 +276,28 @@ def _check_world(options, nproc: int) -> None:
     batch = get_preset(options.preset).batch_size if batch is None else batch
     if batch % nproc:
         raise ValueError(f"batch size {batch} must divide evenly over {nproc} processes")
+    import torch
+
+    name = options.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return
+    # nccl refuses two ranks on one GPU ("Duplicate GPU detected") at the first collective.
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {options.device}, but no CUDA device is available")
+    if device.index is not None:
+        raise ValueError(
+            f"--device {options.device} puts all {nproc} processes on one GPU; nccl needs one "
+            "GPU per process: pass --device cuda"
+        )
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise ValueError(
+            f"--nproc {nproc} needs {nproc} CUDA devices (nccl: one per process), this machine "
+            f"has {count}; pass --device cpu to run the processes on the CPU"
+        )
 
 
 def _launch(args) -> int:
