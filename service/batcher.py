@@ -17,9 +17,13 @@ concatenates the batch, runs one solve in a thread of its own (the event loop st
 and hands every caller back its own rows. Rows solved under different
 ``tol``/``max_iter``/``method`` never share a solve.
 
-Scheduling: a key with a solve in flight gathers its next batch meanwhile; the oldest request
-of any *other* key starts its own solve at once (up to ``max_solves`` solves in flight), so a
-long solve never holds up requests with other settings. The solves in flight share the CPU
+Scheduling: no request waits long behind a solve in flight. A request whose settings match
+a young solve in flight gathers into the key's next batch meanwhile; any other request
+starts a solve of its own at once. A solve is young until it has computed ``slice × its rows
+/ rows of its largest request``: one slice behind a single large request, about a whole
+batch behind many single images (so batches under load stay as full as when a key had one
+solve in flight). There is no cap on the number of solves, only on their rows
+(``max_solving_rows``: the state a paused solve keeps). The solves in flight share the CPU
 through a :class:`ComputeGate`: one computes at a time (the cores stay with one solve's
 intra-op threads), and between two iterations the running solve gives way to a waiting one
 that has computed less (least attained service). A new, short solve thus starts within one
@@ -29,6 +33,7 @@ iteration and one slice of a long one, and finishes before it.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import threading
@@ -36,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,16 +91,17 @@ class Answer:
 
 
 class Turn:
-    """One solve's share of a :class:`ComputeGate`.
+    """One solve's share of a :class:`ComputeGate` (from :meth:`ComputeGate.ticket`).
 
     Attributes:
         started: ``time.perf_counter()`` when the solve first got the gate (its queue wait
-            ends there).
+            ends there); ``None`` before.
         attained: seconds it has held the gate, up to its latest hand-over.
     """
 
     def __init__(self, gate: ComputeGate, seq: int):
         self._gate = gate
+        self._wake = threading.Condition(gate._lock)
         self.seq = seq
         self.started: float | None = None
         self.attained = 0.0
@@ -107,6 +113,13 @@ class Turn:
         :func:`model_core.solvers.iterate`)."""
         self._gate._between(self)
 
+    def computed(self) -> float:
+        """Seconds this solve has held the gate so far, now included (any thread; an
+        unlocked read, exact to a hand-over)."""
+        if self._gate._running is self:
+            return self.attained + (time.perf_counter() - self._since)
+        return self.attained
+
 
 class ComputeGate:
     """Solves share the CPU: one computes at a time, least attained service first.
@@ -116,7 +129,8 @@ class ComputeGate:
     at least ``slice_s`` less than the running one. The waiter with the least attained
     time (ties: the oldest) goes next. A new solve has computed nothing, so it starts within
     one iteration plus ``slice_s`` of the running solve; a short one then finishes first, and
-    long ones alternate in slices of about ``slice_s``. Thread-safe.
+    long ones alternate in slices of about ``slice_s``. A hand-over wakes only the thread
+    that goes next, so many paused solves cost nothing per switch. Thread-safe.
 
     Args:
         slice_s: the hysteresis, in seconds: how much less a waiter must have computed to
@@ -125,60 +139,73 @@ class ComputeGate:
 
     def __init__(self, slice_s: float = 0.02):
         self.slice_s = slice_s
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._running: Turn | None = None
-        self._waiting: list[Turn] = []
+        self._waiting: list[tuple[float, int, Turn]] = []  # heap by (attained, seq)
         self._seq = itertools.count()
 
+    def ticket(self) -> Turn:
+        """A new solve's :class:`Turn`, to pass to :meth:`turn` (its :meth:`Turn.computed`
+        reads 0 until then)."""
+        return Turn(self, next(self._seq))
+
     @contextmanager
-    def turn(self) -> Iterator[Turn]:
+    def turn(self, ticket: Turn | None = None) -> Iterator[Turn]:
         """Wait for the gate (blocking the calling thread); hold it inside the block."""
-        me = Turn(self, next(self._seq))
-        with self._cond:
-            self._waiting.append(me)
-            self._wait_for(me)
+        me = ticket or self.ticket()
+        with self._lock:
+            if self._running is None and not self._waiting:
+                self._run(me)
+            else:
+                self._wait(me)
         try:
             yield me
         finally:
-            with self._cond:
-                self._leave(me)
+            with self._lock:
+                held = me.attained + (time.perf_counter() - me._since)
+                self._hand_over()
+                me.attained = held
 
     @property
     def waiting(self) -> int:
         """Solves waiting for the gate now."""
         return len(self._waiting)
 
-    # The three helpers below run under self._cond.
-    def _wait_for(self, me: Turn) -> None:
-        while self._running is not None or min(self._waiting, key=_order) is not me:
-            self._cond.wait()
-        self._waiting.remove(me)
-        self._running = me
+    # The helpers below run under self._lock. They update a turn's fields in the order
+    # that keeps Turn.computed, read without the lock, from counting a pause as computing.
+    def _run(self, me: Turn) -> None:
         me._since = time.perf_counter()
         if me.started is None:
             me.started = me._since
+        self._running = me
 
-    def _leave(self, me: Turn) -> None:
-        me.attained += time.perf_counter() - me._since
-        self._running = None
-        self._cond.notify_all()
+    def _wait(self, me: Turn) -> None:
+        heapq.heappush(self._waiting, (me.attained, me.seq, me))
+        if self._running is None:
+            self._hand_over()
+        while self._running is not me:
+            me._wake.wait()
+
+    def _hand_over(self) -> None:
+        if self._waiting:
+            nxt = heapq.heappop(self._waiting)[2]
+            self._run(nxt)
+            nxt._wake.notify()
+        else:
+            self._running = None
 
     def _between(self, me: Turn) -> None:
         if not self._waiting:  # nobody waits (the common case): no lock taken
             return
-        with self._cond:
+        with self._lock:
             if not self._waiting:
                 return
             held = me.attained + (time.perf_counter() - me._since)
-            if min(w.attained for w in self._waiting) + self.slice_s > held:
+            if self._waiting[0][0] + self.slice_s > held:
                 return
-            self._leave(me)
-            self._waiting.append(me)
-            self._wait_for(me)
-
-
-def _order(t: Turn) -> tuple[float, int]:
-    return (t.attained, t.seq)
+            self._hand_over()
+            me.attained = held
+            self._wait(me)
 
 
 @dataclass
@@ -193,6 +220,21 @@ class _Item:
         return int(self.x.shape[0])
 
 
+@dataclass(eq=False)
+class _Solve:
+    """A batch in flight: taken off the queue, computing or paused at the gate.
+
+    ``hold_s``: how long it computes before requests of its key start a batch of their
+    own (see :meth:`Batcher._young`).
+    """
+
+    key: Hashable
+    rows: int
+    turn: Turn
+    hold_s: float
+    task: asyncio.Task | None = None
+
+
 class Batcher:
     """Queue plus worker for one model.
 
@@ -205,9 +247,10 @@ class Batcher:
         max_delay_s: how long the oldest request may wait for company, at most.
         max_gap_s: the batch stops waiting once no request has arrived for this long.
         max_queue: rows allowed to wait; past it :meth:`submit` raises :class:`QueueFull`.
+        max_solving_rows: rows in solves at once (each paused solve keeps its batch's
+            solver state and a thread); a batch that would pass it waits for a solve to
+            end, unless nothing solves.
         on_batch: called in the event loop after each solve with ``(n_rows, [queue_s])``.
-        max_solves: solves in flight at once, one per key (each holds a thread and its
-            batch while paused); further keys wait for one to end.
         gate: the :class:`ComputeGate` the solves share (default: one of its own).
     """
 
@@ -220,8 +263,8 @@ class Batcher:
         max_delay_s: float,
         max_gap_s: float,
         max_queue: int,
+        max_solving_rows: int = 512,
         on_batch: Callable[[int, list[float]], None] | None = None,
-        max_solves: int = 4,
         gate: ComputeGate | None = None,
     ):
         self.name = name
@@ -230,7 +273,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_gap_s = max_gap_s
         self.max_queue = max_queue
-        self.max_solves = max_solves
+        self.max_solving_rows = max_solving_rows
         self._on_batch = on_batch
         self._gate = gate or ComputeGate()
         self._pending: deque[_Item] = deque()
@@ -238,8 +281,10 @@ class Batcher:
         self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_solves, thread_name_prefix=f"solve-{name}")
-        self._inflight: dict[Hashable, asyncio.Task] = {}  # key -> its solve
+        # One thread per solve in flight (a paused solve blocks its thread at the gate);
+        # threads start only as solves need them.
+        self._executor = ThreadPoolExecutor(max_solving_rows, thread_name_prefix=f"solve-{name}")
+        self._solves: list[_Solve] = []
         self._solve_s_ema: float | None = None  # for Retry-After
         # Offered load: the most rows queued or solving at once, per recent batch.
         self._solving_rows = 0
@@ -258,7 +303,7 @@ class Batcher:
     @property
     def solving(self) -> int:
         """Solves in flight (computing or paused at the gate)."""
-        return len(self._inflight)
+        return len(self._solves)
 
     def submit(self, x: Tensor, key: Hashable) -> asyncio.Future:
         """Queue ``x`` ``(b, ...)`` for solving under ``key``; await the future for an
@@ -313,13 +358,15 @@ class Batcher:
         return sum(it.rows for it in self._pending if it.key == key)
 
     def _take(self, key: Hashable) -> list[_Item]:
-        """Remove and return the oldest requests under ``key`` that fit one batch."""
+        """Remove and return the oldest requests under ``key`` that fit one batch (and the
+        room left under ``max_solving_rows``); the oldest one always."""
+        cap = min(self.max_batch_size, self.max_solving_rows - self._solving_rows)
         batch: list[_Item] = []
         rows = 0
         keep: deque[_Item] = deque()
         for it in self._pending:
-            fits = rows + it.rows <= self.max_batch_size or not batch
-            if it.key == key and fits and rows < self.max_batch_size:
+            fits = rows + it.rows <= cap or not batch
+            if it.key == key and fits and rows < cap:
                 batch.append(it)
                 rows += it.rows
             else:
@@ -328,11 +375,36 @@ class Batcher:
         self._pending_rows -= rows
         return batch
 
+    def _young(self) -> list[_Solve]:
+        """Solves that have computed less than their ``hold_s``: their key's next requests
+        wait to join its next batch rather than start one of their own.
+
+        ``hold_s = slice × batch rows / rows of its largest request``: a request waits for
+        a batch of its key until the largest request in it has had a slice of computing
+        at an equal share per row. Behind one large request (256 rows alone) that is one
+        slice; behind a batch of many single images (saturation) about the whole batch, so
+        requests keep gathering into full batches as they would without this rule.
+        """
+        return [s for s in self._solves if s.turn.computed() < s.hold_s]
+
     def _startable(self) -> _Item | None:
-        """The oldest request whose key has no solve in flight, if a solve may start."""
-        if len(self._inflight) >= self.max_solves:
-            return None
-        return next((it for it in self._pending if it.key not in self._inflight), None)
+        """The oldest request that may start a solve now: its key has no young solve in
+        flight (:meth:`_young`), and its rows fit under ``max_solving_rows``."""
+        young = {s.key for s in self._young()}
+        for it in self._pending:
+            if it.key in young:
+                continue
+            if self._solving_rows and self._solving_rows + it.rows > self.max_solving_rows:
+                return None  # in order: a large request is not overtaken forever
+            return it
+        return None
+
+    def _reopens_in(self) -> float | None:
+        """Seconds until a young solve may have computed its ``hold_s``, when requests of
+        its key wait (``None``: only a wake-up can make one startable)."""
+        keys = {it.key for it in self._pending}
+        left = [s.hold_s - s.turn.computed() for s in self._young() if s.key in keys]
+        return max(min(left), 0.002) if left else None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -340,11 +412,15 @@ class Batcher:
             # Checked and cleared within one event-loop step: no wake-up is lost.
             while (first := self._startable()) is None:
                 if self._closing and not self._pending:
-                    if self._inflight:
-                        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+                    if self._solves:
+                        await asyncio.gather(
+                            *(s.task for s in self._solves if s.task), return_exceptions=True
+                        )
                     return
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                timeout = self._reopens_in()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
             deadline = first.t_enqueued + self.max_delay_s
             target = self.target_rows()
             while not self._closing and self._rows_for(first.key) < target:
@@ -362,15 +438,20 @@ class Batcher:
             self._solving_rows += rows
             self._recent_load.append(self._load_peak)
             self._load_peak = self._pending_rows + self._solving_rows
-            self._inflight[first.key] = loop.create_task(self._solve_batch(batch, first.key))
+            hold_s = self._gate.slice_s * rows / max(it.rows for it in batch)
+            solve = _Solve(first.key, rows, self._gate.ticket(), hold_s)
+            self._solves.append(solve)
+            solve.task = loop.create_task(self._solve_batch(batch, solve))
 
-    async def _solve_batch(self, batch: list[_Item], key: Hashable) -> None:
+    async def _solve_batch(self, batch: list[_Item], solve: _Solve) -> None:
         """Solve one batch in a thread and answer its callers (a task of its own)."""
         loop = asyncio.get_running_loop()
         x = batch[0].x if len(batch) == 1 else torch.cat([it.x for it in batch])
         n = int(x.shape[0])
         try:
-            out, t_start = await loop.run_in_executor(self._executor, self._solve_gated, x, key)
+            out, t_start = await loop.run_in_executor(
+                self._executor, self._solve_gated, x, solve.key, solve.turn
+            )
         except BaseException as e:  # every caller must get an answer, even on cancellation
             for it in batch:
                 if not it.future.done():
@@ -382,7 +463,7 @@ class Batcher:
             return
         finally:
             self._solving_rows -= n
-            del self._inflight[key]
+            self._solves.remove(solve)
             self._wakeup.set()
         solve_s = time.perf_counter() - t_start
         self._solve_s_ema = (
@@ -402,11 +483,11 @@ class Batcher:
             except Exception:  # metrics must never stop the worker
                 log.exception("batch hook failed")
 
-    def _solve_gated(self, x: Tensor, key: Hashable) -> tuple[BatchOutput, float]:
+    def _solve_gated(self, x: Tensor, key: Hashable, ticket: Turn) -> tuple[BatchOutput, float]:
         """Run the solve (in a batcher thread) once the gate lets it: the output and the
         time it started computing, where its callers' queue wait ends. A failure is logged
         with its traceback and reaches every caller of the batch as :class:`SolveFailed`."""
-        with self._gate.turn() as turn:
+        with self._gate.turn(ticket) as turn:
             assert turn.started is not None
             try:
                 return self._solve(x, key, turn.between), turn.started

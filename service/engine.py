@@ -140,6 +140,7 @@ class ServedModel:
             max_delay_s=s.max_delay_ms / 1000.0,
             max_gap_s=s.max_gap_ms / 1000.0,
             max_queue=s.max_queue,
+            max_solving_rows=s.max_solving_rows,
             on_batch=self._batched,
         )
 

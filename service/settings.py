@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="rows waiting per model before 429")
     max_request_batch: int = Field(256, ge=1, description="rows one request may carry")
+    max_solving_rows: int = Field(
+        512,
+        ge=1,
+        description="rows in solves at once per model (started, computing or paused); "
+        "a batch past it waits for a solve to end",
+    )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="request body limit (413 past it)")
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest uploaded image (width × height)"

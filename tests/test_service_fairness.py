@@ -118,6 +118,87 @@ def test_between_is_called_once_per_iteration_and_changes_no_answer():
         assert torch.equal(hooked.stats.iterations, plain.stats.iterations)
 
 
+def test_a_request_waits_for_a_batch_of_many_requests_but_not_for_one_large_request():
+    """Same settings, two ways to be behind a solve in flight. Behind a batch of 64 single
+    images (saturation) a new image waits and is solved in the next batch, after all of
+    them: batching stays as full as before. Behind one 64-row request it starts a solve of
+    its own once that one has computed a slice, and is answered first."""
+    from service.batcher import Batcher, BatchOutput
+
+    def solve(x: torch.Tensor, key, between) -> BatchOutput:
+        for _ in range(int(x[0, 0])):  # the first row's value: how many iterations
+            between()
+            time.sleep(0.005)
+        return BatchOutput({"y": 2 * x})
+
+    async def scenario(first: list[torch.Tensor]) -> list[str]:
+        batcher = Batcher(
+            "t", solve, max_batch_size=64, max_delay_s=0.0, max_gap_s=0.0, max_queue=1000
+        )
+        order: list[str] = []
+
+        async def call(x: torch.Tensor, name: str) -> None:
+            await batcher.submit(x, "k")
+            order.append(name)
+
+        tasks = [asyncio.create_task(call(x, f"A{i}")) for i, x in enumerate(first)]
+        while batcher.solving == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the batch has computed about 2.5 slices
+        await call(torch.full((1, 1), 10.0), "B")
+        await asyncio.gather(*tasks)
+        await batcher.close()
+        return order
+
+    singles = [torch.full((1, 1), 40.0) for _ in range(64)]
+    order = asyncio.run(scenario(singles))
+    assert order == [f"A{i}" for i in range(64)] + ["B"]
+    order = asyncio.run(scenario([torch.full((64, 1), 40.0)]))
+    assert order == ["B", "A0"]
+
+
+def test_rows_in_flight_stay_within_max_solving_rows():
+    """Solves have no count cap, only a row cap: three 3-row requests with three settings
+    under ``max_solving_rows = 4`` solve one at a time (3 + 3 would pass it), a 6-row
+    request larger than the cap is still solved (alone), and every caller gets its rows."""
+    from service.batcher import Batcher, BatchOutput
+
+    lock = threading.Lock()
+    solving = 0  # solves between their first and last iteration
+    most = 0
+
+    def solve(x: torch.Tensor, key, between) -> BatchOutput:
+        nonlocal solving, most
+        with lock:
+            solving += 1
+            most = max(most, solving)
+        for _ in range(5):
+            between()
+            time.sleep(0.002)
+        with lock:
+            solving -= 1
+        return BatchOutput({"y": x + key})
+
+    async def scenario() -> list:
+        batcher = Batcher(
+            "t",
+            solve,
+            max_batch_size=64,
+            max_delay_s=0.0,
+            max_gap_s=0.0,
+            max_queue=100,
+            max_solving_rows=4,
+            gate=ComputeGate(slice_s=0.0),  # solves in flight would alternate every iteration
+        )
+        xs = [torch.full((3, 1), float(i)) for i in range(3)] + [torch.zeros(6, 1)]
+        answers = await asyncio.gather(*(batcher.submit(x, k) for k, x in enumerate(xs)))
+        await batcher.close()
+        return [a.rows["y"][:, 0].tolist() for a in answers]
+
+    assert asyncio.run(scenario()) == [[0.0] * 3, [2.0] * 3, [4.0] * 3, [3.0] * 6]
+    assert most == 1  # any two would pass 4 rows: 3 + 3, 3 + 6
+
+
 # ---- limits -----------------------------------------------------------------------------------
 
 
@@ -266,3 +347,138 @@ def test_a_default_request_is_answered_while_the_costliest_allowed_one_solves(tm
     assert out_a["iterations"].tolist() == [1000] * 64
     ref_a = model.infer(normalise(model, images[:4]), **heavy)
     torch.testing.assert_close(out_a["logits"][:4], ref_a.logits, atol=1e-4, rtol=0)
+
+
+async def heavy_then_light(
+    url: str, path: str, heavy: list[dict], light: dict, in_flight: int
+) -> tuple[list[httpx.Response], httpx.Response, list[str]]:
+    """Send the ``heavy`` bodies at once, each from a client of its own; once the model has
+    ``in_flight`` solves in flight, send ``light``. Returns the heavy answers, the light
+    one, and the order in which they completed (``"A0"``, ``"A1"``, ..., ``"B"``)."""
+    order: list[str] = []
+
+    async def post(client: httpx.AsyncClient, body: dict, name: str) -> httpx.Response:
+        r = await client.post(path, json=body)
+        order.append(name)
+        return r
+
+    clients = [httpx.AsyncClient(base_url=url, timeout=600) for _ in range(len(heavy) + 1)]
+    try:
+        tasks = [
+            asyncio.create_task(post(c, body, f"A{i}"))
+            for i, (c, body) in enumerate(zip(clients, heavy, strict=False))
+        ]
+        seen = 0
+        for _ in range(6000):
+            (model,) = (await clients[-1].get("/v1/models")).json()["models"]
+            seen = max(seen, model["solves_in_flight"])
+            if seen >= in_flight or order:
+                break
+            await asyncio.sleep(0.01)
+        assert seen >= in_flight and not order, (
+            f"{seen} solves in flight at most, {in_flight} wanted; completed: {order}"
+        )
+        rb = await post(clients[-1], light, "B")
+        return list(await asyncio.gather(*tasks)), rb, order
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def test_a_default_request_is_not_held_by_four_solves_with_four_other_settings(tmp_path):
+    """Issue 12 §2, more keys than solves used to be allowed: four clients send 25 test
+    images each under forward–backward at max_iter 1000 with four different tol (four
+    solves in flight, the old per-version cap), then one client sends one image with the
+    default settings. Its solve starts at once rather than when a slot frees: it is
+    answered before every one of the four, with the in-process solve's answer, and each
+    of the four gets exactly the answer of its own uninterrupted solve."""
+    shutil.copytree(ROOT / "models/fmnist-fc", tmp_path / "fmnist-fc")
+    srv = LiveServer(model_dir=tmp_path, tune_at_load=False).start()
+    images = fashion_images(101)
+    tols = (1e-6, 2e-6, 3e-6, 4e-6)
+    wanted = [{"name": n} for n in ("logits", "label", "iterations")]
+    heavy = [
+        v2_body(
+            images[25 * i : 25 * (i + 1)],
+            parameters={"method": "forward_backward", "tol": tol, "max_iter": 1000},
+            outputs=wanted,
+        )
+        for i, tol in enumerate(tols)
+    ]
+    light = v2_body(images[100:], outputs=wanted)
+    try:
+        answers, rb, order = asyncio.run(
+            heavy_then_light(srv.url, "/v2/models/fmnist-fc/infer", heavy, light, in_flight=4)
+        )
+    finally:
+        srv.stop()
+    assert order[0] == "B", order
+    assert [r.status_code for r in [*answers, rb]] == [200] * 5, [r.text for r in answers]
+
+    model = local_model(tmp_path / "fmnist-fc/1/model.pt")
+    pb = rb.json()["parameters"]
+    assert (pb["method"], pb["tol"], pb["max_iter"], pb["batch_size"]) == (
+        "peaceman_rachford",
+        0.01,
+        300,
+        1,
+    )
+    ref_b = model.infer(normalise(model, images[100:]))
+    out_b = outputs(rb.json())
+    assert torch.equal(out_b["logits"], ref_b.logits)
+    assert out_b["iterations"].tolist() == ref_b.stats.iterations.tolist()
+    for i, (tol, ra) in enumerate(zip(tols, answers, strict=True)):
+        pa = ra.json()["parameters"]
+        assert (pa["method"], pa["tol"], pa["max_iter"], pa["batch_size"]) == (
+            "forward_backward",
+            tol,
+            1000,
+            25,
+        )
+        ref = model.infer(
+            normalise(model, images[25 * i : 25 * (i + 1)]),
+            method="forward_backward",
+            tol=tol,
+            max_iter=1000,
+        )
+        out = outputs(ra.json())
+        assert torch.equal(out["logits"], ref.logits), i
+        assert out["iterations"].tolist() == ref.stats.iterations.tolist()
+
+
+def test_a_default_image_is_not_held_by_a_long_solve_with_the_same_settings(tmp_path):
+    """Issue 12 §2, the same settings: 256 rows of uniform noise at the default settings
+    (a solve of about a second on fmnist-conv), then one default test image. Requests with
+    the same settings batch together only while the solve in flight is young: once it has
+    computed a slice, the image starts a solve of its own and is answered first, alone in
+    its batch and with the in-process answer; the 256 rows get their uninterrupted
+    answer."""
+    shutil.copytree(ROOT / "models/fmnist-conv", tmp_path / "fmnist-conv")
+    srv = LiveServer(model_dir=tmp_path, tune_at_load=False).start()
+    noise = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    image = fashion_images(1)
+    wanted = [{"name": n} for n in ("logits", "label", "iterations")]
+    try:
+        (ra,), rb, order = asyncio.run(
+            heavy_then_light(
+                srv.url,
+                "/v2/models/fmnist-conv/infer",
+                [v2_body(noise, outputs=wanted)],
+                v2_body(image, outputs=wanted),
+                in_flight=1,
+            )
+        )
+    finally:
+        srv.stop()
+    assert order == ["B", "A0"]
+    assert ra.status_code == 200 and rb.status_code == 200, (ra.text, rb.text)
+    pa, pb = ra.json()["parameters"], rb.json()["parameters"]
+    assert (pa["method"], pa["tol"], pa["max_iter"]) == (pb["method"], pb["tol"], pb["max_iter"])
+    assert (pa["batch_size"], pb["batch_size"]) == (256, 1)
+
+    model = local_model(tmp_path / "fmnist-conv/1/model.pt")
+    for r, x in ((rb, image), (ra, noise)):
+        ref = model.infer(normalise(model, x))
+        out = outputs(r.json())
+        assert torch.equal(out["logits"], ref.logits)
+        assert out["iterations"].tolist() == ref.stats.iterations.tolist()
