@@ -10,9 +10,10 @@ forwards the signal again, makes every rank see two SIGINTs, which means "abort"
 
 Each rank runs in its own session, so only the launcher receives a terminal's signals; it
 forwards SIGINT, SIGTERM and SIGHUP to every rank (each finishes its step, rank 0 writes a
-resumable ``last.pt``), and returns only when every rank has exited. A second signal is forwarded too (the
-ranks abort at once), a third kills them. If the launcher itself is killed, the kernel sends
-each rank SIGTERM (``PR_SET_PDEATHSIG``), so no rank trains on unattended.
+resumable ``last.pt``), and returns only when every rank has exited. A second signal is
+forwarded too (the ranks abort at once), a third kills them. If the launcher itself is
+killed, the kernel sends each rank SIGTERM (``PR_SET_PDEATHSIG``), so no rank trains on
+unattended.
 """
 
 from __future__ import annotations
