@@ -47,6 +47,16 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 
 
+def tolerance(text: str) -> float:
+    """argparse type: a solver tolerance, a finite number in ``(0, 1]``.
+
+    ``tol`` bounds the *relative* fixed-point residual (:mod:`model_core.solvers`), so above
+    1 every point, however far from the equilibrium, would count as converged (and be
+    certified); the server caps request tolerances the same way.
+    """
+    return _number(text, float, "a number in (0, 1]", lambda v: math.isfinite(v) and 0 < v <= 1)
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number ``>= 0``."""
     return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from .cli import positive_float, positive_int
+from .cli import positive_float, positive_int, tolerance
 
 
 def _floats(text: str) -> list[float]:
@@ -54,7 +54,7 @@ def import_locuslab(sub) -> None:
     p.add_argument("--dataset", default=None, help="dataset name to record, e.g. mnist")
     p.add_argument("--alpha", type=positive_float, default=d.alpha,
                    help=f"PR step size α (default {d.alpha})")  # fmt: skip
-    p.add_argument("--tol", type=positive_float, default=d.tol,
+    p.add_argument("--tol", type=tolerance, default=d.tol,
                    help=f"solver tolerance (default {d.tol})")  # fmt: skip
     p.add_argument("--max-iter", type=positive_int, default=d.max_iter,
                    help=f"iteration cap (default {d.max_iter})")  # fmt: skip
@@ -121,7 +121,7 @@ def bench(sub) -> None:
     )
     p.add_argument("--batch", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--tol", type=positive_float, default=PAPER_SOLVER.tol,
+    p.add_argument("--tol", type=tolerance, default=PAPER_SOLVER.tol,
                    help=f"solver tolerance (default {PAPER_SOLVER.tol})")  # fmt: skip
     p.add_argument("--alpha", type=positive_float, default=PAPER_SOLVER.alpha,
                    help=f"PR step size (default {PAPER_SOLVER.alpha})")  # fmt: skip

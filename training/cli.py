@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from model_core import SOLVERS
-from model_core.cli import nonnegative_float, positive_float, positive_int
+from model_core.cli import nonnegative_float, positive_float, positive_int, tolerance
 
 from .options import read_config
 from .runfolder import RunFolderError, check_run_folder
@@ -344,7 +344,8 @@ def evaluate(sub) -> None:
                    help="ℓ2 radii for certified accuracy")  # fmt: skip
     p.add_argument("--method", default=None, choices=sorted(SOLVERS), help="solver override")
     p.add_argument("--alpha", type=positive_float, default=None, help="α override")
-    p.add_argument("--tol", type=positive_float, default=None, help="tolerance override")
+    p.add_argument("--tol", type=tolerance, default=None,
+                   help="tolerance override, in (0, 1]")  # fmt: skip
     p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap override")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_eval)
