@@ -7,6 +7,7 @@ A few cases run `mondeq` in real subprocesses; the rest call the same entry poin
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -313,6 +314,7 @@ def test_resume_checks_its_inputs(two_epoch_run, tmp_path, capsys):
         ("no_progress", "its training state is malformed"),
         ("epoch_negative", "its training state is malformed"),
         ("best", "holds no training state to resume"),
+        ("optimizer_inf", "its optimizer state holds NaN or inf"),
     ],
 )  # fmt: skip
 def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, capsys, case,
@@ -325,6 +327,8 @@ def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, ca
         del train_state["progress"]
     elif case == "epoch_negative":
         train_state["progress"]["epoch"] = -1
+    elif case == "optimizer_inf":  # was resumed, then "diverged ... lower --lr"
+        next(iter(train_state["optimizer"]["state"].values()))["exp_avg"].view(-1)[0] = math.inf
     else:
         del raw["metadata"]["train"]
     run_dir = tmp_path / "run"

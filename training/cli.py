@@ -217,6 +217,8 @@ def _resume_state(model, path: Path) -> dict:
         CheckpointError: no training state, a malformed one, or weights of another model than
             the run's preset builds (a run from a version whose preset has since changed).
     """
+    import torch
+
     from model_core import CheckpointError
     from model_core.models import normalize_config
 
@@ -242,6 +244,17 @@ def _resume_state(model, path: Path) -> dict:
     )
     if not ok:
         raise CheckpointError(f"{path}: its training state is malformed")
+    moments = [
+        v
+        for state in optimizer["state"].values()
+        if isinstance(state, dict)
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    if not all(bool(torch.isfinite(v).all()) for v in moments):
+        # Resumed, the first step would make the weights non-finite and be reported as a
+        # divergence with "lower --lr", which no --lr cures.
+        raise CheckpointError(f"{path}: its optimizer state holds NaN or inf")
     try:
         preset = get_preset(options.get("preset"))
         spec = model.input_spec
