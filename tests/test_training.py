@@ -12,13 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from training_support import MONDEQ, ROOT, mondeq
 
 from model_core import CheckpointError, load_checkpoint
 from training.cli import preset_rows, read_config
@@ -32,8 +32,6 @@ from training.data import (
 )
 from training.presets import PRESETS, Schedule
 
-ROOT = Path(__file__).resolve().parents[1]
-MONDEQ = [sys.executable, "-m", "model_core.cli"]
 needs_fmnist = pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist is not installed (make test installs it)",
@@ -42,16 +40,6 @@ needs_fmnist = pytest.mark.skipif(
 # A small synthetic run: FC on 1×28×28, 8 steps of 64 per epoch.
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
          "--batch-size", "64", "--no-progress"]  # fmt: skip
-
-
-def mondeq(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*MONDEQ, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        **kw,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -13,17 +13,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from training_support import MONDEQ, ROOT, mondeq
 
 from model_core import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-MONDEQ = [sys.executable, "-m", "model_core.cli"]
 # A small synthetic run: FC on 1×28×28, 8 steps of 64 per epoch, 64 test samples.
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
          "--batch-size", "64", "--eval-limit", "64", "--no-progress",
@@ -31,16 +29,6 @@ SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", 
 # 32 steps per epoch, 4 epochs: long enough to be stopped part-way.
 LONG = [*SMOKE, "--synthetic-size", "2048", "--epochs", "4"]
 DDP_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def mondeq(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*MONDEQ, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        **kw,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def start(*args, **kw) -> subprocess.Popen:
@@ -307,7 +295,7 @@ def test_a_signal_to_nproc_2_stops_every_rank_after_a_resumable_checkpoint(tmp_p
     assert err.count(f"mondeq train: interrupted by {name}; resume from {out}/last.pt") == 1
     assert "Traceback" not in err
     state = load_checkpoint(out / "last.pt").metadata["train"]["progress"]
-    assert 1 <= state["epoch"] < 4, state
+    assert state["epoch"] in (1, 2, 3), state  # stopped part-way through 4 epochs
     assert not (out / ".lock").exists()
     time.sleep(1.0)
     assert (out / "last.pt").stat().st_mtime_ns == stamp.st_mtime_ns
@@ -336,7 +324,7 @@ def test_a_signal_to_a_single_process_run_stops_at_a_step_with_a_resumable_check
     assert "Traceback" not in err
     last = load_checkpoint(out / "last.pt")
     state = last.metadata["train"]["progress"]
-    assert 1 <= state["epoch"] < 4, state
+    assert state["epoch"] in (1, 2, 3), state  # stopped part-way through 4 epochs
     weights = last.state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert not (out / ".lock").exists()

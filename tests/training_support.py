@@ -1,0 +1,22 @@
+"""What the training tests share: the ``mondeq`` command as a real process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MONDEQ = [sys.executable, "-m", "model_core.cli"]
+
+
+def mondeq(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """Run ``mondeq ARGS`` in the repository root; with ``check``, a non-zero exit raises
+    ``AssertionError`` carrying both streams."""
+    proc = subprocess.run(
+        [*MONDEQ, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        **kw,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
