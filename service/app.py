@@ -684,11 +684,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         (iterations against α) and, with ``apply``, switches the model to the best α.
         The body (a :class:`schemas.TuneRequest`) is optional."""
         admin(creds)  # before the body: an unauthenticated client learns nothing else
-        raw = await request.body()
-        body = schemas.TuneRequest()
-        if raw.strip():
-            _json_content_type(request.headers.get("content-type"), "send application/json")
-            body = _parse_json(raw, schemas.TuneRequest)
+        body = await _optional_json_body(request, schemas.TuneRequest)
         version = str(body.version) if body.version is not None else None
         served = served_or_error(name, version)
         try:
@@ -719,10 +715,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         No body, or ``{}``: a body is read by the JSON rules of every endpoint, so that a
         malformed one is refused (400) rather than ignored."""
         admin(creds)
-        raw = await request.body()
-        if raw.strip():
-            _json_content_type(request.headers.get("content-type"), "send application/json")
-            _parse_json(raw, schemas.ReloadRequest)
+        await _optional_json_body(request, schemas.ReloadRequest)
         repo = rt.repository()
         if not NAME_RE.match(name) or not (
             name in repo.entries or (settings.model_dir / name).is_dir()
@@ -794,6 +787,21 @@ def _form_value(key: str, raw: str) -> Any:
 
 
 _NUMERIC_FORM_FIELDS = ("top_k", "tol", "max_iter")
+
+
+async def _optional_json_body(request: Request, model: type[schemas.BaseModel]):
+    """An admin endpoint's optional body: none (or only whitespace) gives ``model()``'s
+    defaults; anything else obeys every JSON endpoint's rules (415, 400, 422).
+
+    Raises:
+        ApiError: 415 for another content type, 400 for bytes that are not JSON.
+        RequestValidationError: 422 for JSON of the wrong shape or an unknown field.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    _json_content_type(request.headers.get("content-type"), "send application/json")
+    return _parse_json(raw, model)
 
 
 def _parse_json(raw: bytes, model: type[schemas.BaseModel]):
