@@ -7,47 +7,131 @@ import contextlib
 import signal
 import sys
 import threading
+import types
+import typing
+from pathlib import Path
+
+# Spellings that predate the generated flags and keep working beside them.
+ALIASES = {"poll_interval_s": ("--poll-interval",)}
+# A token on the command line is visible to every user of the machine (``ps``, /proc), so
+# its flag names a file that holds it; MONDEQ_ADMIN_TOKEN is the other way in.
+FILE_FLAGS = {"admin_token": "--admin-token-file"}
+# Where a spelled flag is recorded, for error messages that name what the user typed.
+_SPELLED = "_serve_flags_spelled"
+
+
+def flag(name: str) -> str:
+    """The flag of setting ``name``: ``max_batch_size`` → ``--max-batch-size``."""
+    return FILE_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The serve flags. Unset flags fall back to ``MONDEQ_*`` variables, then defaults."""
-    p.add_argument("--model-dir", default=None, help="model repository (default: models)")
-    p.add_argument("--host", default=None, help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default=None,
-        help="where models run (default: auto, CUDA when present)",
-    )
-    p.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help="rows per batched solve; 1 turns batching off (default: 64)",
-    )
-    p.add_argument(
-        "--max-delay-ms",
-        type=float,
-        default=None,
-        help="longest a request waits for others to share its batch (default: 50)",
-    )
-    p.add_argument(
-        "--max-gap-ms",
-        type=float,
-        default=None,
-        help="a filling batch stops waiting after this long without arrivals (default: 2)",
-    )
-    p.add_argument(
-        "--poll-interval",
-        dest="poll_interval_s",
-        type=float,
-        default=None,
-        help="seconds between model-folder scans; 0 never (default: 10)",
-    )
-    p.add_argument(
-        "--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"]
-    )
+    """One flag per :class:`~service.settings.Settings` field, generated from the fields.
+
+    ``--<field-with-dashes>``; a bool field is ``--x/--no-x``, a ``Literal`` field takes its
+    choices; the help is the field's description, its default and its ``MONDEQ_*``
+    variable. Unset flags fall back to ``MONDEQ_*`` variables, then to the defaults, so a
+    flag is in the parsed namespace only when given. Values are parsed here (a bad number or
+    choice is argparse's usage error, exit 2); ranges are checked when the settings are
+    built (:func:`settings_from_args`).
+    """
+    from .settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        kind = _unwrap(field.annotation)
+        names = (flag(name), *ALIASES.get(name, ()))
+        env = f"MONDEQ_{name.upper()}"
+        default = "unset" if field.default is None else _shown(field.default)
+        help_ = f"{field.description or name.replace('_', ' ')} (default: {default}; {env})"
+        common = {"dest": name, "default": argparse.SUPPRESS}
+        if name in FILE_FLAGS:
+            p.add_argument(
+                *names,
+                type=_secret_file,
+                metavar="FILE",
+                help=f"file holding the {field.description}; or {env}. Not the token "
+                "itself: a command line is visible to every user of the machine (ps)",
+                **common,
+            )
+        elif kind is bool:
+            p.add_argument(*names, action=_SpelledBool, help=help_, **common)
+        elif typing.get_origin(kind) is typing.Literal:
+            choices = [str(c) for c in typing.get_args(kind)]
+            p.add_argument(
+                *names, type=str.lower, choices=choices, action=_Spelled, help=help_, **common
+            )
+        else:
+            parse = {int: int, float: float}.get(kind, str)
+            metavar = {int: "N", float: "X", Path: "DIR"}.get(kind, name.split("_")[-1].upper())
+            p.add_argument(
+                *names, type=parse, metavar=metavar, action=_Spelled, help=help_, **common
+            )
+
+
+def _unwrap(annotation):
+    """``X | None`` → ``X`` (a flag is always optional: unset, the variable or the default
+    applies)."""
+    args = typing.get_args(annotation)
+    if type(None) in args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner
+    return annotation
+
+
+def _shown(value) -> str:
+    """A default as a user would type it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _secret_file(path: str) -> str:
+    """argparse type: the token held in ``path`` (surrounding whitespace stripped)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+    if not token:
+        raise argparse.ArgumentTypeError(f"{path} holds no token (it is empty)")
+    return token
+
+
+def _record(namespace: argparse.Namespace, dest: str, option_string: str | None) -> None:
+    spelled = dict(getattr(namespace, _SPELLED, {}))
+    spelled[dest] = option_string
+    setattr(namespace, _SPELLED, spelled)
+
+
+class _Spelled(argparse.Action):
+    """Store the value and remember which spelling of the flag set it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _record(namespace, self.dest, option_string)
+
+
+class _SpelledBool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _record(namespace, self.dest, option_string)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """:class:`~service.settings.Settings` from the flags in ``args`` over the ``MONDEQ_*``
+    environment. Raises ``pydantic.ValidationError`` (a value out of range)."""
+    from .settings import Settings
+
+    return Settings(**_overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from .settings import Settings
+
+    return {k: getattr(args, k) for k in Settings.model_fields if hasattr(args, k)}
 
 
 def serve(sub) -> None:
@@ -68,24 +152,10 @@ def run(args: argparse.Namespace) -> int:
     SIGTERM/SIGINT; exits 0 after a graceful shutdown."""
     from pydantic import ValidationError
 
-    from .settings import Settings
-
-    fields = (
-        "model_dir",
-        "host",
-        "port",
-        "device",
-        "max_batch_size",
-        "max_delay_ms",
-        "max_gap_ms",
-        "poll_interval_s",
-        "log_level",
-    )
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     try:
-        settings = Settings(**overrides)
+        settings = settings_from_args(args)
     except ValidationError as e:
-        print(f"mondeq serve: {_one_line(e, overrides)}", file=sys.stderr)
+        print(f"mondeq serve: {_one_line(e, getattr(args, _SPELLED, {}))}", file=sys.stderr)
         return 2
     if settings.device == "cuda":
         import torch
@@ -119,14 +189,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(error, flags: dict) -> str:
-    """A settings ValidationError as one line naming each flag or ``MONDEQ_*`` variable."""
+def _one_line(error, spelled: dict) -> str:
+    """A settings ValidationError as one line naming each flag as typed (``spelled``:
+    setting → the flag's spelling) or else its ``MONDEQ_*`` variable."""
     parts = []
     for err in error.errors():
         name = ".".join(map(str, err["loc"]))
-        where = "--" + name.replace("_", "-") if name in flags else f"MONDEQ_{name.upper()}"
-        if name == "poll_interval_s" and name in flags:
-            where = "--poll-interval"
+        where = spelled.get(name) or f"MONDEQ_{name.upper()}"
         parts.append(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}")
     return "; ".join(parts)
 

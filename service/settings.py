@@ -1,4 +1,6 @@
-"""Server settings: every field also comes from a ``MONDEQ_<FIELD>`` environment variable."""
+"""Server settings: every field comes from a ``MONDEQ_<FIELD>`` environment variable and a
+``mondeq serve --<field>`` flag (``service.cli`` generates the flags from these fields, their
+help from each ``description``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="MONDEQ_", extra="ignore", protected_namespaces=(), validate_default=True
+        env_prefix="MONDEQ_",
+        extra="ignore",
+        protected_namespaces=(),
+        validate_default=True,
+        allow_inf_nan=False,  # a delay, limit or timeout of inf or nan is a typo, not a wish
     )
 
     # ---- where and what ---------------------------------------------------------------
@@ -25,7 +31,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="least severity logged (info: model loads, α searches)"
+    )
 
     # ---- batching and admission --------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows per solve (1 turns batching off)")
@@ -43,11 +51,15 @@ class Settings(BaseSettings):
         description="rows in solves at once per model (started, computing or paused); "
         "a batch past it waits for a solve to end",
     )
-    max_body_bytes: int = Field(8 << 20, ge=1024, description="request body limit (413 past it)")
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="request body limit in bytes (413 past it)"
+    )
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="largest uploaded image (width × height)"
     )
-    graceful_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: time to finish work")
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="SIGTERM: seconds to finish accepted work"
+    )
 
     # ---- per-request solver bounds ----------------------------------------------------
     min_tol: float = Field(1e-6, gt=0, description="smallest tol a request may ask for")
@@ -59,22 +71,28 @@ class Settings(BaseSettings):
     )
 
     # ---- model repository -------------------------------------------------------------
-    poll_interval_s: float = Field(10.0, ge=0, description="rescan model_dir (0: never)")
+    poll_interval_s: float = Field(
+        10.0, ge=0, description="seconds between rescans of model_dir (0: never)"
+    )
     settle_s: float = Field(
         2.0,
         ge=0,
-        description="a checkpoint loads once its size and times have not changed for this long",
+        description="seconds a checkpoint must stay unchanged (size and times) before it loads",
     )
 
     # ---- α tuning ------------------------------------------------------------------------
-    tune_at_load: bool = Field(True, description="tune α when a model loads")
-    calibration_size: int = Field(64, ge=1, description="rows of the tuning batch")
-    recent_size: int = Field(256, ge=1, description="recent inputs kept for retuning")
+    tune_at_load: bool = Field(
+        True, description="search α when a model loads (on a CPU, most of a first start)"
+    )
+    calibration_size: int = Field(
+        64, ge=1, description="rows an α search runs on (calibration batch or recent inputs)"
+    )
+    recent_size: int = Field(256, ge=1, description="recent input rows kept for retuning")
     retune_factor: float = Field(
         1.5, ge=0, description="retune when mean iterations exceed baseline × this (0: never)"
     )
     retune_window: int = Field(512, ge=1, description="samples per drift check")
-    retune_cooldown_s: float = Field(60.0, ge=0, description="least time between drift retunes")
+    retune_cooldown_s: float = Field(60.0, ge=0, description="least seconds between drift retunes")
 
     # ---- admin ---------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
