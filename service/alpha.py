@@ -11,6 +11,7 @@ switches to it, so serving never waits for a factorisation.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -24,6 +25,19 @@ from torch import Tensor
 from model_core import SOLVERS, MonDEQClassifier, tune_alpha
 
 log = logging.getLogger("mondeq.service")
+
+# The search the server runs: tune_alpha's own grid (log10 range, grid points, refinements).
+_SEARCH = {
+    k: p.default
+    for k, p in inspect.signature(tune_alpha).parameters.items()
+    if k in ("log10_range", "grid", "refine")
+}
+
+
+def search_plan() -> str:
+    """The server's α search in words, for the log: ``up to 13 α in [0.01, 100]``."""
+    lo, hi = _SEARCH["log10_range"]
+    return f"up to {_SEARCH['grid'] + _SEARCH['refine']} α in [{10**lo:g}, {10**hi:g}]"
 
 
 class TuningBusy(Exception):
@@ -47,6 +61,8 @@ class AlphaTuner:
         cooldown_s: least time between two drift retunes.
         calibration_size: rows given to the search.
         on_tuned: ``on_tuned(reason, result_dict)`` after each search (metrics, gauges).
+
+    ``label`` (``name/version``; set by whoever serves the model) starts each log line.
     """
 
     def __init__(
@@ -68,6 +84,7 @@ class AlphaTuner:
         self.cooldown_s = cooldown_s
         self.calibration_size = calibration_size
         self.on_tuned = on_tuned
+        self.label = "model"
         self.baseline: float | None = None  # mean iterations at the tuned α
         self.last: dict | None = None  # the latest search's result, for /v1/models
         self._recent: deque[Tensor] = deque()
@@ -141,6 +158,16 @@ class AlphaTuner:
         try:
             x, used = self.batch(source)
             previous = self.model.solver_settings.alpha
+            log.info(
+                "%s: α search (%s) on %d %s samples: %s, %s from α %s",
+                self.label,
+                reason,
+                int(x.shape[0]),
+                used,
+                search_plan(),
+                method,
+                previous,
+            )
             t0 = time.perf_counter()
             result = tune_alpha(self.model, x, method=method)
             best = next((r for r in result.curve if r["alpha"] == result.alpha), None)
@@ -167,13 +194,14 @@ class AlphaTuner:
         finally:
             self._lock.release()
         log.info(
-            "α search (%s) on %d %s samples: α %s → %s, %.3g iterations",
+            "%s: α search (%s) done in %.1f s: α %s → %s, %.3g mean iterations, %d α tried",
+            self.label,
             reason,
-            out["samples"],
-            used,
+            out["search_s"],
             previous,
             result.alpha,
             iters or math.nan,
+            len(result.curve),
         )
         if self.on_tuned is not None:
             self.on_tuned(reason, out)
@@ -217,7 +245,11 @@ class AlphaTuner:
             and time.monotonic() - self._last_tune >= self.cooldown_s
         ):
             log.info(
-                "mean iterations %.3g drifted past %.3g × %.3g", mean, self.baseline, self.factor
+                "%s: mean iterations %.3g drifted past %.3g × %.3g",
+                self.label,
+                mean,
+                self.baseline,
+                self.factor,
             )
             reason = "drift"
         if reason is not None and not self.busy:
@@ -232,4 +264,4 @@ class AlphaTuner:
         except TuningBusy:
             pass
         except Exception:
-            log.exception("background α search failed")
+            log.exception("%s: background α search failed", self.label)

@@ -101,30 +101,65 @@ def temporary(name: str) -> bool:
     return name.endswith(TEMP_SUFFIXES)
 
 
-def scan(model_dir: Path) -> dict[str, dict[int, tuple[Path, Stamp]]]:
+def in_progress(name: str) -> bool:
+    """A name that marks work in progress (a dotfile, ``fmnist-fc.tmp``, ``3.part``): skipped
+    without a word, as publishing writes under such names before the rename."""
+    return name.startswith(".") or temporary(name)
+
+
+def scan(
+    model_dir: Path, ignored: list[tuple[Path, str]] | None = None
+) -> dict[str, dict[int, tuple[Path, Stamp]]]:
     """``{name: {version: (model.pt path, stamp)}}`` for every checkpoint found.
 
     The stamp is ``(mtime_ns, ctime_ns, size, inode)``: an in-place rewrite changes the
     times and usually the size, a rename into place changes the inode and the ctime, even
     when the new file has the old one's size and (``cp -p``, ``rsync -t``) mtime.
+
+    Args:
+        model_dir: the repository root.
+        ignored: if given, receives ``(path, why)`` for every folder (and stray
+            ``model.pt``) skipped for its name: a model folder whose name is not a model
+            name, a folder under a model that is not a version number (``latest/``,
+            ``0/``), a ``model.pt`` outside a version folder. Work in progress
+            (:func:`in_progress`) is not reported.
     """
     found: dict[str, dict[int, tuple[Path, Stamp]]] = {}
+    report = ignored if ignored is not None else []
     try:
-        names = sorted(
-            p
-            for p in model_dir.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and not temporary(p.name)
-        )
+        names = []
+        for p in sorted(model_dir.iterdir()):
+            if not p.is_dir() or in_progress(p.name):
+                continue
+            if NAME_RE.match(p.name):
+                names.append(p)
+            else:
+                report.append(
+                    (
+                        p,
+                        "not a model name (a letter or digit, then up to 127 letters, "
+                        "digits, '.', '_' or '-')",
+                    )
+                )
     except OSError:
         return found
     for d in names:
         versions = {}
         try:
-            subdirs = list(d.iterdir())
+            subdirs = sorted(d.iterdir())
         except OSError:
             continue
         for v in subdirs:
+            if in_progress(v.name):
+                continue
+            if v.name == CHECKPOINT:
+                report.append((v, f"not in a version folder: move it to {d / '1' / CHECKPOINT}"))
+                continue
             if not VERSION_RE.match(v.name) or int(v.name) < 1:
+                if v.is_dir():
+                    report.append(
+                        (v, "not a version number (versions are folders named 1, 2, 3, ...)")
+                    )
                 continue
             ckpt = v / CHECKPOINT
             try:
@@ -166,12 +201,15 @@ class Repository:
         self._loop: asyncio.AbstractEventLoop | None = None
         # (name, version) -> (stamp, monotonic time it was first seen): the settle rule.
         self._seen: dict[tuple[str, int], tuple[Stamp, float]] = {}
+        self._warned: set[Path] = set()  # ignored folders already logged (once each)
+        self.started_at: float | None = None  # time.monotonic() at start()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Begin the first load in the background (the server answers meanwhile: not ready
         until it is done) and the poller."""
         self._loop = asyncio.get_running_loop()
+        self.started_at = time.monotonic()
         self._initial = asyncio.create_task(self._first_load(), name="initial-load")
 
     async def _first_load(self) -> None:
@@ -187,8 +225,32 @@ class Repository:
         except Exception:
             log.exception("initial load failed")
         self.initial_load_done = True
+        if not self.closing:
+            self._log_first_load_done()
         if self.settings.poll_interval_s > 0 and not self.closing:
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
+
+    def _log_first_load_done(self) -> None:
+        """One line when the first load is over: what serves, what does not, how long."""
+        took = time.monotonic() - (self.started_at or time.monotonic())
+        serving = [n for n in self.names() if self.default_entry(n) is not None]
+        others = [n for n in self.names() if n not in serving]
+        if serving:
+            log.info(
+                "first load done in %.1f s: %d of %d models can serve (%s)%s; ready",
+                took,
+                len(serving),
+                len(self.entries),
+                ", ".join(serving),
+                f"; not serving: {', '.join(others)}" if others else "",
+            )
+        else:
+            log.warning(
+                "first load done in %.1f s: no model can serve from %s%s; not ready",
+                took,
+                self.settings.model_dir,
+                f" (failed or pending: {', '.join(others)})" if others else "",
+            )
 
     async def _poll(self) -> None:
         while not self.closing:
@@ -287,7 +349,9 @@ class Repository:
             ``name/version``.
         """
         async with self._lock:
-            found = await asyncio.to_thread(scan, self.settings.model_dir)
+            ignored: list[tuple[Path, str]] = []
+            found = await asyncio.to_thread(scan, self.settings.model_dir, ignored)
+            self._warn_ignored(ignored)
             if only is not None:
                 found = {only: found[only]} if only in found else {}
             report: dict[str, list[str]] = {
@@ -373,6 +437,14 @@ class Repository:
                 self._update_metrics(name)
             return report
 
+    def _warn_ignored(self, ignored: list[tuple[Path, str]]) -> None:
+        """Log each folder skipped for its name, once (the poller rescans every few
+        seconds)."""
+        for path, why in ignored:
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("%s ignored: %s", path, why)
+
     def _settled(self, name: str, version: int, stamp: Stamp, now: float) -> bool:
         """Has ``name/version``'s file stopped changing? Its stamp must be ``settle_s`` old:
         by the file's own times (mtime and ctime) or by this repository's scans (for
@@ -406,6 +478,8 @@ class Repository:
         self, name: str, version: int, path: Path, stamp: tuple[int, int]
     ) -> VersionEntry:
         entry = VersionEntry(name, version, path, stamp)
+        log.info("%s/%s: loading %s", name, version, path)
+        t0 = time.monotonic()
         try:
             served = await asyncio.to_thread(self._build, name, version, path)
         except CheckpointError as e:  # the message names the file and the reason
@@ -418,9 +492,10 @@ class Repository:
         served.start()
         entry.served, entry.status = served, "ready"
         log.info(
-            "%s/%s ready: %s, %s parameters, α %s, on %s",
+            "%s/%s ready in %.1f s: %s, %s parameters, α %s, on %s",
             name,
             version,
+            time.monotonic() - t0,
             served.model.arch,
             f"{served.model.num_parameters():,}",
             served.solver.alpha,
@@ -441,7 +516,16 @@ class Repository:
             metrics=self.metrics,
             on_alpha=self._alpha_changed,
         )
+        served.tuner.label = f"{name}/{version}"
         served.tune_at_load()
+        if served.tuner.pending_initial:
+            log.info(
+                "%s/%s: no calibration batch in the checkpoint; α is searched on its first "
+                "%d samples of traffic",
+                name,
+                version,
+                self.settings.retune_window,
+            )
         return served
 
     def _retire(self, entry: VersionEntry) -> None:
@@ -495,3 +579,8 @@ class Repository:
                 item.update(shown.served.describe())
             out.append(item)
         return out
+
+    def versions(self, name: str) -> list[VersionEntry]:
+        """Every version of ``name`` the repository knows, oldest first (``[]`` if none)."""
+        versions = self.entries.get(name) or {}
+        return [versions[v] for v in sorted(versions)]
