@@ -48,14 +48,15 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 # The project as a regular (non-editable) install: pip builds its wheel and installs it with
-# the remaining dependencies from PyPI; torch/torchvision above already satisfy their ranges.
+# the training and serving extras from PyPI; torch/torchvision above already satisfy their ranges.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model_core ./model_core
+COPY mondeq_cli ./mondeq_cli
 COPY training ./training
 COPY service ./service
-RUN pip install --no-cache-dir . \
-    && python -c "import model_core, service, torch; print('torch', torch.__version__)"
+RUN pip install --no-cache-dir "./[all]" \
+    && python -c "import model_core, service, training, torch; print('torch', torch.__version__)"
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the venv, the default models, a non-root user. No compiler, no pip cache.

@@ -38,7 +38,7 @@ import httpx
 import torch
 
 from model_core import load_checkpoint, tune_alpha
-from model_core.benchmark import machine_probe
+from mondeq_cli.benchmark import machine_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

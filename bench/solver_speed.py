@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from model_core.benchmark import DEFAULT_MODELS, format_table, machine_probe, run_benchmark
 from model_core.runtime import tune_allocator
+from mondeq_cli.benchmark import DEFAULT_MODELS, format_table, machine_probe, run_benchmark
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch-size", "--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats, median (default 15)")
     args = p.parse_args()
     allocator_tuned = tune_allocator()  # as the `mondeq` entry points do
@@ -31,7 +31,7 @@ def main() -> None:
     rows = run_benchmark(
         [m for m in args.models.split(",") if m],
         device=args.device,
-        batch=args.batch,
+        batch_size=args.batch_size,
         repeats=args.repeats,
     )
     out = Path(__file__).parent / "results"

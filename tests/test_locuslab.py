@@ -69,7 +69,7 @@ def test_import_rejects_mismatched_shapes_and_keys():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "model_core.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mondeq_cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

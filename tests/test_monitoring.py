@@ -39,7 +39,7 @@ def stack(tmp_path_factory):
     port, prom_port = free_port(), free_port()
     env = {**os.environ, "MONDEQ_ADMIN_TOKEN": TOKEN, "MONDEQ_POLL_INTERVAL_S": "0"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "model_core.cli", "serve", "--model-dir", str(root / "models"),
+        [sys.executable, "-m", "mondeq_cli", "serve", "--model-dir", str(root / "models"),
          "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip

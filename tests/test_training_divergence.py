@@ -28,7 +28,7 @@ from training.trainer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-MONDEQ = [sys.executable, "-m", "model_core.cli"]
+MONDEQ = [sys.executable, "-m", "mondeq_cli"]
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
          "--batch-size", "64", "--no-progress"]  # fmt: skip
 TINY = {

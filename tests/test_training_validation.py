@@ -2,7 +2,7 @@
 nothing written. A value is honoured as given or refused, never replaced by a default.
 
 A few cases run `mondeq` in real subprocesses; the rest call the same entry point in-process
-(``model_core.cli.main``) to keep the suite fast.
+(``mondeq_cli.main.main``) to keep the suite fast.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_core.cli import main
+from mondeq_cli.main import main
 from training.options import OptionError, read_config
 from training.trainer import TrainOptions, train
 
@@ -118,7 +118,7 @@ def test_config_values_are_checked(tmp_path, name, text, message):
 def test_config_case_runs_as_a_process_and_writes_nothing(tmp_path):
     cfg = write(tmp_path / "run.yaml", 'preset: fmnist-fc\nepochs: "2"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "model_core.cli", "train", "--config", str(cfg),
+        [sys.executable, "-m", "mondeq_cli", "train", "--config", str(cfg),
          "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
@@ -148,7 +148,7 @@ def test_config_and_flags_name_their_source(tmp_path, capsys):
 
 def test_epochs_0_is_refused_by_a_process(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "model_core.cli", "train", *SMOKE, "--epochs", "0",
+        [sys.executable, "-m", "mondeq_cli", "train", *SMOKE, "--epochs", "0",
          "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
@@ -447,8 +447,10 @@ def test_export_refuses_a_file_as_the_repository(capsys, two_epoch_run, tmp_path
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["bench", "--batch-size", "0"], "mondeq bench: argument --batch-size: must be an "
+         "integer >= 1, got '0' (see mondeq bench --help)"),
         (["bench", "--batch", "0"], "mondeq bench: argument --batch: must be an integer >= 1, "
-         "got '0' (see mondeq bench --help)"),
+         "got '0' (see mondeq bench --help)"),  # the flag's former name, still accepted
         (["bench", "--repeats", "0"], "mondeq bench: argument --repeats: must be an integer >= "
          "1, got '0' (see mondeq bench --help)"),
         (["bench", "--tol", "0"], "mondeq bench: argument --tol: must be a number in (0, 1], "
@@ -457,8 +459,8 @@ def test_export_refuses_a_file_as_the_repository(capsys, two_epoch_run, tmp_path
         # Were tracebacks from inside the first solve or from torch's allocator.
         (["bench", "--device", "meta"], "mondeq bench: --device 'meta': expected auto, cpu, "
          "cuda or cuda:N"),
-        (["bench", "--batch", str(10**14)], "benchmarking cifar-conv ...\nmondeq bench: "
-         "--batch 100,000,000,000,000 does not fit in memory"),
+        (["bench", "--batch-size", str(10**14)], "benchmarking cifar-conv ...\nmondeq bench: "
+         "--batch-size 100,000,000,000,000 does not fit in memory"),
         (["bench", "--alpha", "1e300"], "benchmarking cifar-conv ...\nmondeq bench: solver "
          "alpha must be in [1e-30, 1e+30], got 1e+300"),
         (["import-locuslab", "x.pt", "--hidden", "0", "--out", "y.pt"], "mondeq "

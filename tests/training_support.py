@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MONDEQ = [sys.executable, "-m", "model_core.cli"]
+MONDEQ = [sys.executable, "-m", "mondeq_cli"]
 
 
 def mondeq(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:

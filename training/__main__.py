@@ -6,7 +6,7 @@ Ranks come from ``mondeq train --nproc`` (:mod:`training.launch`) or ``torchrun 
 import os
 import sys
 
-from model_core.cli import main
+from mondeq_cli.main import main
 
 if __name__ == "__main__":
     code = main(["train", *sys.argv[1:]])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from model_core import SOLVERS
-from model_core.cli import nonnegative_float, positive_float, positive_int, tolerance
+from mondeq_cli.args import nonnegative_float, positive_float, positive_int, tolerance
 
 from .options import read_config
 from .runfolder import RunFolderError, check_run_folder

@@ -18,8 +18,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from .equilibrium import SolverSettings
-from .models import build_model
+from model_core import SolverSettings, build_model
 
 # The paper's solver setup (PR): the defaults of SolverSettings.
 PAPER_SOLVER = SolverSettings()
@@ -104,14 +103,19 @@ def machine_probe(device: str = "auto", seconds: float = 1.0) -> dict:
 def bench_model(
     name: str,
     *,
-    batch: int = 64,
+    batch_size: int = 64,
     device: str = "auto",
     tol: float = PAPER_SOLVER.tol,
     alpha: float = PAPER_SOLVER.alpha,
     repeats: int = 3,
     seed: int = 0,
 ) -> dict:
-    """Measure one model; returns a row of plain numbers (times in ms)."""
+    """Measure one model at ``batch_size`` samples of shape (3, 32, 32); returns a row of
+    plain numbers (times in ms, iterations as means over the batch).
+
+    Raises:
+        ValueError: an unknown model name or device (see :func:`pick_device`).
+    """
     if name not in PAPER_MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(PAPER_MODELS)}")
     config, ref_infer, ref_train = PAPER_MODELS[name]
@@ -119,8 +123,8 @@ def bench_model(
     torch.manual_seed(seed)
     solver = PAPER_SOLVER.replace(alpha=alpha, tol=tol).to_dict()
     model = build_model({**config, "solver": solver}).to(dev)
-    x = torch.randn(batch, 3, 32, 32, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
+    x = torch.randn(batch_size, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
 
     model.eval()
     model.op.clear_cache()
@@ -154,7 +158,7 @@ def bench_model(
         "model": name,
         "params": model.num_parameters(),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "batch": batch,
+        "batch": batch_size,
         "tol": tol,
         "alpha": alpha,
         "infer_ms": infer_ms,
@@ -174,6 +178,8 @@ def bench_model(
 
 
 def run_benchmark(models=DEFAULT_MODELS, progress: bool = True, **kwargs) -> list[dict]:
+    """:func:`bench_model` for each name in ``models`` (``kwargs`` go to it), with a progress
+    line per model on stderr; the device is checked before the first model."""
     pick_device(kwargs.get("device", "auto"))  # refused before the first model's line
     rows = []
     for name in models:

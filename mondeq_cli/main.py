@@ -1,0 +1,147 @@
+"""The ``mondeq`` command line.
+
+Subcommands are discovered from the ``mondeq.commands`` entry-point group, so ``training``
+and ``service`` add theirs without this package importing them. Each entry point is a
+function ``register(subparsers)`` that adds its parser and sets ``handler`` to a function
+``handler(args) -> int``; heavy imports belong inside the handler.
+
+``model_core`` and this package need torch alone; ``training`` and ``service`` need the
+``training`` and ``serving`` extras (pyproject.toml). A command whose extra is not installed
+is refused with one line naming it (``mondeq train needs the training extra: pip install
+'mondeq[training]' (missing: tqdm, ...)``) and exit status 2, whether its module fails to
+import or its handler does.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
+
+# torch warns at import when numpy is missing, as it is with torch alone (numpy comes with the
+# training and serving extras); no torch-only command converts tensors to numpy. Set before
+# the first torch import, and only in the command line: the library leaves warnings alone.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
+from model_core import __version__  # noqa: E402
+from model_core.runtime import tune_allocator  # noqa: E402
+
+from .args import Parser  # noqa: E402
+
+DISTRIBUTION = "mondeq"
+
+# The extra that a command package's third-party imports come from (pyproject.toml's
+# optional-dependencies); a package not named here needs nothing beyond torch.
+EXTRA_OF_PACKAGE = {"training": "training", "service": "serving"}
+
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EXTRA = re.compile(r"""extra\s*==\s*['"]([^'"]+)['"]""")
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """Distribution names that ``mondeq[extra]`` requires (its ``Requires-Dist`` lines)."""
+    try:
+        lines = distribution(DISTRIBUTION).requires or []
+    except PackageNotFoundError:  # a source tree that is not installed: nothing to say
+        return []
+    names = []
+    for line in lines:
+        name, _, marker = line.partition(";")
+        found = _EXTRA.search(marker)
+        if found and found.group(1) == extra and (m := _NAME.match(name)):
+            names.append(m.group(1))
+    return names
+
+
+def _installed(name: str) -> bool:
+    try:
+        distribution(name)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def missing_extra(command: str, module: str) -> str | None:
+    """The one-line refusal for ``mondeq COMMAND`` whose code lives in ``module``.
+
+    Returns ``None`` when the module's package needs no extra or every distribution of its
+    extra is installed: a missing module is then a bug to report, not a set-up step.
+    """
+    extra = EXTRA_OF_PACKAGE.get(module.partition(".")[0])
+    if extra is None:
+        return None
+    missing = [name for name in _extra_requirements(extra) if not _installed(name)]
+    if not missing:
+        return None
+    return (
+        f"mondeq {command} needs the {extra} extra: pip install '{DISTRIBUTION}[{extra}]' "
+        f"(missing: {', '.join(missing)})"
+    )
+
+
+class CommandLine(Parser):
+    """The top-level ``mondeq`` parser; ``unavailable`` maps a command that could not be
+    registered to the line that refuses it."""
+
+    unavailable: dict[str, str]
+
+
+def _builtin_commands():
+    from . import commands
+
+    return {"import-locuslab": commands.import_locuslab, "bench": commands.bench}
+
+
+def build_parser() -> CommandLine:
+    """``mondeq`` with every command the installed entry points offer."""
+    parser = CommandLine(
+        prog="mondeq",
+        description="Monotone operator equilibrium networks: solve, train, serve.",
+    )
+    parser.unavailable = {}
+    parser.add_argument("--version", action="version", version=f"mondeq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    registered = {ep.name: ep for ep in entry_points(group="mondeq.commands")}
+    for name, register in _builtin_commands().items():
+        if name not in registered:  # running from a source tree that is not installed
+            register(sub)
+    for name in sorted(registered):
+        ep = registered[name]
+        try:
+            ep.load()(sub)
+        except (ImportError, AttributeError) as e:  # a broken plug-in must not take the CLI down
+            hint = isinstance(e, ModuleNotFoundError) and missing_extra(name, ep.module)
+            parser.unavailable[name] = hint or f"mondeq: command {name!r} unavailable: {e}"
+            if name not in sub.choices:
+                sub.add_parser(name, help=f"unavailable: {parser.unavailable[name]}")
+    return parser
+
+
+def _command_word(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mondeq ARGV``; returns the exit status (0 done, 2 refused, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if (word := _command_word(argv)) in parser.unavailable:
+        print(parser.unavailable[word], file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    tune_allocator()  # long-running CPU work: keep the solver's buffers in the heap
+    try:
+        return int(args.handler(args) or 0)
+    except ModuleNotFoundError:
+        hint = missing_extra(args.command, getattr(args.handler, "__module__", ""))
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
