@@ -2,7 +2,10 @@
 
 The public API is this page; everything else is implementation.
 
-* :func:`build_model` / :class:`MonDEQClassifier`: classifiers from a config dict.
+* :func:`build_model` / :class:`MonDEQClassifier`: classifiers from a :class:`ModelConfig` or
+  its dict; :class:`InputSpec`: the input's shape, normalisation and class names.
+* Architectures: :func:`register_architecture` (a new one is one builder; see
+  :mod:`model_core.config`).
 * :func:`save_checkpoint` / :func:`load_checkpoint` / :class:`CheckpointError`.
 * :func:`tune_alpha`: the step-size search (docs/math.md §6).
 * :func:`solve_forward` / :func:`solve_backward` / :class:`SolveStats`.
@@ -12,6 +15,7 @@ The public API is this page; everything else is implementation.
 """
 
 from .checkpoint import SCHEMA_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from .config import ArchitectureParts, InputSpec, ModelConfig, register_architecture
 from .equilibrium import EquilibriumLayer, SolverSettings
 from .models import InferenceResult, MonDEQClassifier, build_model, normalize_config
 from .nonlinearity import BorderReLU, Nonlinearity, ReLU
@@ -33,11 +37,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "SOLVERS",
     "AlphaTuning",
+    "ArchitectureParts",
     "BorderReLU",
     "CheckpointError",
     "EquilibriumLayer",
     "FCOperator",
     "InferenceResult",
+    "InputSpec",
+    "ModelConfig",
     "MonDEQClassifier",
     "MonotoneOperator",
     "MultiTierOperator",
@@ -51,6 +58,7 @@ __all__ = [
     "get_solver",
     "load_checkpoint",
     "normalize_config",
+    "register_architecture",
     "register_solver",
     "save_checkpoint",
     "solve_backward",

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
+from .config import InputSpec
 from .models import MonDEQClassifier, build_model
 
 KEY_MAP = {
@@ -130,10 +131,10 @@ def import_locuslab(
     }
     model = build_model(config)
     model.load_state_dict({KEY_MAP[key]: sd[key].float() for key in KEY_MAP}, strict=True)
-    model.input_spec = {
-        "shape": [c, h, w],
-        "mean": list(mean) if mean is not None else [0.0] * c,
-        "std": list(std) if std is not None else [1.0] * c,
-        "class_names": list(class_names) if class_names else [str(i) for i in range(k)],
-    }
+    model.input_spec = InputSpec(
+        shape=(c, h, w),
+        mean=tuple(mean) if mean is not None else (0.0,) * c,
+        std=tuple(std) if std is not None else (1.0,) * c,
+        class_names=tuple(class_names) if class_names else tuple(str(i) for i in range(k)),
+    )
     return model.eval()

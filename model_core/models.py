@@ -1,10 +1,10 @@
-"""monDEQ classifiers with the paper's heads, built from a plain config dict.
+"""monDEQ classifiers with the paper's heads, built from a :class:`ModelConfig` or its dict.
 
 §N refers to docs/math.md.
 
-Config keys (``build_model``):
+Config keys (``build_model``; :class:`~model_core.config.ModelConfig` documents each):
 
-``arch``          ``"fc" | "conv" | "multi_tier"``
+``arch``          a registered architecture: ``"fc" | "conv" | "multi_tier"``
 ``in_channels``   image channels (1 for MNIST, 3 for CIFAR/SVHN)
 ``image_size``    image height = width, before the one-pixel pad of conv models
 ``hidden``        fc only: hidden width
@@ -15,24 +15,33 @@ Config keys (``build_model``):
 
 Heads (Appendix E / the reference code): FC reads ``z`` directly; single conv average-pools
 ``z`` by 4 (34 → 8×8 on CIFAR, 30 → 7×7 on MNIST); multi-tier reads the whole last tier.
+Each is a :func:`~model_core.config.register_architecture` call at the end of this module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import (
+    ArchitectureParts,
+    InputSpec,
+    ModelConfig,
+    get_architecture,
+    normalize_config,
+    register_architecture,
+)
 from .equilibrium import EquilibriumLayer, SolverSettings
 from .nonlinearity import BorderReLU, ReLU
-from .operators import FCOperator, MultiTierOperator
+from .operators import FCOperator, MonotoneOperator, MultiTierOperator, tier_sizes
 from .solvers import SolveStats
 
-ARCHS = ("fc", "conv", "multi_tier")
 POOL = 4  # the single-conv head's average-pool size
 # A certified radius needs a residual within this, however loose the call's tol (§7): the
 # paper's training tolerance, which every default model is served at.
@@ -65,42 +74,6 @@ class InferenceResult:
         return self.logits.argmax(dim=1)
 
 
-def normalize_config(config: dict) -> dict:
-    """Validate a model config and fill defaults. Raises ``ValueError`` saying what is wrong."""
-    if not isinstance(config, dict):
-        raise ValueError(f"model config must be a dict, got {type(config).__name__}")
-    cfg = dict(config)
-    arch = cfg.get("arch")
-    if arch not in ARCHS:
-        raise ValueError(f"config 'arch' must be one of {list(ARCHS)}, got {arch!r}")
-    for key in ("in_channels", "image_size"):
-        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ValueError(f"config {key!r} must be a positive int, got {cfg.get(key)!r}")
-    cfg.setdefault("num_classes", 10)
-    cfg["m"] = float(cfg.get("m", 1.0))
-    if arch == "fc":
-        if not isinstance(cfg.get("hidden"), int) or cfg["hidden"] < 1:
-            raise ValueError(f"fc config needs a positive int 'hidden', got {cfg.get('hidden')!r}")
-    elif arch == "conv":
-        if not isinstance(cfg.get("channels"), int) or cfg["channels"] < 1:
-            raise ValueError(
-                f"conv config needs a positive int 'channels', got {cfg.get('channels')!r}"
-            )
-    else:
-        ch = cfg.get("channels")
-        if (
-            not isinstance(ch, list | tuple)
-            or len(ch) < 2
-            or not all(isinstance(c, int) for c in ch)
-        ):
-            raise ValueError(
-                f"multi_tier config needs 'channels' as a list of >= 2 ints, got {ch!r}"
-            )
-        cfg["channels"] = [int(c) for c in ch]
-    cfg["solver"] = SolverSettings.from_dict(cfg.get("solver")).to_dict()
-    return cfg
-
-
 class MonDEQClassifier(nn.Module):
     """An equilibrium layer plus a linear head.
 
@@ -108,47 +81,67 @@ class MonDEQClassifier(nn.Module):
     trains through the implicit backward pass. ``infer(x)`` solves without autograd and
     returns logits, per-sample solver stats and certified radii.
 
+    Args:
+        config: a :class:`~model_core.config.ModelConfig`, or its dict (``build_model``).
+
+    Raises:
+        ValueError: a wrong config (see :class:`~model_core.config.ModelConfig`).
+
     Attributes:
-        config: the normalised config (enough to rebuild the model).
+        model_config: the :class:`ModelConfig` that rebuilds this model, with its current
+            ``m`` and solver settings (the model holds each once: ``op.m``, ``deq.settings``).
+        config: ``model_config.to_dict()``, a fresh plain dict at each read.
         deq: the :class:`EquilibriumLayer`.
         solver_settings: its :class:`SolverSettings` (read and assign here, not on ``deq``).
         head: ``nn.Linear`` on the pooled / flattened equilibrium.
-        input_spec: ``{"shape", "mean", "std", "class_names"}`` of the expected input.
+        input_spec: the :class:`~model_core.config.InputSpec` of the expected input;
+            assigning a dict converts and checks it against the config (``ValueError``).
+        metadata: free plain-data metadata (a loaded checkpoint's, plus ``package_version``).
+        calibration: ``(N, C, H, W)`` pixels (``uint8`` 0–255 or float in [0, 1]) to tune α
+            on, or ``None``; a checkpoint's optional ``calibration`` field.
+        training_state: the state a run resumes from (optimizer, progress, options), or
+            ``None``; a checkpoint's optional ``training_state`` field.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: ModelConfig | Mapping[str, Any]):
         super().__init__()
-        cfg = normalize_config(config)
-        self.config = cfg
-        arch, m = cfg["arch"], cfg["m"]
-        c, size, k = cfg["in_channels"], cfg["image_size"], cfg["num_classes"]
-        if arch == "fc":
-            op = FCOperator(c * size * size, cfg["hidden"], m=m)
-            nonlin = ReLU()
-            features = cfg["hidden"]
-        else:
-            channels = [cfg["channels"]] if arch == "conv" else cfg["channels"]
-            op = MultiTierOperator(c, channels, size, m=m)
-            nonlin = BorderReLU(op.border_mask())
-            s = op.sizes[-1]
-            features = channels[-1] * ((s // POOL) ** 2 if arch == "conv" else s * s)
-        self.deq = EquilibriumLayer(op, nonlin, SolverSettings.from_dict(cfg["solver"]))
-        self.head = nn.Linear(features, k)
+        cfg = ModelConfig.from_dict(config)
+        parts = get_architecture(cfg.arch).build(cfg)
+        self.deq = EquilibriumLayer(parts.operator, parts.nonlinearity, cfg.solver)
+        self.head = nn.Linear(parts.num_features, cfg.num_classes)
+        # m and the solver settings live on op and deq; _config keeps the rest.
+        self._config = cfg
+        self._features = parts.features
+        self._features_norm = float(parts.features_norm)
         self.metadata: dict = {}
-        self.input_spec = {
-            "shape": [c, size, size],
-            "mean": [0.0] * c,
-            "std": [1.0] * c,
-            "class_names": [str(i) for i in range(k)],
-        }
+        self.calibration: Tensor | None = None
+        self.training_state: dict | None = None
+        c, size = cfg.in_channels, cfg.image_size
+        self._input_spec = InputSpec.identity((c, size, size), cfg.num_classes)
 
     @property
-    def op(self):
+    def model_config(self) -> ModelConfig:
+        return self._config.replace(m=self.op.m, solver=self.deq.settings)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.model_config.to_dict()
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self._input_spec
+
+    @input_spec.setter
+    def input_spec(self, spec: InputSpec | Mapping[str, Any]) -> None:
+        self._input_spec = InputSpec.from_dict(spec, self._config)
+
+    @property
+    def op(self) -> MonotoneOperator:
         return self.deq.op
 
     @property
     def arch(self) -> str:
-        return self.config["arch"]
+        return self._config.arch
 
     @property
     def solver_settings(self) -> SolverSettings:
@@ -161,7 +154,6 @@ class MonDEQClassifier(nn.Module):
         if not isinstance(settings, SolverSettings):
             raise TypeError(f"solver_settings must be SolverSettings, got {type(settings)}")
         self.deq.settings = settings
-        self.config["solver"] = settings.to_dict()
 
     def set_solver(self, **changes) -> None:
         """Change solver defaults (``method``, ``alpha``, ``tol``, ``max_iter``, ``backward_*``).
@@ -181,16 +173,13 @@ class MonDEQClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def features(self, z: Tensor) -> Tensor:
-        """Equilibrium ``(B, *z_shape)`` → head input ``(B, D)``."""
-        if self.arch == "fc":
-            return z
-        if self.arch == "conv":
-            return F.avg_pool2d(z, POOL).flatten(1)
-        return self.op.split(z)[-1].flatten(1)
+        """Equilibrium ``(B, *z_shape)`` → head input ``(B, D)`` (the architecture's)."""
+        return self._features(self.op, z)
 
     def pool_norm(self) -> float:
-        """ℓ2 operator norm of :meth:`features` (average-pooling by 4 has norm 1/4)."""
-        return 1.0 / POOL if self.arch == "conv" else 1.0
+        """ℓ2 operator norm of :meth:`features` (``‖pool‖`` in §7's eq. (13): average-pooling
+        by 4 has norm 1/4, the identity and a slice 1)."""
+        return self._features_norm
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(self.deq(x)))
@@ -281,6 +270,99 @@ class MonDEQClassifier(nn.Module):
             return ratio.min(dim=1).values.clamp_min(0.0)
 
 
-def build_model(config: dict) -> MonDEQClassifier:
-    """Build a classifier from a config dict (see the module docstring for the keys)."""
+def build_model(config: ModelConfig | Mapping[str, Any]) -> MonDEQClassifier:
+    """Build a classifier from a :class:`ModelConfig` or its dict (module docstring: the keys).
+
+    Weights are drawn from torch's global generator: ``torch.manual_seed`` first fixes them.
+
+    Raises:
+        ValueError: a wrong config, saying what is wrong.
+    """
     return MonDEQClassifier(config)
+
+
+# ---- the built-in architectures (Appendix E of the paper) ------------------------------------
+
+
+def _fc_params(params: dict, config: ModelConfig) -> dict:
+    hidden = params.pop("hidden", None)
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+        raise ValueError(f"fc config needs a positive int 'hidden', got {hidden!r}")
+    _no_more(params, "fc")
+    return {"hidden": hidden}
+
+
+def _conv_params(params: dict, config: ModelConfig) -> dict:
+    ch = params.pop("channels", None)
+    if not isinstance(ch, int) or isinstance(ch, bool) or ch < 1:
+        raise ValueError(f"conv config needs a positive int 'channels', got {ch!r}")
+    _no_more(params, "conv")
+    return {"channels": ch}
+
+
+def _multi_tier_params(params: dict, config: ModelConfig) -> dict:
+    ch = params.pop("channels", None)
+    if (
+        not isinstance(ch, list | tuple)
+        or len(ch) < 2
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in ch)
+    ):
+        raise ValueError(f"multi_tier config needs 'channels' as a list of >= 2 ints, got {ch!r}")
+    _no_more(params, "multi_tier")
+    tier_sizes(config.image_size, len(ch))  # ValueError when a tier grid would be odd
+    return {"channels": tuple(int(c) for c in ch)}
+
+
+def _no_more(params: dict, arch: str) -> None:
+    if params:
+        raise ValueError(f"{arch} config has unknown keys {sorted(params)}")
+
+
+def _identity(op: MonotoneOperator, z: Tensor) -> Tensor:
+    return z
+
+
+def _pooled(op: MonotoneOperator, z: Tensor) -> Tensor:
+    return F.avg_pool2d(z, POOL).flatten(1)
+
+
+def _last_tier(op: MonotoneOperator, z: Tensor) -> Tensor:
+    return op.split(z)[-1].flatten(1)
+
+
+def _build_fc(cfg: ModelConfig) -> ArchitectureParts:
+    c, size, hidden = cfg.in_channels, cfg.image_size, cfg.arch_params["hidden"]
+    op = FCOperator(c * size * size, hidden, m=cfg.m)
+    return ArchitectureParts(op, ReLU(), _identity, hidden, 1.0)
+
+
+def _build_conv(cfg: ModelConfig) -> ArchitectureParts:
+    ch = cfg.arch_params["channels"]
+    op = MultiTierOperator(cfg.in_channels, [ch], cfg.image_size, m=cfg.m)
+    s = op.sizes[-1]
+    return ArchitectureParts(
+        op, BorderReLU(op.border_mask()), _pooled, ch * (s // POOL) ** 2, 1.0 / POOL
+    )
+
+
+def _build_multi_tier(cfg: ModelConfig) -> ArchitectureParts:
+    channels = list(cfg.arch_params["channels"])
+    op = MultiTierOperator(cfg.in_channels, channels, cfg.image_size, m=cfg.m)
+    s = op.sizes[-1]
+    return ArchitectureParts(
+        op, BorderReLU(op.border_mask()), _last_tier, channels[-1] * s * s, 1.0
+    )
+
+
+register_architecture("fc", _build_fc, params=_fc_params)
+register_architecture("conv", _build_conv, params=_conv_params)
+register_architecture("multi_tier", _build_multi_tier, params=_multi_tier_params)
+
+__all__ = [
+    "CERTIFY_TOL",
+    "POOL",
+    "InferenceResult",
+    "MonDEQClassifier",
+    "build_model",
+    "normalize_config",
+]

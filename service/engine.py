@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model_core import SOLVERS, MonDEQClassifier, SolverSettings
+from model_core import SOLVERS, InputSpec, MonDEQClassifier, SolverSettings
 
 from .alpha import AlphaTuner
 from .batcher import Answer, Batcher, BatchOutput
@@ -73,22 +73,11 @@ class ServedModel:
         self.on_alpha = on_alpha
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        spec = model.input_spec or {}
-        shape = [int(s) for s in spec.get("shape") or []]
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_spec shape must be [C, H, W], got {spec.get('shape')!r}")
-        self.shape: tuple[int, int, int] = tuple(shape)  # type: ignore[assignment]
-        c = shape[0]
-        mean = [float(v) for v in spec.get("mean") or [0.0] * c]
-        std = [float(v) for v in spec.get("std") or [1.0] * c]
-        if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
-            raise ValueError(f"input_spec mean/std must have {c} entries, std > 0")
-        self.mean_list, self.std_list = mean, std
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
-        k = model.head.out_features
-        names = [str(n) for n in spec.get("class_names") or []]
-        self.class_names = names if len(names) == k else [str(i) for i in range(k)]
+        # Checked against the model's config when it was set (InputSpec.from_dict).
+        self.input_spec: InputSpec = model.input_spec
+        self.shape: tuple[int, int, int] = self.input_spec.shape
+        self.mean_list, self.std_list = list(self.input_spec.mean), list(self.input_spec.std)
+        self.class_names = list(self.input_spec.class_names)
         self.lipschitz = float(model.lipschitz_bound())
         self.loaded_at = time.time()
         self.tuner = AlphaTuner(
@@ -106,20 +95,23 @@ class ServedModel:
     # ---- set-up --------------------------------------------------------------------------------
     def _calibration(self) -> Tensor | None:
         """The checkpoint's calibration pixels, as a normalised ``(N, C, H, W)`` batch."""
-        raw = (self.model.metadata or {}).get("calibration")
+        raw = self.model.calibration
         if not isinstance(raw, Tensor):
             return None
-        if raw.dim() != 4 or tuple(raw.shape[1:]) != self.shape or raw.shape[0] == 0:
+        pixels = raw.dtype == torch.uint8 or raw.is_floating_point()
+        if raw.dim() != 4 or tuple(raw.shape[1:]) != self.shape or raw.shape[0] == 0 or not pixels:
             log.warning(
-                "%s/%s: calibration batch of shape %s does not match %s; ignored",
+                "%s/%s: calibration batch of shape %s (%s) does not match %s pixels; ignored",
                 self.name,
                 self.version,
                 tuple(raw.shape),
+                raw.dtype,
                 self.shape,
             )
             return None
-        x = raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float().clamp(0, 1)
-        return self.normalize(x[: self.settings.calibration_size])
+        if raw.is_floating_point():
+            raw = raw.float().clamp(0, 1)
+        return self.normalize(raw[: self.settings.calibration_size])
 
     def tune_at_load(self) -> None:
         """Tune α on the calibration batch, or arm tuning on the first window of traffic."""
@@ -183,8 +175,9 @@ class ServedModel:
         )
 
     def normalize(self, x: Tensor) -> Tensor:
-        """Pixels in [0, 1] ``(B, C, H, W)`` → the model's normalised input (same shape)."""
-        return (x.to(torch.float32) - self.mean) / self.std
+        """Pixels ``(B, C, H, W)`` (float in [0, 1], or uint8) → the model's normalised
+        float32 input, on ``x``'s device (:meth:`InputSpec.normalize`)."""
+        return self.input_spec.normalize(x, dtype=torch.float32)
 
     def check_work(self, rows: int, key: SolveKey) -> None:
         """Refuse a request that may cost more than the server allows one request.

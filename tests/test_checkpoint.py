@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import model_core
-from model_core import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from model_core import (
+    CheckpointError,
+    InputSpec,
+    ModelConfig,
+    SolverSettings,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from model_core.checkpoint import read_checkpoint
 
 CONFIGS = [
     {"arch": "fc", "in_channels": 1, "image_size": 6, "hidden": 7},
@@ -54,8 +67,12 @@ def test_checkpoint_is_plain_data(tmp_path):
     path = save_checkpoint(model, tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "mondeq-checkpoint"
-    assert raw["schema_version"] == model_core.SCHEMA_VERSION
-    assert set(raw) >= {"config", "state_dict", "input_spec", "solver", "metadata"}
+    assert raw["schema_version"] == model_core.SCHEMA_VERSION == 2
+    assert set(raw) == {
+        "format", "schema_version", "package_version", "config", "state_dict", "input_spec",
+        "metadata", "calibration", "training_state",
+    }  # fmt: skip
+    assert (raw["calibration"], raw["training_state"], raw["metadata"]) == (None, None, {})
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in raw["state_dict"])
 
 
@@ -87,12 +104,17 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]
 
 
-def test_input_spec_that_turns_images_into_nan_is_refused_on_save(tmp_path):
+def test_input_spec_that_turns_images_into_nan_is_refused(tmp_path):
+    """Refused when assigned (it used to be refused only on save), the old spec kept."""
     model = build_model(CONFIGS[0])
-    model.input_spec = {**model.input_spec, "std": [0.0]}
-    with pytest.raises(CheckpointError, match="refusing to save: input_spec std must be 1"):
-        save_checkpoint(model, tmp_path / "m.pt")
-    assert list(tmp_path.iterdir()) == []
+    before = model.input_spec
+    with pytest.raises(
+        ValueError, match=r"^input_spec std must be 1 finite numbers > 0, got \[0.0\]$"
+    ):
+        model.input_spec = {**model.input_spec, "std": [0.0]}
+    assert model.input_spec is before
+    save_checkpoint(model, tmp_path / "m.pt")
+    assert load_checkpoint(tmp_path / "m.pt").input_spec == before
 
 
 def _bad(tmp_path, name, data):
@@ -176,3 +198,228 @@ def test_malformed_files_raise_checkpoint_error(tmp_path, case, match):
 
 class _Pickled:
     """A class instance: torch.save pickles it; the weights_only loader must refuse it."""
+
+
+# ---- schema 2: named fields; schema 1 still read --------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+# Written by `save_checkpoint` before schema 2 (commit 253a686, schema version 1), unchanged
+# since. `sha256sum` of each file, so that a test proves they are still the old bytes.
+V1_FILES = {
+    REPO / "models/fmnist-fc/1/model.pt":
+        "ca81f4d8f8292bad871e763322cb2962b0a301e67ef805ced74eee44de30d00a",
+    REPO / "models/fmnist-conv/1/model.pt":
+        "167f390349d6a6a760805889e15109972b127e50c77c84b3303d71e6186b81c2",
+    FIXTURES / "checkpoint-v1-fc.pt":
+        "b45819b73740e9b15d53ba16be6156c727a5f751f7c0967bf117054de5c02af3",
+    FIXTURES / "checkpoint-v1-multi_tier.pt":
+        "fda7b04f9f7b202acc5919b448870d3ba3bd96d876f830398e8f2b652303e4f8",
+}  # fmt: skip
+
+# The first 64 Fashion-MNIST test images through the default models, computed by the code of
+# commit 253a686 (before schema 2) on one CPU thread: sha256 of the normalised float32 input
+# and of the float32 logits, and the total forward iterations.
+DEFAULT_MODEL_REFERENCE = {
+    "fc": ("5e20e777d577a49fe404c4ced6adfaddc48cf7f275ea98e8036c52838d6b9f9c", 663),
+    "conv": ("a6d428275eb07e19b9c17e8900b89f97abf88b0f31e8699f09726303261d4132", 546),
+}
+NORMALISED_INPUT_SHA256 = "4f29db5c706da7d3704279fb1bc5d4b8d8f932bbcb6dd46da75d2e9b166fd88a"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fashion_test_pixels(n: int) -> torch.Tensor:
+    """The first ``n`` test images, ``(n, 1, 28, 28)`` uint8 (IDX: 16-byte header)."""
+    raw = gzip.decompress(FASHION_TEST.read_bytes())
+    return torch.frombuffer(bytearray(raw[16 : 16 + n * 784]), dtype=torch.uint8).view(n, 1, 28, 28)
+
+
+@pytest.fixture()
+def one_thread():
+    """Float32 sums split over threads round differently; the reference is one thread's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "path", list(V1_FILES), ids=lambda p: p.name if "fixtures" in str(p) else p.parts[-3]
+)
+def test_version_1_files_are_unchanged_on_disk(path):
+    assert torch.load(path, weights_only=True)["schema_version"] == 1
+    assert _sha256(path.read_bytes()) == V1_FILES[path]
+
+
+@pytest.mark.skipif(not FASHION_TEST.exists(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.parametrize("name", ["fc", "conv"])
+def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_thread):
+    path = REPO / f"models/fmnist-{name}/1/model.pt"
+    raw = torch.load(path, weights_only=True)
+    model = load_checkpoint(path)
+    # Every field of the version-1 file lands where schema 2 keeps it.
+    assert model.config == raw["config"] and model.config["solver"] == raw["solver"]
+    assert model.solver_settings == SolverSettings.from_dict(raw["solver"])
+    assert model.input_spec == raw["input_spec"] and isinstance(model.input_spec, InputSpec)
+    assert torch.equal(model.calibration, raw["metadata"]["calibration"])
+    assert model.calibration.shape == (64, 1, 28, 28) and model.calibration.dtype == torch.uint8
+    assert model.training_state is None
+    assert set(model.metadata) == {*raw["metadata"], "package_version"}
+    assert model.metadata["metrics"] == raw["metadata"]["metrics"]
+    assert model.metadata["calibration"] is model.calibration  # as before schema 2
+    pixels = _fashion_test_pixels(64)
+    x = model.input_spec.normalize(pixels)
+    assert (x.dtype, x.shape) == (torch.float32, (64, 1, 28, 28))
+    assert _sha256(x.numpy().tobytes()) == NORMALISED_INPUT_SHA256
+    # Pixels in [0, 1] (the server's requests) give the same input bit for bit.
+    assert torch.equal(model.input_spec.normalize(pixels.float() / 255.0), x)
+    out = model.infer(x)
+    logits_sha, iterations = DEFAULT_MODEL_REFERENCE[name]
+    assert int(out.stats.iterations.sum()) == iterations
+    assert _sha256(out.logits.numpy().tobytes()) == logits_sha
+    # Saved again (schema 2) and reloaded: the same logits.
+    again = load_checkpoint(save_checkpoint(model, Path(tempfile.mkdtemp()) / "m.pt"))
+    assert torch.equal(again.infer(x).logits, out.logits)
+
+
+@pytest.mark.parametrize("arch", ["fc", "multi_tier"])
+def test_version_1_fixture_loads_with_its_training_state_and_logits(arch, tmp_path):
+    """The fixture carries the probe pixels and the logits the old code computed for them."""
+    path = FIXTURES / f"checkpoint-v1-{arch}.pt"
+    raw = torch.load(path, weights_only=True)
+    model = load_checkpoint(path)
+    meta = raw["metadata"]
+    assert model.arch == arch and model.config == raw["config"]
+    assert model.solver_settings.alpha == raw["solver"]["alpha"] == 0.4
+    assert model.input_spec.to_dict() == raw["input_spec"]
+    assert model.input_spec.class_names == ("a", "b", "c")
+    assert torch.equal(model.calibration, meta["calibration"])
+    assert model.training_state["progress"] == meta["train"]["progress"]
+    assert model.training_state["options"] == {"preset": "tiny", "lr": 1e-3}
+    # Readers written before schema 2 find them where they were.
+    assert model.metadata["train"] is model.training_state
+    assert model.metadata["calibration"] is model.calibration
+    x = model.input_spec.normalize(meta["probe_pixels"])
+    out = model.infer(x)
+    assert torch.equal(out.logits, meta["expected_logits"])
+    assert torch.equal(out.stats.iterations, meta["expected_iterations"])
+    # Upgraded on save: one copy of the solver settings, named fields, nothing in metadata.
+    again = save_checkpoint(
+        model, tmp_path / "v2.pt", calibration=model.calibration,
+        training_state=model.training_state, dataset="toy",
+    )  # fmt: skip
+    v2 = torch.load(again, weights_only=True)
+    assert v2["schema_version"] == 2 and "solver" not in v2
+    assert v2["config"]["solver"] == raw["solver"]
+    assert v2["metadata"] == {"dataset": "toy"}
+    assert v2["training_state"]["progress"] == meta["train"]["progress"]
+    assert torch.equal(v2["calibration"], meta["calibration"])
+    assert torch.equal(load_checkpoint(again).infer(x).logits, out.logits)
+
+
+def test_read_checkpoint_upgrades_version_1_in_memory():
+    path = FIXTURES / "checkpoint-v1-fc.pt"
+    payload = read_checkpoint(path)
+    assert payload["schema_version"] == 2 and "solver" not in payload
+    assert set(payload["metadata"]) == {"dataset", "probe_pixels", "expected_logits",
+                                        "expected_iterations"}  # fmt: skip
+    assert payload["config"]["solver"]["alpha"] == 0.4
+    assert payload["training_state"]["progress"]["epoch"] == 1
+    assert payload["calibration"].shape == (4, 1, 6, 6)
+    assert _sha256(path.read_bytes()) == V1_FILES[path]
+
+
+def test_version_2_round_trip_keeps_the_named_fields(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({**CONFIGS[2], "num_classes": 3, "solver": {"tol": 1e-5}})
+    model = build_model(config)
+    model.input_spec = InputSpec((1, 6, 6), (0.5,), (0.25,), ("x", "y", "z"))
+    pixels = torch.randint(0, 256, (5, 1, 6, 6), dtype=torch.uint8)
+    state = {"progress": {"epoch": 2}, "optimizer": {"state": {"0": {"step": torch.tensor(3.0)}}}}
+    path = save_checkpoint(model, tmp_path / "m.pt", calibration=pixels, training_state=state,
+                           seed=7)  # fmt: skip
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"] == config.to_dict() == {
+        "arch": "multi_tier", "channels": [2, 3], "m": 1.0,
+        "solver": {**SolverSettings().to_dict(), "tol": 1e-5},
+        "in_channels": 1, "image_size": 6, "num_classes": 3,
+    }  # fmt: skip
+    assert raw["input_spec"] == {"shape": [1, 6, 6], "mean": [0.5], "std": [0.25],
+                                 "class_names": ["x", "y", "z"]}  # fmt: skip
+    assert raw["metadata"] == {"seed": 7}
+    assert torch.equal(raw["calibration"], pixels) and raw["training_state"] == state
+    loaded = load_checkpoint(path)
+    assert loaded.model_config == config
+    assert loaded.input_spec == model.input_spec
+    assert torch.equal(loaded.calibration, pixels) and loaded.training_state == state
+    x = model.input_spec.normalize(pixels)
+    assert torch.equal(loaded.infer(x).logits, model.infer(x).logits)
+    # No named field given: both None, and absent from metadata.
+    bare = load_checkpoint(save_checkpoint(model, tmp_path / "bare.pt"))
+    assert (bare.calibration, bare.training_state) == (None, None)
+    assert set(bare.metadata) == {"package_version"}
+
+
+def test_the_metadata_key_train_is_the_training_state(tmp_path):
+    """Writers from before schema 2 pass ``train=``: stored as the named field."""
+    model = build_model(CONFIGS[0])
+    raw = torch.load(save_checkpoint(model, tmp_path / "m.pt", train={"progress": {"epoch": 1}}),
+                     weights_only=True)  # fmt: skip
+    assert raw["training_state"] == {"progress": {"epoch": 1}} and raw["metadata"] == {}
+    with pytest.raises(TypeError, match="training state given twice"):
+        save_checkpoint(model, tmp_path / "n.pt", train={}, training_state={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+@pytest.mark.parametrize(
+    "calibration, match",
+    [
+        (torch.zeros(4, 1, 6, 5, dtype=torch.uint8), r"uint8 tensor of shape \(4, 1, 6, 5\)"),
+        (torch.zeros(0, 1, 6, 6, dtype=torch.uint8), r"shape \(0, 1, 6, 6\)"),
+        (torch.zeros(4, 1, 6, 6, dtype=torch.int64), "int64 tensor"),
+        ([[0, 1]], "a list"),
+    ],
+)
+def test_a_calibration_batch_of_another_shape_is_refused(tmp_path, calibration, match):
+    prefix = r"refusing to save: calibration must be \(N, 1, 6, 6\) pixels, uint8 or float, N >= 1"
+    with pytest.raises(CheckpointError, match=prefix + "; got .*" + match):
+        save_checkpoint(build_model(CONFIGS[0]), tmp_path / "m.pt", calibration=calibration)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "version, message",
+    [
+        (3, "schema version 3 is newer than this package reads (2); upgrade mondeq"),
+        (99, "schema version 99 is newer than this package reads (2); upgrade mondeq"),
+        (0, "schema version 0 is not one this package reads (1, 2)"),
+        ("2", "schema_version missing or invalid ('2')"),
+        (True, "schema_version missing or invalid (True)"),
+    ],
+)
+def test_an_unknown_schema_version_is_a_clear_checkpoint_error(tmp_path, version, message):
+    raw = torch.load(save_checkpoint(build_model(CONFIGS[0]), tmp_path / "m.pt"), weights_only=True)
+    path = _bad(tmp_path, "v.pt", {**raw, "schema_version": version})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("calibration", [1, 2], "'calibration' is not a tensor"),
+        ("training_state", 5, "'training_state' is not a dict"),
+    ],
+)
+def test_named_fields_of_the_wrong_type_are_refused_on_load(tmp_path, field, value, message):
+    raw = torch.load(save_checkpoint(build_model(CONFIGS[0]), tmp_path / "m.pt"), weights_only=True)
+    path = _bad(tmp_path, "w.pt", {**raw, field: value})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: {message}"
