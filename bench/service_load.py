@@ -63,11 +63,11 @@ def latest_checkpoint(folder: Path) -> Path:
 
 def pixel_batch(model, n: int = 64) -> torch.Tensor:
     """``(n, C, H, W)`` pixels in [0, 1]: the calibration batch, else uniform noise."""
-    cal = (model.metadata or {}).get("calibration")
+    cal = model.calibration
     if isinstance(cal, torch.Tensor) and cal.dim() == 4:
         x = cal.float() / 255.0 if cal.dtype == torch.uint8 else cal.float()
         return x[:n]
-    return torch.rand(n, *model.input_spec["shape"], generator=torch.Generator().manual_seed(0))
+    return torch.rand(n, *model.input_spec.shape, generator=torch.Generator().manual_seed(0))
 
 
 class Limit:
@@ -77,11 +77,7 @@ class Limit:
     def __init__(self, ckpt: Path, device: str):
         self.device = torch.device(device)
         model = load_checkpoint(ckpt, map_location=device)
-        spec = model.input_spec
-        c = spec["shape"][0]
-        mean = torch.tensor(spec["mean"]).view(1, c, 1, 1)
-        std = torch.tensor(spec["std"]).view(1, c, 1, 1)
-        self.x = ((pixel_batch(model) - mean) / std).to(device)
+        self.x = model.input_spec.normalize(pixel_batch(model)).to(device)
         s = model.solver_settings
         if s.solver.tunable_alpha:
             model.set_solver(alpha=tune_alpha(model, self.x, method=s.method).alpha)
