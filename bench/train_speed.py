@@ -23,7 +23,7 @@ import torch
 
 from model_core.runtime import tune_allocator
 from mondeq_cli.benchmark import machine_probe
-from training.trainer import TrainOptions, train
+from training import TrainOptions, train
 
 REFERENCE_S_PER_EPOCH = {"fmnist-fc": 6.0, "fmnist-conv": 22 * 60.0}
 

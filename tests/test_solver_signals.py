@@ -17,7 +17,7 @@ import torch
 from service_support import LiveServer, metric, metric_samples, normalise, outputs, v2_body
 
 from model_core import load_checkpoint
-from training.data import DEBIAN_FASHION_MNIST, Normalizer, read_idx
+from training.data import DEBIAN_FASHION_MNIST, read_idx
 from training.evaluate import evaluate
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -108,12 +108,10 @@ def test_mondeq_eval_counts_unconverged_samples_as_not_certified():
     model = load_checkpoint(checkpoint("fmnist-fc"))
     x = torch.from_numpy(read_idx(IMAGES)[:50].copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(LABELS)[:50].astype("int64"))
-    spec = model.input_spec
-    norm = Normalizer(spec["mean"], spec["std"], device="cpu")
-    solved = evaluate(model, x, y, norm, radii=(0.05,))
+    solved = evaluate(model, x, y, radii=(0.05,))
     assert solved["converged_share"] == 1.0 and solved["certified"]["0.05"] > 0.5
     model.set_solver(max_iter=1)
-    cut = evaluate(model, x, y, norm, radii=(0.0, 0.05))
+    cut = evaluate(model, x, y, radii=(0.0, 0.05))
     assert cut["converged_share"] == 0.0
     assert cut["certified"] == {"0": 0.0, "0.05": 0.0}
 
@@ -127,14 +125,12 @@ def test_mondeq_eval_at_a_loose_tol_certifies_no_sample_off_the_equilibrium():
     model = load_checkpoint(checkpoint("fmnist-conv"))
     x = torch.from_numpy(read_idx(IMAGES)[:50].copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(LABELS)[:50].astype("int64"))
-    spec = model.input_spec
-    norm = Normalizer(spec["mean"], spec["std"], device="cpu")
     model.set_solver(tol=1.0)
-    r = model.infer(norm(x))
+    r = model.infer(model.input_spec.normalize(x))
     off = r.stats.residual > CERTIFY_TOL
     assert r.stats.converged.all() and off.all()
     assert r.certified_radius.isnan().all()
-    loose = evaluate(model, x, y, norm, radii=(0.0, 0.05))
+    loose = evaluate(model, x, y, radii=(0.0, 0.05))
     assert loose["converged_share"] == 1.0
     assert loose["certified"] == {"0": 0.0, "0.05": 0.0}
 

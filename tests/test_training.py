@@ -21,6 +21,7 @@ import torch
 from training_support import MONDEQ, ROOT, mondeq
 
 from model_core import CheckpointError, load_checkpoint
+from model_core.config import InputSpec
 from training.cli import preset_rows, read_config
 from training.data import (
     DEBIAN_FASHION_MNIST,
@@ -116,6 +117,20 @@ def test_fashion_mnist_from_debian():
     mean, std = data.channel_stats()  # the published Fashion-MNIST statistics
     assert mean[0] == pytest.approx(0.2860, abs=1e-4)
     assert std[0] == pytest.approx(0.3530, abs=1e-4)
+
+
+@needs_fmnist
+def test_batches_are_normalised_by_the_input_spec_as_before_bit_for_bit():
+    # Training, `mondeq eval` and the server normalise through InputSpec.normalize; training
+    # and eval used their own (x / 255 - mean) / std before, whose bits this must keep.
+    data = load_dataset("fmnist")
+    mean, std = data.channel_stats()
+    spec = InputSpec(data.shape, mean, std, data.class_names)
+    x = data.train_x[:512]
+    m, s = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+    before = (x.to(torch.float32) / 255.0 - m) / s
+    assert torch.equal(spec.normalize(x), before)
+    assert spec.normalize(x).dtype == torch.float32
 
 
 def test_idx_reader_rejects_truncated_and_foreign_files(tmp_path):
@@ -261,10 +276,9 @@ def test_train_writes_checkpoints_metrics_and_curves(tmp_path):
     assert meta["alpha"] == last.deq.settings.alpha == lines[-1]["alpha"]
     assert meta["backward_alpha"] == last.deq.settings.backward_alpha
     assert meta["backward_alpha"] == lines[-1]["backward_alpha"]
-    assert meta["calibration"].shape == (64, 1, 28, 28)
-    assert meta["calibration"].dtype == torch.uint8
-    assert last.input_spec["shape"] == [1, 28, 28] and len(last.input_spec["mean"]) == 1
-    assert "train" in meta and "optimizer" in meta["train"]
+    assert last.calibration.shape == (64, 1, 28, 28) and last.calibration.dtype == torch.uint8
+    assert last.input_spec.shape == (1, 28, 28) and len(last.input_spec.mean) == 1
+    assert set(last.training_state) == {"options", "optimizer", "progress"}
     # Exported into a model repository, with its card.
     proc = mondeq("export", out, "--models", tmp_path / "models", "--name", "smoke")
     folder = tmp_path / "models" / "smoke" / "1"
@@ -343,7 +357,7 @@ def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(tmp_path, refe
     assert proc.returncode == 128 + signum, err
     assert f"interrupted by {signal.Signals(signum).name}; resume from" in err
     assert "Traceback" not in err
-    state = load_checkpoint(out / "last.pt").metadata["train"]["progress"]
+    state = load_checkpoint(out / "last.pt").training_state["progress"]
     assert state["epoch"] >= 1, state  # stopped after at least one epoch
     assert state["epoch"] < 4, state  # and before the last
     resumed = mondeq("train", "--resume", out, "--no-progress")
@@ -363,7 +377,7 @@ def test_kill_9_loses_at_most_the_current_epoch(tmp_path, reference_run):
     _wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
     proc.kill()
     proc.communicate(timeout=60)
-    state = load_checkpoint(out / "last.pt").metadata["train"]["progress"]  # not corrupt
+    state = load_checkpoint(out / "last.pt").training_state["progress"]  # not corrupt
     assert state["epoch"] >= 1 and state["step"] == 0
     mondeq("train", "--resume", out, "--no-progress")
     _assert_same_weights(out / "last.pt", reference_run / "last.pt")

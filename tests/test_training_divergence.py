@@ -18,14 +18,14 @@ from service_support import FC_CONFIG, LiveServer, make_checkpoint, v2_body
 
 from model_core import CheckpointError, load_checkpoint, save_checkpoint
 from model_core.checkpoint import checkpoint_payload, read_checkpoint
-from training.trainer import (
+from training.loop import (
     RESIDUAL_WARN_FACTOR,
     UNCONVERGED_WARN_SHARE,
     Diverged,
-    TrainOptions,
     _solver_warning,
     train,
 )
+from training.options import TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 MONDEQ = [sys.executable, "-m", "mondeq_cli"]
@@ -84,7 +84,7 @@ def one_good_epoch(tmp_path) -> Path:
 def _set_saved_lr(last: Path, lr: float) -> None:
     """Rewrite the learning rate a resumed run will take (a run going on at a new rate)."""
     payload = read_checkpoint(last)
-    payload["metadata"]["train"]["options"]["lr"] = lr
+    payload["training_state"]["options"]["lr"] = lr
     torch.save(payload, last)
 
 

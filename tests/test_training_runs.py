@@ -294,7 +294,7 @@ def test_a_signal_to_nproc_2_stops_every_rank_after_a_resumable_checkpoint(tmp_p
     name = signal.Signals(signum).name
     assert err.count(f"mondeq train: interrupted by {name}; resume from {out}/last.pt") == 1
     assert "Traceback" not in err
-    state = load_checkpoint(out / "last.pt").metadata["train"]["progress"]
+    state = load_checkpoint(out / "last.pt").training_state["progress"]
     assert state["epoch"] in (1, 2, 3), state  # stopped part-way through 4 epochs
     assert not (out / ".lock").exists()
     time.sleep(1.0)
@@ -323,7 +323,7 @@ def test_a_signal_to_a_single_process_run_stops_at_a_step_with_a_resumable_check
     )
     assert "Traceback" not in err
     last = load_checkpoint(out / "last.pt")
-    state = last.metadata["train"]["progress"]
+    state = last.training_state["progress"]
     assert state["epoch"] in (1, 2, 3), state  # stopped part-way through 4 epochs
     weights = last.state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from mondeq_cli.main import main
+from training import TrainOptions, train
 from training.options import OptionError, read_config
-from training.trainer import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
@@ -320,7 +320,7 @@ def test_resume_checks_its_inputs(two_epoch_run, tmp_path, capsys):
 def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, capsys, case,
                                                     message):  # fmt: skip
     raw = torch.load(two_epoch_run / "last.pt", weights_only=True)
-    train_state = raw["metadata"]["train"]
+    train_state = raw["training_state"]
     if case == "other_preset":
         train_state["options"]["preset"] = "fmnist-conv"
     elif case == "no_progress":
@@ -330,7 +330,7 @@ def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, ca
     elif case == "optimizer_inf":  # was resumed, then "diverged ... lower --lr"
         next(iter(train_state["optimizer"]["state"].values()))["exp_avg"].view(-1)[0] = math.inf
     else:
-        del raw["metadata"]["train"]
+        raw["training_state"] = None
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     torch.save(raw, run_dir / "last.pt")
@@ -341,7 +341,7 @@ def test_resume_refuses_a_last_pt_it_cannot_continue(two_epoch_run, tmp_path, ca
 
 def test_resume_refuses_a_step_past_the_epoch_s_end(two_epoch_run, tmp_path, capsys):
     raw = torch.load(two_epoch_run / "last.pt", weights_only=True)
-    raw["metadata"]["train"]["progress"]["step"] = 5  # the run takes 1 step per epoch
+    raw["training_state"]["progress"]["step"] = 5  # the run takes 1 step per epoch
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     torch.save(raw, run_dir / "last.pt")

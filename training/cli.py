@@ -131,9 +131,10 @@ def _run_train(args) -> int:
     from model_core import CheckpointError, load_checkpoint
 
     from .data import DataError
-    from .options import check_consistent, check_options, flag
-    from .trainer import Aborted, Diverged, Interrupted, TrainOptions, command_line
-    from .trainer import train as run
+    from .loop import Diverged
+    from .loop import train as run
+    from .options import TrainOptions, check_consistent, check_options, command_line, flag
+    from .signals import Aborted, Interrupted
 
     try:
         given = _cli_options(args)
@@ -224,7 +225,7 @@ def _resume_state(model, path: Path) -> dict:
 
     from .presets import get_preset
 
-    saved = model.metadata.get("train")
+    saved = model.training_state
     if not saved:
         raise CheckpointError(f"{path}: holds no training state to resume")
     if not isinstance(saved, dict):
@@ -258,9 +259,7 @@ def _resume_state(model, path: Path) -> dict:
     try:
         preset = get_preset(options.get("preset"))
         spec = model.input_spec
-        built = normalize_config(
-            preset.model_config(tuple(spec["shape"]), len(spec["class_names"]))
-        )
+        built = normalize_config(preset.model_config(spec.shape, len(spec.class_names)))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: its training options do not build a model: {e}") from None
     ours = {k: v for k, v in model.config.items() if k != "solver"}
@@ -375,7 +374,7 @@ def _radii(text: str) -> tuple[float, ...]:
 def _run_eval(args) -> int:
     from model_core import CheckpointError, load_checkpoint
 
-    from .data import DataError, Normalizer, load_dataset
+    from .data import DataError, load_dataset
     from .distributed import pick_device
     from .evaluate import evaluate as run
     from .evaluate import format_report
@@ -389,16 +388,15 @@ def _run_eval(args) -> int:
             model.set_solver(**overrides)
         spec = model.input_spec
         data = load_dataset(args.dataset, args.data_dir, download=args.download,
-                            shape=tuple(spec["shape"]))  # fmt: skip
-        if list(data.shape) != list(spec["shape"]):
+                            shape=spec.shape)  # fmt: skip
+        if data.shape != spec.shape:
             raise ValueError(
-                f"{args.checkpoint} expects input {spec['shape']}, "
+                f"{args.checkpoint} expects input {list(spec.shape)}, "
                 f"{data.name} has {list(data.shape)}"
             )
-        classes = spec.get("class_names")
-        if classes is not None and len(classes) != len(data.class_names):
+        if len(spec.class_names) != len(data.class_names):
             raise ValueError(
-                f"{args.checkpoint} has {len(classes)} classes, {data.name} has "
+                f"{args.checkpoint} has {len(spec.class_names)} classes, {data.name} has "
                 f"{len(data.class_names)}"
             )
         x, y = data.test_x, data.test_y
@@ -408,8 +406,7 @@ def _run_eval(args) -> int:
                     f"--limit {args.limit} is more than the {len(x):,} test samples of {data.name}"
                 )
             x, y = x[: args.limit], y[: args.limit]
-        metrics = run(model, x, y, Normalizer(spec["mean"], spec["std"], device),
-                      batch_size=args.batch_size, radii=args.radii,
+        metrics = run(model, x, y, batch_size=args.batch_size, radii=args.radii,
                       progress=not args.json)  # fmt: skip
     except (CheckpointError, DataError, ValueError) as e:
         print(f"mondeq eval: {e}", file=sys.stderr)

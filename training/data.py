@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 tensors, with batching, augmentation and normalisation.
+"""Datasets as in-memory uint8 tensors, with augmentation; the model's input spec normalises.
 
 Every dataset is small enough to hold in memory (CIFAR-10's 50,000 training images are
 150 MB as uint8), which makes batches a tensor gather instead of a DataLoader of PIL images:
@@ -289,20 +289,7 @@ def synthetic(
     return Data("synthetic", xtr, ytr, xte, yte, names, f"synthetic(seed={seed})")
 
 
-# ---- batches ------------------------------------------------------------------------------
-
-
-class Normalizer:
-    """uint8 ``(B, C, H, W)`` → normalised float, with optional crop/flip augmentation."""
-
-    def __init__(self, mean: list[float], std: list[float], device, dtype=torch.float32):
-        self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)
-        self.device, self.dtype = device, dtype
-
-    def __call__(self, x: Tensor) -> Tensor:
-        x = x.to(self.device, non_blocking=True).to(self.dtype) / 255.0
-        return (x - self.mean) / self.std
+# ---- augmentation ---------------------------------------------------------------------------
 
 
 def augment(

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from model_core import MonDEQClassifier
 
-from .data import Normalizer
 from .distributed import Dist
 
 DEFAULT_RADII = (0.05, 0.1, 0.25, 0.5)
@@ -19,7 +18,6 @@ def evaluate(
     model: MonDEQClassifier,
     x: Tensor,
     y: Tensor,
-    normalize: Normalizer,
     *,
     batch_size: int = 500,
     radii: tuple[float, ...] = DEFAULT_RADII,
@@ -27,6 +25,9 @@ def evaluate(
     progress: bool = False,
 ) -> dict:
     """Classify uint8 images ``x (N, C, H, W)`` against labels ``y (N,)``.
+
+    Images are normalised by the model's input spec (:meth:`InputSpec.normalize
+    <model_core.config.InputSpec.normalize>`) on the model's device, ``batch_size`` at a time.
 
     Under DDP each rank takes the samples ``rank::world`` and the per-sample results are
     gathered, so every rank returns the same numbers.
@@ -38,7 +39,8 @@ def evaluate(
         docs/math.md §7; a sample not solved to within ``min(tol, CERTIFY_TOL)`` has no
         radius, so ``--tol 1`` certifies nothing it did not before), ``samples``.
     """
-    dist = dist or Dist(device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    dist = dist or Dist(device=device)
     index = torch.arange(dist.rank, len(x), dist.world)
     rows: dict[str, list[Tensor]] = {k: [] for k in ("correct", "loss", "it", "res", "conv", "rad")}
     batches = range(0, len(index), batch_size)
@@ -48,8 +50,8 @@ def evaluate(
         batches = tqdm(batches, desc="eval", leave=False, dynamic_ncols=True)
     for start in batches:
         idx = index[start : start + batch_size]
-        target = y[idx].to(normalize.device)
-        r = model.infer(normalize(x[idx]))
+        target = y[idx].to(device)
+        r = model.infer(model.input_spec.normalize(x[idx].to(device, non_blocking=True)))
         rows["correct"].append((r.labels == target).cpu())
         rows["loss"].append(F.cross_entropy(r.logits, target, reduction="none").cpu())
         rows["it"].append(r.stats.iterations.cpu())

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from model_core import CheckpointError, load_checkpoint, save_checkpoint
+from model_core.files import atomic_write
 
 # What the server loads: service.repository's NAME_RE and VERSION_RE (1 to 9 digits), and it
 # skips folders ending in a temporary-file suffix.
@@ -109,14 +110,17 @@ def export_run(
             f"{run / f'{which}.pt'} was written before the run's first epoch ended, so there "
             f"is no tested model to publish; continue it with `mondeq train --resume {run}`"
         )
-    history = (load_checkpoint(run / "last.pt").metadata.get("train") or {}).get("progress", {})
+    history = (load_checkpoint(run / "last.pt").training_state or {}).get("progress", {})
     history = history.get("history", [])
     if name is None:
         name = meta.get("preset")
         if not name:
             raise ValueError("the checkpoint names no preset; pass --name")
         check_export_args(name, version, models)
+    # Their copies for readers of schema 1; model.pt keeps the calibration batch, not the
+    # training state.
     meta.pop("train", None)
+    meta.pop("calibration", None)
     meta.pop("package_version", None)
     folder = models / name / str(version)
     if not force and _published(folder):
@@ -141,7 +145,7 @@ def export_run(
 
 
 def _write_version(folder, model, meta, run, history, name, version, which, note) -> None:
-    save_checkpoint(model, folder / "model.pt", **meta)
+    save_checkpoint(model, folder / "model.pt", calibration=model.calibration, **meta)
     metrics = meta.get("metrics") or {}
     epoch_times = [r["epoch_time_s"] for r in history if "epoch_time_s" in r]
     card = {
@@ -169,10 +173,11 @@ def _write_version(folder, model, meta, run, history, name, version, which, note
         "checkpoint": which,
         "note": note,
     }
-    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (folder / "README.md").write_text(_card_markdown(card, history))
+    # Each file is on disk (fsync) before the folder is renamed into place.
+    atomic_write(folder / "card.json", (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write(folder / "README.md", _card_markdown(card, history).encode())
     if (run / "curves.png").is_file():
-        shutil.copyfile(run / "curves.png", folder / "curves.png")
+        atomic_write(folder / "curves.png", (run / "curves.png").read_bytes())
 
 
 def _published(folder: Path) -> bool:

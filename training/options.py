@@ -5,7 +5,8 @@ A value is honoured as given or refused with one line naming where it came from;
 replaced by a default. ``None`` means "not given" (the preset's value) and is only accepted
 where the option has such a default. Checks here need no data; the ones that do (batch size
 against the training split, ``--eval-limit`` against the test split) run in
-:func:`training.trainer.train` before any file is written.
+:func:`training.setup.resolve` before any file is written. :class:`TrainOptions` holds a
+run's checked options; ``last.pt`` stores them, so ``--resume`` needs nothing else.
 
 Config files (:func:`read_config`):
 
@@ -24,7 +25,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import shlex
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +189,52 @@ def check_options(options: dict, label: Callable[[str], str] = flag) -> dict:
             hint = " (a quoted value is a string: remove the quotes)" if quoted else ""
             raise OptionError(f"{label(name)} must be {e}, got {_describe(value)}{hint}") from None
     return out
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run depends on; stored in ``last.pt`` so ``--resume`` needs nothing else.
+
+    ``None`` is "not given": the preset's value. Every construction is checked against
+    :data:`RULES` (:class:`OptionError` on a refused value).
+    """
+
+    preset: str
+    out: str
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    download: bool = False
+    dataset: str | None = None  # override the preset's, e.g. "synthetic"
+    synthetic_size: int = 2048
+    steps_per_epoch: int | None = None  # cap, for smoke tests
+    eval_limit: int | None = None  # evaluate on the first N test samples only
+    tune_alpha: bool = True
+    progress: bool = True
+    command: str = ""
+
+    def __post_init__(self):
+        # Every construction path is checked; from_dict names the source of a bad value.
+        checked = check_options({f.name: getattr(self, f.name) for f in fields(self)})
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_dict(cls, d: dict, label=flag) -> TrainOptions:
+        """Options from ``d``; ``label(name)`` names an option in an error message.
+
+        Raises:
+            OptionError: an unknown name or a refused value.
+        """
+        return cls(**check_options(d, label))
+
+
+def command_line() -> str:
+    """This process's command line as ``mondeq ...``, recorded in the run's checkpoints."""
+    return shlex.join(["mondeq", *sys.argv[1:]]) if sys.argv else ""
 
 
 def _unknown(name: str, known, where: str) -> str:

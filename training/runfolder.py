@@ -1,4 +1,14 @@
-"""Who may write a run folder, and when: results are never replaced or shared unasked.
+"""A run folder: who may write it, and the files a run keeps there.
+
+:class:`RunFolder` writes the run's files (:data:`RUN_FILES`), each atomically
+(:func:`model_core.files.atomic_write`), so a reader or a crash never meets half of one:
+
+* ``last.pt``: the latest model plus everything needed to resume (optimizer, position in the
+  epoch, partial epoch sums, history), written after every epoch and on a stop signal;
+* ``best.pt``: the model with the best test accuracy so far (no training state);
+* ``metrics.jsonl``: one line per epoch; ``curves.png``: loss, accuracy, iterations and α.
+
+Results are never replaced or shared unasked.
 
 A ``mondeq train --out DIR`` onto a folder that already holds a run (finished or not) is
 refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) says which. While a
@@ -14,9 +24,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model_core import load_checkpoint, save_checkpoint
+from model_core.files import atomic_write
+
+from .curves import curves_png
+
+if TYPE_CHECKING:
+    import torch
+
+    from model_core import MonDEQClassifier
+
+    from .distributed import Dist
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png")
 # What `mondeq export` writes into MODELS/NAME/VERSION besides curves.png.
@@ -133,9 +157,118 @@ def _lock(path: Path) -> int:
     return fd
 
 
+class RunFolder:
+    """The files of the run in ``out``: claimed, resumed from and written through here.
+
+    Only rank 0 writes (the caller checks ``dist.is_main``); it holds the folder's lock from
+    :meth:`claim` until the ``ExitStack`` given there closes. With ``overwrite`` the previous
+    run's files are removed just before the first write (:func:`clear_run_files`).
+    """
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
+        self.out = Path(out)
+        self.last = self.out / "last.pt"
+        self.best = self.out / "best.pt"
+        self._clear_first = overwrite
+
+    def claim(self, dist: Dist, held: contextlib.ExitStack, *, resume: bool) -> None:
+        """Rank 0 creates and locks the folder (:func:`claim_run_folder`) until ``held`` closes.
+
+        Raises:
+            RunFolderError: on every rank, rank 0's refusal, if any.
+        """
+        refusal = None
+        if dist.is_main:
+            try:
+                held.enter_context(
+                    claim_run_folder(self.out, resume=resume, overwrite=self._clear_first)
+                )
+            except RunFolderError as e:
+                refusal = str(e)
+        refusal = dist.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunFolderError(refusal)
+
+    def resume_into(self, model: MonDEQClassifier, optimizer: torch.optim.Optimizer) -> dict:
+        """Load ``last.pt``'s weights, solver settings and optimizer state into ``model`` and
+        ``optimizer``; returns its ``progress`` (epoch, step, sums, history, best, elapsed).
+
+        Raises:
+            CheckpointError: ``last.pt`` does not load.
+        """
+        saved = load_checkpoint(self.last)
+        state = saved.training_state or {}
+        model.load_state_dict(saved.state_dict())
+        model.solver_settings = saved.solver_settings
+        optimizer.load_state_dict(_optimizer_from_plain(state["optimizer"]))
+        return dict(state["progress"])
+
+    def save_last(
+        self,
+        model: MonDEQClassifier,
+        metadata: dict[str, Any],
+        *,
+        calibration: torch.Tensor,
+        options: dict,
+        optimizer: torch.optim.Optimizer,
+        progress: dict,
+    ) -> Path:
+        """Write ``last.pt``: ``model`` with ``metadata``, the ``calibration`` pixels and the
+        training state (``options``, the optimizer state with str keys, ``progress``)."""
+        state = {
+            "options": options,
+            "optimizer": _optimizer_to_plain(optimizer.state_dict()),
+            "progress": progress,
+        }
+        return self._save(self.last, model, metadata, calibration=calibration, training_state=state)
+
+    def save_best(
+        self, model: MonDEQClassifier, metadata: dict[str, Any], *, calibration: torch.Tensor
+    ) -> Path:
+        """Write ``best.pt``: ``model`` with ``metadata`` and ``calibration``, no training
+        state."""
+        return self._save(self.best, model, metadata, calibration=calibration)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """Write ``metrics.jsonl``: one JSON object per finished epoch."""
+        self._clear_previous()
+        text = "".join(json.dumps(row) + "\n" for row in history)
+        atomic_write(self.out / "metrics.jsonl", text.encode())
+
+    def write_curves(self, history: list[dict], title: str) -> None:
+        """Write ``curves.png`` of ``history`` (:func:`training.curves.curves_png`)."""
+        self._clear_previous()
+        atomic_write(self.out / "curves.png", curves_png(history, title))
+
+    def _save(self, path: Path, model: MonDEQClassifier, metadata: dict, **fields) -> Path:
+        self._clear_previous()
+        return save_checkpoint(model, path, **fields, **metadata)
+
+    def _clear_previous(self) -> None:
+        if self._clear_first:
+            clear_run_files(self.out)
+            self._clear_first = False
+
+
+def _optimizer_to_plain(state: dict) -> dict:
+    """Optimizer state with str keys (checkpoint metadata must load under weights_only)."""
+    return {
+        "state": {str(k): v for k, v in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def _optimizer_from_plain(state: dict) -> dict:
+    groups = [
+        dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in state["param_groups"]
+    ]
+    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": groups}
+
+
 __all__ = [
     "LOCK_NAME",
     "RUN_FILES",
+    "RunFolder",
     "RunFolderError",
     "check_run_folder",
     "claim_run_folder",
