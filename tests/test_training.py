@@ -280,7 +280,7 @@ def test_train_writes_checkpoints_metrics_and_curves(tmp_path):
     assert last.input_spec.shape == (1, 28, 28) and len(last.input_spec.mean) == 1
     assert set(last.training_state) == {"options", "optimizer", "progress"}
     # Exported into a model repository, with its card.
-    proc = mondeq("export", out, "--models", tmp_path / "models", "--name", "smoke")
+    proc = mondeq("export", out, "--model-dir", tmp_path / "models", "--name", "smoke")
     folder = tmp_path / "models" / "smoke" / "1"
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "card.json", "curves.png", "model.pt"
@@ -438,7 +438,7 @@ def test_two_epochs_of_fmnist_fc_reach_86_percent(tmp_path):
     cert = m["certified"]
     assert list(cert) == ["0.05", "0.1", "0.25", "0.5"]
     assert m["accuracy"] >= cert["0.05"] >= cert["0.1"] >= cert["0.25"] >= cert["0.5"] >= 0
-    text = mondeq("eval", out / "last.pt", "--dataset", "fmnist", "--limit", "500").stdout
+    text = mondeq("eval", out / "last.pt", "--dataset", "fmnist", "--eval-limit", "500").stdout
     assert "500 test samples" in text and "certified accuracy" in text
     proc = mondeq("eval", out / "last.pt", "--dataset", "cifar10", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -153,7 +153,7 @@ def test_non_finite_weights_are_refused_on_load_eval_and_export(tmp_path):
     # Before: "accuracy 10.70%" and exit 0 (every NaN logit row is class 0).
     proc = mondeq("eval", path, "--dataset", "synthetic", "--json")
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"mondeq eval: {message}\n")
-    proc = mondeq("export", path.parent, "--models", tmp_path / "models", "--name", "x")
+    proc = mondeq("export", path.parent, "--model-dir", tmp_path / "models", "--name", "x")
     assert (proc.returncode, proc.stderr) == (2, f"mondeq export: {message}\n")
     assert not (tmp_path / "models").exists()
 

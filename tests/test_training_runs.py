@@ -210,7 +210,7 @@ def test_export_refuses_to_replace_a_published_version_unless_forced(finished_ru
     other = tmp_path / "other"
     mondeq("train", *SMOKE, "--epochs", "1", "--seed", "4", "--out", other)
     models = tmp_path / "models"
-    args = ["--models", models, "--name", "fmnist-fc", "--version", "1"]
+    args = ["--model-dir", models, "--name", "fmnist-fc", "--version", "1"]
     assert mondeq("export", finished_run, *args).stdout == f"wrote {models}/fmnist-fc/1\n"
     published = snapshot(models)
     card = json.loads((models / "fmnist-fc" / "1" / "card.json").read_text())
@@ -250,6 +250,7 @@ def test_an_input_the_ranks_refuse_is_said_once(tmp_path):
 
 def test_a_published_version_is_no_run_folder_even_with_overwrite(finished_run, tmp_path):
     models = tmp_path / "models"
+    # --models: --model-dir's former name, still accepted.
     mondeq("export", finished_run, "--models", models, "--name", "fmnist-fc", "--version", "1")
     version = models / "fmnist-fc" / "1"
     published = snapshot(models)

@@ -359,6 +359,8 @@ def test_resume_refuses_a_step_past_the_epoch_s_end(two_epoch_run, tmp_path, cap
     "flags,message",
     [
         (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+        (["--eval-limit", "0"], "argument --eval-limit: must be an integer >= 1, got '0'"),
+        # The former name of --eval-limit, still accepted.
         (["--limit", "0"], "argument --limit: must be an integer >= 1, got '0'"),
         (["--alpha", "-1"], "argument --alpha: must be a finite number > 0, got '-1'"),
         (["--tol", "nan"], "argument --tol: must be a number in (0, 1], got 'nan'"),
@@ -378,9 +380,10 @@ def test_eval_flags_are_checked(capsys, two_epoch_run, flags, message):
 
 def test_eval_inputs_are_checked_against_the_data(capsys, two_epoch_run, tmp_path):
     last = two_epoch_run / "last.pt"
-    code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--limit", "513")
-    assert (code, err) == (2, "mondeq eval: --limit 513 is more than the 512 test samples of "
-                              "synthetic\n")  # fmt: skip
+    for spelling in ("--eval-limit", "--limit"):  # the flag of train, and its former name
+        code, err = run(capsys, "eval", last, "--dataset", "synthetic", spelling, "513")
+        assert (code, err) == (2, "mondeq eval: --eval-limit 513 is more than the 512 test "
+                                  "samples of synthetic\n")  # fmt: skip
     code, err = run(capsys, "eval", last, "--dataset", "synthetic", "--device", "gpu")
     assert (code, err) == (2, "mondeq eval: --device 'gpu': expected auto, cpu, cuda or cuda:N\n")
     # Solver overrides float32 cannot compute with: were tracebacks in the first iteration.
@@ -414,7 +417,7 @@ def test_eval_inputs_are_checked_against_the_data(capsys, two_epoch_run, tmp_pat
     ],
 )  # fmt: skip
 def test_export_flags_are_checked(capsys, two_epoch_run, tmp_path, flags, message):
-    code, err = run(capsys, "export", two_epoch_run, "--models", tmp_path / "m", *flags)
+    code, err = run(capsys, "export", two_epoch_run, "--model-dir", tmp_path / "m", *flags)
     assert (code, err) == (2, f"mondeq export: {message}\n")
     assert not (tmp_path / "m").exists()
 
@@ -427,7 +430,7 @@ def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(capsys, two_e
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     torch.save(raw, run_dir / "last.pt")
-    code, err = run(capsys, "export", run_dir, "--models", tmp_path / "m")
+    code, err = run(capsys, "export", run_dir, "--model-dir", tmp_path / "m")
     assert (code, err) == (
         2,
         f"mondeq export: {run_dir / 'last.pt'} was written before the run's first epoch ended, "
@@ -439,8 +442,9 @@ def test_export_refuses_a_run_stopped_before_its_first_epoch_ended(capsys, two_e
 
 def test_export_refuses_a_file_as_the_repository(capsys, two_epoch_run, tmp_path):
     models = write(tmp_path / "models", "not a folder")
-    code, err = run(capsys, "export", two_epoch_run, "--models", models)
-    assert (code, err) == (2, f"mondeq export: --models {models} is not a folder\n")
+    for spelling in ("--model-dir", "--models"):  # serve's flag, and its former name here
+        code, err = run(capsys, "export", two_epoch_run, spelling, models)
+        assert (code, err) == (2, f"mondeq export: --model-dir {models} is not a folder\n")
     assert models.read_text() == "not a folder"
 
 

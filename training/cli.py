@@ -350,8 +350,16 @@ def evaluate(sub) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (torchvision layout)")
     p.add_argument("--download", action="store_true", help="fetch missing data")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--limit", type=positive_int, default=None, help="first N test samples only")
+    p.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
+                   help="test images per batched solve (default 500)")  # fmt: skip
+    p.add_argument(
+        "--eval-limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N test samples only (as train's --eval-limit)",
+    )
+    p.add_argument("--limit", dest="eval_limit", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--radii", type=_radii, default=_radii("0.05,0.1,0.25,0.5"),
                    help="ℓ2 radii for certified accuracy")  # fmt: skip
     p.add_argument("--method", default=None, choices=sorted(SOLVERS), help="solver override")
@@ -400,12 +408,13 @@ def _run_eval(args) -> int:
                 f"{len(data.class_names)}"
             )
         x, y = data.test_x, data.test_y
-        if args.limit is not None:
-            if args.limit > len(x):
+        if args.eval_limit is not None:
+            if args.eval_limit > len(x):
                 raise ValueError(
-                    f"--limit {args.limit} is more than the {len(x):,} test samples of {data.name}"
+                    f"--eval-limit {args.eval_limit} is more than the {len(x):,} test samples "
+                    f"of {data.name}"
                 )
-            x, y = x[: args.limit], y[: args.limit]
+            x, y = x[: args.eval_limit], y[: args.eval_limit]
         metrics = run(model, x, y, batch_size=args.batch_size, radii=args.radii,
                       progress=not args.json)  # fmt: skip
     except (CheckpointError, DataError, ValueError) as e:

@@ -10,6 +10,7 @@ Writes ``MODELS/<name>/<version>/``:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import errno
 import json
@@ -44,7 +45,15 @@ def export(sub) -> None:
     p.add_argument("--name", default=None, help="model name (default: the preset)")
     p.add_argument("--version", type=int, default=1,
                    help=f"version number, 1 to {MAX_VERSION:,} (default 1)")  # fmt: skip
-    p.add_argument("--models", type=Path, default=Path("models"), help="repository root")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models"),
+        metavar="DIR",
+        help="model repository to write into (default: models; as serve's)",
+    )
+    # The former name, hidden: bench's --models names presets.
+    p.add_argument("--models", dest="model_dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--note", default=None, help="a remark for the model card")
     p.add_argument("--force", action="store_true",
                    help="replace a published version (refused without it)")  # fmt: skip
@@ -65,13 +74,13 @@ def check_export_args(name: str | None, version: int, models: Path) -> None:
     if not 1 <= version <= MAX_VERSION:
         raise ValueError(f"--version must be an integer in [1, {MAX_VERSION}], got {version}")
     if models.exists() and not models.is_dir():
-        raise ValueError(f"--models {models} is not a folder")
+        raise ValueError(f"--model-dir {models} is not a folder")
 
 
 def _run_export(args) -> int:
     try:
-        check_export_args(args.name, args.version, args.models)
-        folder = export_run(args.run, args.models, name=args.name, version=args.version,
+        check_export_args(args.name, args.version, args.model_dir)
+        folder = export_run(args.run, args.model_dir, name=args.name, version=args.version,
                             which=args.which, note=args.note, force=args.force)  # fmt: skip
     except (CheckpointError, ValueError) as e:
         print(f"mondeq export: {e}", file=sys.stderr)
