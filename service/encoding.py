@@ -1,0 +1,109 @@
+"""Answers → JSON: the V2 output tensors, the friendly API's predictions, the solver stats.
+
+JSON has no NaN or Infinity: every non-finite float leaves as ``null`` (an unconverged
+sample's withheld radius, a diverged residual).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .batcher import Answer
+from .engine import ServedModel
+
+# Every output a V2 request may ask for, with its datatype (Open Inference Protocol,
+# "Tensor Data Types"); per-sample outputs have shape [B], logits and probabilities [B, K].
+OUTPUT_TYPES = {
+    "logits": "FP32",
+    "probabilities": "FP32",
+    "label": "INT64",
+    "iterations": "INT32",
+    "residual": "FP32",
+    "converged": "BOOL",
+    "certified_radius": "FP32",
+}
+
+
+def finite(value: Any) -> Any:
+    """Replace non-finite floats anywhere in a JSON-like value by ``None``; values that are
+    not JSON types become their ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def json_list(t: torch.Tensor) -> list:
+    """Tensor → nested list of its shape; non-finite floats become ``None``."""
+    values = t.tolist()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        values = finite(values)
+    return values
+
+
+def solver_info(ans: Answer) -> dict:
+    """The solve's settings and costs: ``alpha``, ``method``, ``tol``, ``max_iter``,
+    ``queue_ms`` (waited before the batch started), ``solve_ms`` (the batch's solve) and
+    ``batch_size`` (rows in the batch, this request's included)."""
+    i = ans.info
+    return {
+        "alpha": i["alpha"],
+        "method": i["method"],
+        "tol": i["tol"],
+        "max_iter": i["max_iter"],
+        "queue_ms": round(ans.queue_s * 1000, 3),
+        "solve_ms": round(i["solve_s"] * 1000, 3),
+        "batch_size": ans.batch_rows,
+    }
+
+
+def v2_outputs(ans: Answer, wanted: list[str]) -> list[dict]:
+    """The V2 response's ``outputs`` (Open Inference Protocol, "Response JSON Object"):
+    one flat row-major tensor per name in ``wanted`` (keys of :data:`OUTPUT_TYPES`)."""
+    outputs = []
+    for name in wanted:
+        t = ans.rows[name]
+        outputs.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "datatype": OUTPUT_TYPES[name],
+                "data": json_list(t.flatten()),
+            }
+        )
+    return outputs
+
+
+def predictions(served: ServedModel, ans: Answer, top_k: int) -> list[dict]:
+    """The friendly API's per-sample answers: the best class, the ``min(top_k, K)`` best
+    with their probabilities, and the sample's ``iterations``, ``residual`` (relative
+    fixed-point residual), ``converged`` and ``certified_radius`` (ℓ2, in normalised-input
+    units; ``None`` when withheld)."""
+    r = ans.rows
+    k = min(top_k, len(served.class_names))
+    probs, idx = r["probabilities"].topk(k, dim=1)
+    preds = []
+    for i in range(r["label"].shape[0]):
+        tops = [
+            {"label": j, "class_name": served.class_names[j], "probability": p}
+            for j, p in zip(idx[i].tolist(), probs[i].tolist(), strict=True)
+        ]
+        preds.append(
+            {
+                **tops[0],
+                "top_k": tops,
+                "iterations": int(r["iterations"][i]),
+                "residual": finite(float(r["residual"][i])),
+                "converged": bool(r["converged"][i]),
+                "certified_radius": finite(float(r["certified_radius"][i])),
+            }
+        )
+    return preds
