@@ -231,6 +231,10 @@ class ModelConfig:
         """This config with ``changes`` (fields); checked as a new one."""
         return dataclasses.replace(self, **changes)
 
+    def __hash__(self) -> int:  # arch_params is a mapping; its items hash
+        fields = (self.arch, self.in_channels, self.image_size, self.num_classes, self.m)
+        return hash((*fields, self.solver, tuple(sorted(self.arch_params.items()))))
+
 
 def normalize_config(config: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
     """Check a ``build_model`` config and fill its defaults: ``ModelConfig.from_dict(config)

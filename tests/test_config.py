@@ -106,6 +106,7 @@ def test_model_config_is_frozen():
     with pytest.raises(TypeError):
         cfg.arch_params["channels"] = (5, 5)
     assert cfg.replace(num_classes=3).num_classes == 3 and cfg.num_classes == 10
+    assert hash(cfg) == hash(ModelConfig.from_dict(MT)) and cfg != cfg.replace(m=2.0)
     with pytest.raises(ValueError, match="odd"):  # replace checks like a new config
         cfg.replace(image_size=28, arch_params={"channels": [2] * 4})
 
