@@ -231,6 +231,15 @@ class ModelConfig:
         """This config with ``changes`` (fields); checked as a new one."""
         return dataclasses.replace(self, **changes)
 
+    # arch_params is a read-only mapping proxy, which neither pickles nor deep-copies: a
+    # config is immutable, so a copy may be itself, and it pickles as its plain-data form
+    # (models are deep-copied by callers and pickled to worker processes).
+    def __deepcopy__(self, memo: dict) -> ModelConfig:
+        return self
+
+    def __reduce__(self):
+        return (ModelConfig.from_dict, (self.to_dict(),))
+
     def __hash__(self) -> int:  # arch_params is a mapping; its items hash
         fields = (self.arch, self.in_channels, self.image_size, self.num_classes, self.m)
         return hash((*fields, self.solver, tuple(sorted(self.arch_params.items()))))

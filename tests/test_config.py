@@ -290,3 +290,23 @@ def test_normalize_keeps_device_and_dtype_and_refuses_other_pixels():
 def spec_out(p, **kw):
     out = CIFAR.normalize(p, **kw)
     return out.dtype, out.device
+
+
+@pytest.mark.parametrize("arch", ["fc", "conv", "multi_tier"])
+def test_configs_and_models_deep_copy_and_pickle(arch):
+    """A model is deep-copied (a fresh copy to compare against) and pickled (to worker
+    processes); its frozen config must survive both, equal to the original."""
+    import copy
+    import pickle
+
+    configs = {
+        "fc": {"arch": "fc", "in_channels": 1, "image_size": 6, "hidden": 8},
+        "conv": {"arch": "conv", "in_channels": 2, "image_size": 6, "channels": 4},
+        "multi_tier": {"arch": "multi_tier", "in_channels": 1, "image_size": 6, "channels": [3, 4]},
+    }
+    model = build_model(configs[arch])
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.model_config == model.model_config
+        assert twin.config == model.config
+        x = torch.randn(2, model.input_spec.shape[0], 6, 6)
+        torch.testing.assert_close(twin.infer(x).logits, model.infer(x).logits, rtol=0, atol=0)
