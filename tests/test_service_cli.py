@@ -4,6 +4,7 @@ settings, bad values refused in one line with exit code 2."""
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import typing
@@ -183,3 +184,12 @@ def test_literal_choices_are_the_settings_literals():
         if typing.get_origin(field.annotation) is typing.Literal:
             (action,) = [a for a in p._actions if a.dest == name]
             assert list(action.choices) == list(typing.get_args(field.annotation))
+
+
+def test_the_settings_table_of_the_docs_lists_every_setting():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    table = docs.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `MONDEQ_")]
+    listed = {v for row in rows for v in re.findall(r"`MONDEQ_([A-Z_]+)`", row.split("|")[1])}
+    assert {f"{n.upper()}" for n in Settings.model_fields} <= listed
+    assert listed - {n.upper() for n in Settings.model_fields} == {"TUNE_MALLOC"}  # not a setting
