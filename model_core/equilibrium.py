@@ -156,13 +156,17 @@ class EquilibriumLayer(nn.Module):
         tol: float | None = None,
         max_iter: int | None = None,
         between: Callable[[], None] | None = None,
-    ) -> tuple[Tensor, SolveStats]:
-        """Solve without autograd. ``x`` → ``(z*, stats)``, ``z*`` of ``(B, *z_shape)``.
+        accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
+        check_every: int = 1,
+    ) -> tuple[Tensor, SolveStats, Tensor]:
+        """Solve without autograd. ``x`` → ``(z, stats, pre)``: the returned point ``z``
+        of ``(B, *z_shape)`` and ``pre = W z + U x + b`` there (free for every method).
 
-        ``between`` is called once per iteration (see :func:`~model_core.solvers.iterate`)."""
+        ``between``, ``accept`` and ``check_every`` go to
+        :func:`~model_core.solvers.iterate` (a scheduler's hook; another stopping rule)."""
         method = method or self.settings.method
         with torch.no_grad():
-            z, stats = solve_forward(
+            z, stats, pre = solve_forward(
                 self.op,
                 self.nonlin,
                 self.op.bias(x),
@@ -170,15 +174,18 @@ class EquilibriumLayer(nn.Module):
                 alpha=self.resolve_alpha(method, alpha),
                 tol=self.settings.tol if tol is None else tol,
                 max_iter=self.settings.max_iter if max_iter is None else max_iter,
+                preactivation=True,
                 between=between,
+                accept=accept,
+                check_every=check_every,
             )
         self.last_forward_stats = stats
-        return z, stats
+        return z, stats, pre
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, ...)`` input → ``(B, *z_shape)`` equilibrium, differentiable implicitly."""
         if not torch.is_grad_enabled():
-            return self.solve(x)[0]
+            return self.nonlin(self.solve(x)[2])  # ẑ = σ(W z + U x + b), as with autograd
         s = self.settings
         bias = self.op.bias(x)
         z, stats, pre = solve_forward(

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bounds import equilibrium_error_bound, logit_error_bounds, proven_labels, rival_slack
 from .config import (
     ArchitectureParts,
     InputSpec,
@@ -43,9 +44,9 @@ from .operators import FCOperator, MonotoneOperator, MultiTierOperator, tier_siz
 from .solvers import SolveStats
 
 POOL = 4  # the single-conv head's average-pool size
-# A certified radius needs a residual within this, however loose the call's tol (§7): the
-# paper's training tolerance, which every default model is served at.
-CERTIFY_TOL = 1e-2
+# When a sample stops iterating (MonDEQClassifier.infer): the residual rule of §2, or the
+# proofs of §9 (label proven; every logit within an absolute accuracy).
+STOP_RULES = ("tol", "label", "logits")
 
 
 @dataclass
@@ -56,18 +57,26 @@ class InferenceResult:
         logits: ``(B, num_classes)``.
         stats: per-sample forward :class:`SolveStats`.
         certified_radius: ``(B,)``, ℓ2 radius (in the model's normalised input units) within
-            which no perturbation can change the predicted class (§7). NaN where the solve
-            did not reach the equilibrium (:meth:`MonDEQClassifier.certifiable` false: not
-            converged, or converged only to a ``tol`` looser than ``CERTIFY_TOL``): the bound
-            holds only at the equilibrium, and the logits of a point far from it are not its
-            logits.
+            which no perturbation can change the exact equilibrium's class (§7, §9): the
+            margins it divides are the returned margins less their error bound, so it holds
+            at any iterate. NaN where the label is not proven (no certificate).
         lipschitz: the bound ``L`` used for the radius.
+        error_bound: ``(B,)``, a rigorous upper bound on ``‖ẑ − z*‖`` (absolute ℓ2, in the
+            units of ``z``) for the returned point ``ẑ`` and the exact equilibrium ``z*``
+            (§9). ``inf`` where the solve blew up.
+        logit_error_bound: ``(B, K)``, per class, an upper bound on ``|l_i − l*_i|``, the
+            distance of each returned logit from the exact equilibrium's (§9).
+        label_proven: ``(B,)`` bool: the predicted label is provably the exact equilibrium's
+            (every rival's margin exceeds its share of ``error_bound``, §9).
     """
 
     logits: Tensor
     stats: SolveStats
     certified_radius: Tensor
     lipschitz: float
+    error_bound: Tensor
+    logit_error_bound: Tensor
+    label_proven: Tensor
 
     @property
     def labels(self) -> Tensor:
@@ -194,46 +203,95 @@ class MonDEQClassifier(nn.Module):
         tol: float | None = None,
         max_iter: int | None = None,
         between: Callable[[], None] | None = None,
+        stop: str = "tol",
+        logit_tol: float | None = None,
+        check_every: int = 1,
     ) -> InferenceResult:
         """Classify normalised ``(B, C, H, W)`` input without autograd.
 
         Runs on the module's device (``x`` is moved there). Solver arguments override the
         model's defaults for this call only; ``between`` is called once per solver
-        iteration (a scheduler's hook, see :func:`~model_core.solvers.iterate`). A sample
-        is ``converged`` when its true fixed-point residual is at most ``tol``
-        (:func:`~model_core.solvers.solve_forward`); only converged samples get a certified
-        radius (NaN otherwise).
+        iteration (a scheduler's hook, see :func:`~model_core.solvers.iterate`).
+
+        The answer is read at ``ẑ = σ(W z + U x + b)`` of the solver's last point ``z``
+        (as training's forward does), and every sample carries a rigorous bound on its
+        distance to the exact equilibrium, its logits' error bounds and whether its label
+        is proven (§9). A sample is ``converged`` when its true fixed-point residual is at
+        most ``tol``, whatever stopped it.
+
+        Args:
+            x: ``(B, C, H, W)`` normalised input.
+            method, alpha, tol, max_iter: solver overrides for this call.
+            between: a scheduler's hook, called once per iteration.
+            stop: when a sample stops iterating: ``"tol"`` (residual ≤ ``tol``, §2),
+                ``"label"`` (its label is proven, §9) or ``"logits"`` (every logit within
+                ``logit_tol`` of the exact equilibrium's, §9); ``max_iter`` caps all three.
+            logit_tol: the absolute logit accuracy of ``stop="logits"`` (> 0).
+            check_every: with ``"label"``/``"logits"``, iterations between two checks
+                (each check costs one multiply by ``W`` and the head).
+
+        Returns:
+            :class:`InferenceResult`.
+
+        Raises:
+            ValueError: an unknown ``stop``, ``logit_tol`` missing or not > 0 with
+                ``stop="logits"`` (or given with another rule), ``check_every < 1``, and the
+                solver's errors (:func:`~model_core.solvers.solve_forward`).
         """
+        accept = self._stopping_rule(stop, logit_tol)
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
         x = x.to(device=device, dtype=dtype)
         with self.op.fixed_weights():  # one check of the weight caches for the whole call
-            z, stats = self.deq.solve(
-                x, method=method, alpha=alpha, tol=tol, max_iter=max_iter, between=between
+            z, stats, pre = self.deq.solve(
+                x,
+                method=method,
+                alpha=alpha,
+                tol=tol,
+                max_iter=max_iter,
+                between=between,
+                accept=accept,
+                check_every=check_every,
             )
-            logits = self.head(self.features(z))
-            radius = self.certified_radius(logits)
+            z_hat, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
+            logits = self.head(self.features(z_hat))
+            w, pool = self.head.weight, self.pool_norm()
+            proven = proven_labels(logits, w, pool, bound)
+            radius = self.certified_radius(logits, rival_slack(logits, w, pool, bound))
             lip = self.lipschitz_bound()
         return InferenceResult(
             logits=logits,
             stats=stats,
-            certified_radius=radius.masked_fill(
-                ~self.certifiable(stats).to(radius.device), math.nan
-            ),
+            certified_radius=radius.masked_fill(~proven, math.nan),
             lipschitz=lip,
+            error_bound=bound,
+            logit_error_bound=logit_error_bounds(w, pool, bound),
+            label_proven=proven,
         )
 
-    @staticmethod
-    def certifiable(stats: SolveStats) -> Tensor:
-        """``(B,)`` bool: the samples whose solve ended close enough to the equilibrium for a
-        certified radius (§7), the radius being a statement about ``z*``.
+    def _stopping_rule(
+        self, stop: str, logit_tol: float | None
+    ) -> Callable[[dict[str, Tensor]], Tensor] | None:
+        """The ``accept`` of :func:`~model_core.solvers.iterate` for ``stop`` (None: tol)."""
+        if stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
+        if stop != "logits" and logit_tol is not None:
+            raise ValueError(f"logit_tol applies to stop='logits' only, not stop={stop!r}")
+        if stop == "tol":
+            return None
+        if stop == "logits" and not (
+            isinstance(logit_tol, (int, float)) and math.isfinite(logit_tol) and logit_tol > 0
+        ):
+            raise ValueError(f"stop='logits' needs a finite logit_tol > 0, got {logit_tol!r}")
+        w, pool, nonlin = self.head.weight, self.pool_norm(), self.deq.nonlin
 
-        A sample qualifies when its true fixed-point residual is at most
-        ``min(stats.tol, CERTIFY_TOL)``: converged, and converged to at least the paper's
-        training tolerance, whatever looser ``tol`` a call asked for (at ``tol = 1``, 30 of
-        100 fmnist-conv test images stop on another label than the equilibrium's).
-        """
-        return stats.converged & (stats.residual <= min(stats.tol, CERTIFY_TOL))
+        def accept(out: dict[str, Tensor]) -> Tensor:
+            z_hat, bound = equilibrium_error_bound(self.op, nonlin, out["x"], out["pre"])
+            if stop == "logits":
+                return logit_error_bounds(w, pool, bound).amax(dim=1) <= logit_tol
+            return proven_labels(self.head(self.features(z_hat)), w, pool, bound)
+
+        return accept
 
     def lipschitz_bound(self) -> float:
         """``L = ‖W_out‖₂ · ‖pool‖ · ‖U‖₂ / m``: the logits are L-Lipschitz in ℓ2 (§7).
@@ -245,25 +303,32 @@ class MonDEQClassifier(nn.Module):
             w_out = torch.linalg.matrix_norm(self.head.weight, ord=2).item()
         return w_out * self.pool_norm() * self.op.injection_norm() / self.op.m
 
-    def certified_radius(self, logits: Tensor) -> Tensor:
-        """Per-sample certified ℓ2 radius, ``min_j (l_y − l_j) / (‖w_y − w_j‖ · L_z)`` (§7).
+    def certified_radius(self, logits: Tensor, slack: Tensor | None = None) -> Tensor:
+        """Per-sample certified ℓ2 radius, ``min_j (l_y − l_j − s_j) / (‖w_y − w_j‖ · L_z)``
+        (§7, §9).
 
         ``L_z = ‖pool‖ ‖U‖₂ / m`` is the Lipschitz constant of ``x ↦ pool(z*)``; using
-        ``‖w_y − w_j‖`` per rival class is tighter than ``2 ‖W_out‖₂``. The bound holds for
-        the logits of the equilibrium ``z*`` only: :meth:`infer` withholds it (NaN) for
-        samples whose solve did not converge.
+        ``‖w_y − w_j‖`` per rival class is tighter than ``2 ‖W_out‖₂``. The radius is a
+        statement about the exact equilibrium ``z*``: with ``slack`` ``s_j``, the most each
+        margin may differ from the equilibrium's (:func:`~model_core.bounds.rival_slack`),
+        it holds for logits read at any iterate; without it, only for the equilibrium's own
+        logits. :meth:`infer` passes the slack and withholds the radius (NaN) where the
+        label is not proven.
 
         Args:
             logits: ``(B, K)``.
+            slack: ``(B, K)``, or ``None`` for logits of ``z*`` itself.
 
         Returns:
-            ``(B,)``, 0 where the top two logits tie.
+            ``(B,)``, 0 where the top two logits tie (or the slack eats a margin).
         """
         with torch.no_grad():
             lz = self.pool_norm() * self.op.injection_norm() / self.op.m
             w = self.head.weight  # (K, D)
             pred = logits.argmax(dim=1)
             margins = logits.gather(1, pred[:, None]) - logits  # (B, K)
+            if slack is not None:
+                margins = margins - slack
             diff_norm = torch.cdist(w, w)[pred]  # (B, K): ‖w_y − w_j‖
             ratio = margins / (diff_norm * lz).clamp_min(torch.finfo(logits.dtype).tiny)
             ratio.scatter_(1, pred[:, None], math.inf)
@@ -359,8 +424,8 @@ register_architecture("conv", _build_conv, params=_conv_params)
 register_architecture("multi_tier", _build_multi_tier, params=_multi_tier_params)
 
 __all__ = [
-    "CERTIFY_TOL",
     "POOL",
+    "STOP_RULES",
     "InferenceResult",
     "MonDEQClassifier",
     "build_model",

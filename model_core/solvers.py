@@ -137,8 +137,11 @@ def iterate(
     first: Callable[[State], State] | None = None,
     chunk_scale: float = 1.0,
     between: Callable[[], None] | None = None,
+    accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    check_every: int = 1,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``.
+    """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``
+    (or, with ``accept``, until every sample is accepted).
 
     After each step a sample stops when both hold:
 
@@ -153,6 +156,11 @@ def iterate(
     stops at that step, unconverged, with a NaN residual: it would never come back. In the
     last iteration the residual is evaluated for every sample still running. Every
     decision is per sample, so a sample's answer and count do not depend on its batch.
+
+    With ``accept`` the rule is the caller's instead: every ``check_every`` iterations a
+    sample stops when ``accept(finish(state))`` says so (the classifier's "label proven"
+    and "logits within ε" rules, docs/math.md §9). ``converged`` keeps its one meaning,
+    ``residual ≤ tol`` at the returned point, whatever stopped the sample.
 
     Args:
         step: one iteration of a splitting method. It receives and returns a dict of tensors
@@ -172,6 +180,9 @@ def iterate(
         between: called before every step, from the solving thread, with nothing in
             flight: a scheduler may block there to let another solve run first (the
             service's solves share the CPU this way). It must not touch the state.
+        accept: maps ``finish``'s outputs for the working rows to a ``(rows,)`` bool, the
+            rows that may stop (replaces the residual test; ``None``: stop on ``tol``).
+        check_every: iterations between two calls of ``accept`` (``>= 1``).
 
     Returns:
         ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample plus
@@ -179,10 +190,13 @@ def iterate(
         ``converged = isfinite(residual) & (residual <= tol)``.
 
     Raises:
-        ValueError: ``max_iter < 1`` (a solve returns a point it has checked).
+        ValueError: ``max_iter < 1`` (a solve returns a point it has checked), or
+            ``check_every < 1``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
@@ -199,6 +213,8 @@ def iterate(
                 first=first,
                 chunk_scale=chunk_scale,
                 between=between,
+                accept=accept,
+                check_every=check_every,
             )
             for i in range(0, batch, rows_per_chunk)
         ]
@@ -236,14 +252,20 @@ def iterate(
             break
         x = state["x"]
         x_norm = _row_norms(x)
-        near = (_row_norms(x - prev) <= tol * x_norm) & live
         # A non-finite iterate (diverged weights, an overflowing α) never comes back: stop
         # its row now, unconverged, instead of grinding to max_iter on NaN.
         lost = ~torch.isfinite(x_norm) & live
+        if accept is None:
+            near = (_row_norms(x - prev) <= tol * x_norm) & live
+        elif k % check_every == 0:
+            near = accept(finish(state)) & live
+        else:
+            near = lost
         if not bool((near | lost).any()):  # the one host sync of most iterations
             continue
         res = residual(state)
-        done = (near & (res <= tol)) | lost  # NaN compares False: lost rows stop unconverged
+        # (NaN compares False: lost rows stop unconverged.)
+        done = (near if accept is not None else near & (res <= tol)) | lost
         n_done = int(done.sum())
         if n_done == 0:
             continue
@@ -603,6 +625,8 @@ def _solve(
     max_iter: int,
     resolvent: Resolvent | None,
     between: Callable[[], None] | None,
+    accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    check_every: int = 1,
 ) -> tuple[dict[str, Tensor], SolveStats]:
     """Build the method, pose the problem with it, run :func:`iterate`, time it (the posing
     and the loop) and describe the run; the operator's weights stay fixed throughout."""
@@ -622,6 +646,8 @@ def _solve(
             first=problem.first,
             chunk_scale=op.chunk_scale,
             between=between,
+            accept=accept,
+            check_every=check_every,
         )
         elapsed = _timed_sync(device) - t0
     stats = SolveStats(
@@ -651,6 +677,8 @@ def solve_forward(
     preactivation: bool = False,
     resolvent: Resolvent | None = None,
     between: Callable[[], None] | None = None,
+    accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    check_every: int = 1,
 ) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
@@ -670,6 +698,11 @@ def solve_forward(
             (training applies the layer once more through it); free for both methods.
         resolvent: a resolvent built aside for this α (else the operator's cached one).
         between: called once per iteration, between steps (see :func:`iterate`).
+        accept: another stopping rule (see :func:`iterate`): it receives ``{"x": z, "pre":
+            W z + bias}`` of the working rows every ``check_every`` iterations and returns
+            the ``(rows,)`` bool of those that may stop. ``converged`` still means
+            ``residual ≤ tol``.
+        check_every: iterations between two calls of ``accept``.
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
@@ -685,12 +718,14 @@ def solve_forward(
             solver.init_forward(bias),
             lambda s: solver.step_forward(s, nonlin),
             lambda s: solver.residual_forward(s, nonlin),
-            lambda s: solver.finish_forward(s, nonlin, preactivation),
+            lambda s: solver.finish_forward(s, nonlin, preactivation or accept is not None),
             lambda s: solver.first_forward(s, nonlin),
         )
 
     run = (method, alpha, tol, max_iter, resolvent, between)
-    outputs, stats = _solve(op, pose, "forward", bias.device, *run)
+    outputs, stats = _solve(
+        op, pose, "forward", bias.device, *run, accept=accept, check_every=check_every
+    )
     z = outputs["x"]
     return (z, stats, outputs["pre"]) if preactivation else (z, stats)
 

@@ -281,7 +281,11 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     out = model.infer(x)
     logits_sha, iterations = DEFAULT_MODEL_REFERENCE[name]
     assert int(out.stats.iterations.sum()) == iterations
-    assert _sha256(out.logits.numpy().tobytes()) == logits_sha
+    # The reference logits were computed at the solver's returned point z; the answer is
+    # now read at ẑ = σ(W z + U x + b) (docs/math.md §9). Both, bit for bit.
+    z, _, pre = model.deq.solve(x)
+    assert _sha256(model.head(model.features(z)).detach().numpy().tobytes()) == logits_sha
+    assert torch.equal(out.logits, model.head(model.features(model.deq.nonlin(pre))))
     # Saved again (schema 2) and reloaded: the same logits.
     again = load_checkpoint(save_checkpoint(model, Path(tempfile.mkdtemp()) / "m.pt"))
     assert torch.equal(again.infer(x).logits, out.logits)
@@ -306,7 +310,9 @@ def test_version_1_fixture_loads_with_its_training_state_and_logits(arch, tmp_pa
     assert model.metadata["calibration"] is model.calibration
     x = model.input_spec.normalize(meta["probe_pixels"])
     out = model.infer(x)
-    assert torch.equal(out.logits, meta["expected_logits"])
+    z, _, pre = model.deq.solve(x)  # the old code read the logits at z, now at σ(pre) (§9)
+    assert torch.equal(model.head(model.features(z)), meta["expected_logits"])
+    assert torch.equal(out.logits, model.head(model.features(model.deq.nonlin(pre))))
     assert torch.equal(out.stats.iterations, meta["expected_iterations"])
     # Upgraded on save: one copy of the solver settings, named fields, nothing in metadata.
     again = save_checkpoint(

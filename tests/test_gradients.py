@@ -47,7 +47,7 @@ def test_fc_gradients_match_a_dense_implicit_function_solve(backward):
     with torch.no_grad():
         w = dense_w_fc(op)
         xf = x.detach().flatten(1)
-        z, _ = model.deq.solve(x.detach())
+        z, _, _ = model.deq.solve(x.detach())
         pre = z @ w.T + xf @ op.U.weight.T + op.U.bias
         torch.testing.assert_close(z, torch.relu(pre), rtol=0, atol=1e-10)
         g = r @ model.head.weight  # ∂L/∂z
@@ -127,7 +127,7 @@ def test_multi_tier_input_gradient_matches_dense_ift(backward):
         w = dense_w_multitier(op)
         n = w.shape[0]
         u_mat = dense_of(lambda v: op.bias(v) - op.bias(torch.zeros_like(v)), 16, (1, 4, 4))
-        z, _ = model.deq.solve(x.detach())
+        z, _, _ = model.deq.solve(x.detach())
         zf = z.reshape(2, -1)
         pre = zf @ w.T + op.bias(x.detach()).reshape(2, -1)
         mask = op.border_mask().expand(op.z_shape).reshape(-1).double()

@@ -210,7 +210,7 @@ def test_weight_edits_reach_the_next_solve(config, how, method):
     assert torch.equal(out.stats.residual, ref.stats.residual)
     assert out.stats.alpha == ref.stats.alpha
     assert torch.equal(out.certified_radius.nan_to_num(-1), ref.certified_radius.nan_to_num(-1))
-    z, stats = model.deq.solve(x, method=method)  # the residual against a direct evaluation
+    z, stats, _ = model.deq.solve(x, method=method)  # the residual against a direct evaluation
     true = z - fresh.deq.nonlin(fresh.op.multiply(z) + fresh.op.bias(x))
     true = true.flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
     torch.testing.assert_close(stats.residual, true, rtol=1e-9, atol=1e-12)

@@ -76,7 +76,7 @@ def test_converged_samples_are_at_the_equilibrium(pixels, name, method, max_iter
     model = load_checkpoint(checkpoint(name))
     x = normalise(model, pixels)
     tol = model.deq.settings.tol
-    z, stats = model.deq.solve(x, method=method, max_iter=max_iter)
+    z, stats, _ = model.deq.solve(x, method=method, max_iter=max_iter)
     converged = stats.converged
     assert int(converged.sum()) == n_converged
     assert torch.equal(converged, stats.residual <= tol)
@@ -119,20 +119,27 @@ def test_mondeq_eval_counts_unconverged_samples_as_not_certified():
 def test_mondeq_eval_at_a_loose_tol_certifies_no_sample_off_the_equilibrium():
     """``mondeq eval --tol 1`` on fmnist-conv: every sample "converges" at residual ~0.5, and
     before, 51% of 200 test images were certified at ε = 0.05 from points that are not the
-    equilibrium. A radius needs a residual within ``min(tol, CERTIFY_TOL)``."""
-    from model_core.models import CERTIFY_TOL
-
+    equilibrium. A radius now needs a proven label and is shrunk by the error bound
+    (docs/math.md §9), so it never exceeds the exact equilibrium's radius and a certified
+    label is always the equilibrium's."""
     model = load_checkpoint(checkpoint("fmnist-conv"))
     x = torch.from_numpy(read_idx(IMAGES)[:50].copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(LABELS)[:50].astype("int64"))
+    exact = model.infer(model.input_spec.normalize(x), tol=1e-5, max_iter=1000)
+    assert exact.stats.converged.all() and exact.label_proven.all()
     model.set_solver(tol=1.0)
     r = model.infer(model.input_spec.normalize(x))
-    off = r.stats.residual > CERTIFY_TOL
-    assert r.stats.converged.all() and off.all()
-    assert r.certified_radius.isnan().all()
+    assert r.stats.converged.all() and (r.stats.residual > 1e-2).all()
+    certified = ~r.certified_radius.isnan()
+    assert torch.equal(certified, r.label_proven)
+    assert torch.equal(r.labels[certified], exact.labels[certified])
+    assert (r.certified_radius[certified] <= exact.certified_radius[certified]).all()
     loose = evaluate(model, x, y, radii=(0.0, 0.05))
     assert loose["converged_share"] == 1.0
-    assert loose["certified"] == {"0": 0.0, "0.05": 0.0}
+    model.set_solver(tol=1e-5, max_iter=1000)
+    tight = evaluate(model, x, y, radii=(0.0, 0.05))
+    assert loose["certified"]["0.05"] <= tight["certified"]["0.05"]
+    assert loose["certified"]["0"] == (r.label_proven & (r.labels == y)).double().mean().item()
 
 
 @torch.no_grad()
@@ -188,8 +195,12 @@ def test_http_forward_backward_reports_the_true_residual_and_counts(served, pixe
         assert converged.tolist() == [False] * 4 and (residual > 0.1).all()
         assert out["certified_radius"].isnan().all()
         assert out["iterations"].tolist() == [300] * 4
-    else:
-        assert converged.all() and (out["certified_radius"] >= 0).all()
+    else:  # converged; a radius exactly where the label is proven (docs/math.md §9)
+        model = load_checkpoint(checkpoint(name))
+        proven = model.infer(normalise(model, x), method="forward_backward").label_proven
+        radius = out["certified_radius"]
+        assert converged.all() and torch.equal(~radius.isnan(), proven)
+        assert (radius[proven] > 0).all()
 
 
 def test_http_unconverged_samples_carry_null_radii(served, pixels):
@@ -213,8 +224,13 @@ def test_http_unconverged_samples_carry_null_radii(served, pixels):
         assert [p["certified_radius"] for p in preds] == [None] * 3
         r = client.post("/v1/models/fmnist-conv:classify", json={"inputs": x.tolist()})
         preds = r.json()["predictions"]
-        assert all(p["converged"] and p["certified_radius"] >= 0 for p in preds)
+        assert all(p["converged"] for p in preds)
         assert all(p["residual"] <= 0.01 for p in preds)
+    # Converged, a radius exactly where the label is proven (docs/math.md §9).
+    model = load_checkpoint(checkpoint("fmnist-conv"))
+    proven = model.infer(normalise(model, x)).label_proven.tolist()
+    assert [p["certified_radius"] is not None for p in preds] == proven
+    assert all(p["certified_radius"] > 0 for p in preds if p["certified_radius"] is not None)
 
 
 @pytest.mark.parametrize("name", DEFAULT_MODELS)

@@ -36,8 +36,8 @@ def evaluate(
         ``accuracy``, ``loss``, ``iterations_{mean,p50,p99,max}``, ``residual_mean``,
         ``converged_share`` (true fixed-point residual ≤ tol), ``lipschitz``, ``certified``
         (radius → certified accuracy: correct, and a certified ℓ2 radius ≥ r,
-        docs/math.md §7; a sample not solved to within ``min(tol, CERTIFY_TOL)`` has no
-        radius, so ``--tol 1`` certifies nothing it did not before), ``samples``.
+        docs/math.md §7, §9: a radius only where the label is proven, shrunk by the error
+        bound, so a loose ``--tol`` certifies nothing off the equilibrium), ``samples``.
     """
     device = next(model.parameters()).device
     dist = dist or Dist(device=device)

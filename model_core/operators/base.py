@@ -111,6 +111,7 @@ class MonotoneOperator(nn.Module):
         self.m = float(m)
         self._resolvents: OrderedDict[tuple, Resolvent] = OrderedDict()
         self._norm_cache: tuple[tuple, float] | None = None
+        self._w_norm_cache: tuple[tuple, float] | None = None
         # (key, identity, copies): the parameter values the current weights key stands for.
         self._snapshot: tuple[tuple, tuple, list[Tensor]] | None = None
         self._generation = 0
@@ -189,6 +190,17 @@ class MonotoneOperator(nn.Module):
     def _injection_norm(self) -> float:
         raise NotImplementedError
 
+    def weight_norm(self) -> float:
+        """``1 + ‖I − W‖₂ ≥ ‖W‖₂`` (power iteration, :meth:`operator_norm_estimate`): the
+        scale of rounding in a product ``W z``, for the error bound's rounding term (§9).
+
+        Cached per weights: every bound asks for it.
+        """
+        key = self._weights_key()
+        if self._w_norm_cache is None or self._w_norm_cache[0] != key:
+            self._w_norm_cache = (key, 1.0 + self.operator_norm_estimate())
+        return self._w_norm_cache[1]
+
     # ---- what concrete operators implement ------------------------------------------
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z`` or ``(I − W)ᵀ z``."""
@@ -265,7 +277,7 @@ class MonotoneOperator(nn.Module):
         """
         with _CACHE_LOCK:
             self._resolvents.clear()
-        self._norm_cache = None
+        self._norm_cache = self._w_norm_cache = None
         for name in ("_spectra",):
             cache = getattr(self, name, None)
             if cache is not None:
