@@ -31,7 +31,7 @@ forward hooks ``init_forward``, ``step_forward``, ``residual_forward``, ``finish
 ones of the same names. Once the module defining it is imported, the name is accepted by
 :func:`solve_forward`, :func:`solve_backward`, ``SolverSettings``, checkpoints,
 ``mondeq eval --method`` and the service's ``method`` parameter; ``tune_alpha``, training and
-the service's α tuning ask its capabilities. ``tests/test_solvers.py`` holds the checks a
+the service's α tuning ask its capabilities. ``tests/model_core/test_solvers.py`` holds the checks a
 new method should pass (dense fixed points, closed-form first steps, chunking).
 """
 

@@ -1,3 +1,6 @@
-"""Shared pytest set-up. The service tests' fixtures live in ``service_support``."""
+"""Shared pytest set-up: makes ``tests/`` importable (support modules ``problems``,
+``promql``, ``service_support``, ``training_support``) and nothing else, so that
+``tests/model_core`` runs with torch alone (``tests/model_core/test_floor.py``).
 
-pytest_plugins = ["service_support"]
+The service tests' fixtures live in ``service_support`` and are taken in by
+``tests/service/conftest.py``."""

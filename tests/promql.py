@@ -8,8 +8,9 @@ Sources:
   ``$__interval``, ...) replaced by concrete values;
 * ``docker/prometheus/alerts.yml``: every rule's ``expr`` (no variables).
 
-Used by ``tests/test_deploy.py`` (offline: metric names, syntax through ``promtool``) and meant
-for a live test that runs ``mondeq serve`` and a real ``prometheus`` on loopback::
+Used by ``tests/deploy/test_deploy.py`` (offline: metric names, syntax through
+``promtool``) and meant for a live test that runs ``mondeq serve`` and a real
+``prometheus`` on loopback::
 
     from promql import all_queries, prometheus_config
 

@@ -1,6 +1,6 @@
 """Fixtures and helpers of the service tests: tiny real checkpoints, real uvicorn servers.
 
-Registered as a plugin by ``tests/conftest.py``. Servers run ``uvicorn.Server`` in a
+Its fixtures are taken in by ``tests/service/conftest.py``. Servers run ``uvicorn.Server`` in a
 thread on a loopback socket bound here (port 0, so no port race); the SIGTERM tests start
 ``python -m service`` in a subprocess instead.
 """

@@ -27,7 +27,7 @@ from training.loop import (
 )
 from training.options import TrainOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MONDEQ = [sys.executable, "-m", "mondeq_cli"]
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
          "--batch-size", "64", "--no-progress"]  # fmt: skip

@@ -36,7 +36,7 @@ from service_support import (
 from model_core import build_model
 from service.batcher import ComputeGate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 

@@ -20,7 +20,7 @@ from model_core import load_checkpoint
 from training.data import DEBIAN_FASHION_MNIST, read_idx
 from training.evaluate import evaluate
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_MODELS = ("fmnist-fc", "fmnist-conv")
 IMAGES = DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
 LABELS = DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"

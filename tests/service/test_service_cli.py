@@ -133,7 +133,7 @@ def serve(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
         cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
 
 
@@ -187,7 +187,7 @@ def test_literal_choices_are_the_settings_literals():
 
 
 def test_the_settings_table_of_the_docs_lists_every_setting():
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
     table = docs.split("## Settings", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `MONDEQ_")]
     listed = {v for row in rows for v in re.findall(r"`MONDEQ_([A-Z_]+)`", row.split("|")[1])}

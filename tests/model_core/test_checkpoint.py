@@ -202,7 +202,7 @@ class _Pickled:
 
 # ---- schema 2: named fields; schema 1 still read --------------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -231,6 +231,11 @@ NORMALISED_INPUT_SHA256 = "4f29db5c706da7d3704279fb1bc5d4b8d8f932bbcb6dd46da75d2
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's memory as bytes (as numpy's ``tobytes``; these tests run without numpy)."""
+    return bytes(t.detach().contiguous().view(torch.uint8).reshape(-1).tolist())
 
 
 def _fashion_test_pixels(n: int) -> torch.Tensor:
@@ -275,7 +280,7 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     pixels = _fashion_test_pixels(64)
     x = model.input_spec.normalize(pixels)
     assert (x.dtype, x.shape) == (torch.float32, (64, 1, 28, 28))
-    assert _sha256(x.numpy().tobytes()) == NORMALISED_INPUT_SHA256
+    assert _sha256(_raw_bytes(x)) == NORMALISED_INPUT_SHA256
     # Pixels in [0, 1] (the server's requests) give the same input bit for bit.
     assert torch.equal(model.input_spec.normalize(pixels.float() / 255.0), x)
     out = model.infer(x)
@@ -284,7 +289,7 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     # The reference logits were computed at the solver's returned point z; the answer is
     # now read at ẑ = σ(W z + U x + b) (docs/math.md §9). Both, bit for bit.
     z, _, pre = model.deq.solve(x)
-    assert _sha256(model.head(model.features(z)).detach().numpy().tobytes()) == logits_sha
+    assert _sha256(_raw_bytes(model.head(model.features(z)))) == logits_sha
     assert torch.equal(out.logits, model.head(model.features(model.deq.nonlin(pre))))
     # Saved again (schema 2) and reloaded: the same logits.
     again = load_checkpoint(save_checkpoint(model, Path(tempfile.mkdtemp()) / "m.pt"))

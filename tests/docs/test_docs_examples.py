@@ -12,7 +12,7 @@ from service_support import LiveServer, outputs
 
 from training.data import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 
 

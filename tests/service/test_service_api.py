@@ -362,7 +362,7 @@ def _image_bytes(arr: np.ndarray, fmt: str) -> bytes:
 
 def _decoded(data: bytes, mode: str, size: int) -> torch.Tensor:
     """What the server must make of an opaque 8-bit upload: Pillow decode, convert, /255,
-    each channel resized in float32 (bilinear). tests/test_images.py covers the rest."""
+    each channel resized in float32 (bilinear). tests/service/test_images.py covers the rest."""
     img = Image.open(io.BytesIO(data)).convert(mode)
     bands = [
         np.asarray(

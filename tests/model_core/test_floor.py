@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "fmnist-fc" / "1" / "model.pt"
 IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -259,3 +259,16 @@ def test_a_command_module_that_needs_its_extra_at_import_is_refused_too(floor, c
     run = mondeq_in_floor(floor, env, "--help")
     assert run.returncode == 0, run.stderr
     assert "unavailable: mondeq serve needs the serving extra" in " ".join(run.stdout.split())
+
+
+@pytest.mark.slow
+def test_the_model_core_suite_passes_in_the_floor(floor):
+    """Every test of ``tests/model_core`` (but this file, which builds the floor) passes in
+    the venv that has torch and pytest alone."""
+    run = subprocess.run(
+        [floor, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/model_core",
+         "--ignore", "tests/model_core/test_floor.py"],
+        capture_output=True, text=True, timeout=1800, cwd=REPO, env=clean_env(),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1] and "failed" not in run.stdout.splitlines()[-1]

@@ -24,7 +24,7 @@ from model_core import load_checkpoint
 from service.images import ImageRejected, decode_image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FC_MODEL = ROOT / "models/fmnist-fc/1/model.pt"
 CONV_MODEL = ROOT / "models/fmnist-conv/1/model.pt"
 SHAPE = (1, 28, 28)

@@ -19,7 +19,7 @@ from mondeq_cli.main import main
 from training import TrainOptions, train
 from training.options import OptionError, read_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ["--preset", "fmnist-fc", "--dataset", "synthetic", "--synthetic-size", "512",
          "--batch-size", "64", "--no-progress"]  # fmt: skip
 PRESETS = (

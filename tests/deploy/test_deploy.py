@@ -33,7 +33,7 @@ from promql import (
     substitute,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 ALERTS_TEST = REPO / "docker" / "prometheus" / "alerts_test.yml"
 PROVISIONING = REPO / "docker" / "grafana" / "provisioning"

@@ -62,7 +62,7 @@ def test_bench_batch_size_keeps_its_old_name_out_of_help():
 
 def test_no_extra_is_named_when_every_one_is_installed():
     """This venv has every extra: a missing module there is a bug, re-raised, not a hint
-    (tests/test_model_core_floor.py runs the commands where the extras are missing)."""
+    (tests/model_core/test_floor.py runs the commands where the extras are missing)."""
     assert missing_extra("train", "training.cli") is None
     assert missing_extra("serve", "service.cli") is None
     assert missing_extra("bench", "mondeq_cli.commands") is None
