@@ -30,7 +30,7 @@ from .images import ImageRejected, decode_image
 Body = TypeVar("Body", bound=BaseModel)
 
 # The numeric fields of ClassifyRequest: a form spells them as text, read as JSON.
-NUMERIC_FORM_FIELDS = ("top_k", "tol", "max_iter")
+NUMERIC_FORM_FIELDS = ("top_k", "tol", "max_iter", "logit_tol")
 
 
 # ---- JSON bodies ------------------------------------------------------------------------------
@@ -119,17 +119,21 @@ async def optional_json_body(request: Request, model: type[Body]) -> Body:
 
 
 def solve_key(served: ServedModel, params: Any) -> SolveKey:
-    """The solve key for a request's optional ``method``, ``tol`` and ``max_iter`` (read
-    from ``params``, any object; absent attributes mean the model's defaults).
+    """The solve key for a request's optional ``method``, ``tol``, ``max_iter``, ``stop``
+    and ``logit_tol`` (read from ``params``, any object; absent attributes mean the model's
+    and the server's defaults).
 
     Raises:
-        ApiError: 422 naming the parameter outside the server's bounds.
+        ApiError: 422 naming the parameter outside the server's bounds, or a ``logit_tol``
+            without ``stop`` ``"logits"`` (or that rule without one).
     """
     try:
         return served.key(
             getattr(params, "method", None),
             getattr(params, "tol", None),
             getattr(params, "max_iter", None),
+            getattr(params, "stop", None),
+            getattr(params, "logit_tol", None),
         )
     except ValueError as e:
         raise ApiError(422, str(e)) from None
@@ -245,7 +249,7 @@ def form_value(key: str, raw: str) -> Any:
     """A multipart text field as the JSON value it spells, for the numeric fields of
     :class:`schemas.ClassifyRequest` (``"30"`` → 30, ``"1e-3"`` → 0.001), so the form obeys
     the JSON body's strict rules: ``"3_0"`` or ``"true"`` for ``max_iter`` is refused there,
-    not read as 30 or 1. Other fields (``method``) stay text."""
+    not read as 30 or 1. Other fields (``method``, ``stop``) stay text."""
     if key not in NUMERIC_FORM_FIELDS:
         return raw
     try:

@@ -1,7 +1,7 @@
 """Answers → JSON: the V2 output tensors, the friendly API's predictions, the solver stats.
 
-JSON has no NaN or Infinity: every non-finite float leaves as ``null`` (an unconverged
-sample's withheld radius, a diverged residual).
+JSON has no NaN or Infinity: every non-finite float leaves as ``null`` (a withheld radius,
+a diverged residual or error bound).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from .batcher import Answer
 from .engine import ServedModel
 
 # Every output a V2 request may ask for, with its datatype (Open Inference Protocol,
-# "Tensor Data Types"); per-sample outputs have shape [B], logits and probabilities [B, K].
+# "Tensor Data Types"); per-sample outputs have shape [B]; logits, probabilities and
+# logit_error_bound [B, K].
 OUTPUT_TYPES = {
     "logits": "FP32",
     "probabilities": "FP32",
@@ -24,7 +25,13 @@ OUTPUT_TYPES = {
     "residual": "FP32",
     "converged": "BOOL",
     "certified_radius": "FP32",
+    "error_bound": "FP32",
+    "label_proven": "BOOL",
+    "logit_error_bound": "FP32",
 }
+# Sent when a request names no outputs. logit_error_bound (K values a sample, as many as the
+# logits) only when named: error_bound and label_proven already say what most clients need.
+DEFAULT_OUTPUTS = tuple(n for n in OUTPUT_TYPES if n != "logit_error_bound")
 
 
 def finite(value: Any) -> Any:
@@ -50,15 +57,18 @@ def json_list(t: torch.Tensor) -> list:
 
 
 def solver_info(ans: Answer) -> dict:
-    """The solve's settings and costs: ``alpha``, ``method``, ``tol``, ``max_iter``,
-    ``queue_ms`` (waited before the batch started), ``solve_ms`` (the batch's solve) and
-    ``batch_size`` (rows in the batch, this request's included)."""
+    """The solve's settings and costs: ``alpha``, ``method``, ``tol``, ``max_iter``, ``stop``
+    and ``logit_tol`` (``None`` unless ``stop`` is ``"logits"``), ``queue_ms`` (waited before
+    the batch started), ``solve_ms`` (the batch's solve) and ``batch_size`` (rows in the
+    batch, this request's included)."""
     i = ans.info
     return {
         "alpha": i["alpha"],
         "method": i["method"],
         "tol": i["tol"],
         "max_iter": i["max_iter"],
+        "stop": i["stop"],
+        "logit_tol": i["logit_tol"],
         "queue_ms": round(ans.queue_s * 1000, 3),
         "solve_ms": round(i["solve_s"] * 1000, 3),
         "batch_size": ans.batch_rows,
@@ -85,8 +95,9 @@ def v2_outputs(ans: Answer, wanted: list[str]) -> list[dict]:
 def predictions(served: ServedModel, ans: Answer, top_k: int) -> list[dict]:
     """The friendly API's per-sample answers: the best class, the ``min(top_k, K)`` best
     with their probabilities, and the sample's ``iterations``, ``residual`` (relative
-    fixed-point residual), ``converged`` and ``certified_radius`` (ℓ2, in normalised-input
-    units; ``None`` when withheld)."""
+    fixed-point residual), ``converged``, ``certified_radius`` (ℓ2, in normalised-input
+    units; ``None`` when withheld), ``error_bound`` (on ‖ẑ − z*‖; ``None`` when the solve
+    diverged) and ``label_proven`` (docs/math.md §9)."""
     r = ans.rows
     k = min(top_k, len(served.class_names))
     probs, idx = r["probabilities"].topk(k, dim=1)
@@ -104,6 +115,8 @@ def predictions(served: ServedModel, ans: Answer, top_k: int) -> list[dict]:
                 "residual": finite(float(r["residual"][i])),
                 "converged": bool(r["converged"][i]),
                 "certified_radius": finite(float(r["certified_radius"][i])),
+                "error_bound": finite(float(r["error_bound"][i])),
+                "label_proven": bool(r["label_proven"][i]),
             }
         )
     return preds

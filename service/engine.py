@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from model_core import SOLVERS, InputSpec, MonDEQClassifier, SolverSettings
+from model_core.models import STOP_RULES
 
 from .alpha import AlphaTuner
 from .batcher import Answer, Batcher, BatchOutput
@@ -29,11 +30,18 @@ class TooMuchWork(ValueError):
 
 @dataclass(frozen=True)
 class SolveKey:
-    """Solver parameters a batch shares. Requests with different keys never share a solve."""
+    """Solver parameters a batch shares. Requests with different keys never share a solve.
+
+    ``stop`` is the stopping rule (one of ``model_core.models.STOP_RULES``, docs/math.md §9),
+    ``logit_tol`` its logit accuracy under ``"logits"`` (``None`` otherwise); ``tol`` decides
+    ``converged`` under every rule and stops the samples under ``"tol"``.
+    """
 
     method: str
     tol: float
     max_iter: int
+    stop: str = "tol"
+    logit_tol: float | None = None
 
 
 class ServedModel:
@@ -148,18 +156,45 @@ class ServedModel:
         return self.model.solver_settings
 
     def default_key(self) -> SolveKey:
-        s = self.solver
-        return SolveKey(s.method, float(s.tol), int(s.max_iter))
+        """The key of a request that names no solver parameter: the model's solver settings
+        and the server's stopping rule (``stop``, ``logit_tol`` settings)."""
+        s, cfg = self.solver, self.settings
+        logit_tol = cfg.logit_tol if cfg.stop == "logits" else None
+        return SolveKey(s.method, float(s.tol), int(s.max_iter), cfg.stop, logit_tol)
 
     def key(
-        self, method: str | None = None, tol: float | None = None, max_iter: int | None = None
+        self,
+        method: str | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        stop: str | None = None,
+        logit_tol: float | None = None,
     ) -> SolveKey:
         """The solve key for per-request overrides, checked against the server's bounds.
 
+        ``stop`` defaults to the server's; ``logit_tol`` applies to ``stop="logits"`` only,
+        where it defaults to the server's ``logit_tol`` setting and one of the two is needed.
+
         Raises:
-            ValueError: saying which parameter is out of bounds.
+            ValueError: saying which parameter is out of bounds or does not apply.
         """
         d = self.default_key()
+        named = stop is not None
+        stop = stop if named else self.settings.stop
+        if stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
+        if logit_tol is not None and stop != "logits":
+            whose = "" if named else " (the server's default: send stop 'logits' with it)"
+            raise ValueError(f"logit_tol applies to stop 'logits' only, not stop {stop!r}{whose}")
+        if logit_tol is not None and not (math.isfinite(logit_tol) and logit_tol > 0):
+            raise ValueError(f"logit_tol must be a finite number > 0, got {logit_tol!r}")
+        if stop == "logits" and logit_tol is None:
+            logit_tol = self.settings.logit_tol
+            if logit_tol is None:
+                raise ValueError(
+                    "stop 'logits' needs logit_tol (the absolute logit accuracy, > 0); "
+                    "the server sets no default"
+                )
         if method is not None and method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
         if tol is not None and not (math.isfinite(tol) and self.settings.min_tol <= tol <= 1.0):
@@ -172,6 +207,8 @@ class ServedModel:
             method or d.method,
             float(tol) if tol is not None else d.tol,
             int(max_iter) if max_iter is not None else d.max_iter,
+            stop,
+            float(logit_tol) if logit_tol is not None else None,
         )
 
     def normalize(self, x: Tensor) -> Tensor:
@@ -182,7 +219,8 @@ class ServedModel:
     def check_work(self, rows: int, key: SolveKey) -> None:
         """Refuse a request that may cost more than the server allows one request.
 
-        Its worst case is ``rows × max_iter`` row-iterations (converged rows stop early);
+        Its worst case is ``rows × max_iter`` row-iterations under every stopping rule
+        (rows stop early once their rule holds);
         ``tol`` and ``max_iter`` alone are bounded by :meth:`key`.
 
         Raises:
@@ -223,17 +261,19 @@ class ServedModel:
             tol=key.tol,
             max_iter=key.max_iter,
             between=between,
+            stop=key.stop,
+            logit_tol=key.logit_tol,
         )
         logits = res.logits.float().cpu()
         st = res.stats
         iterations = st.iterations.cpu()
         residual = st.residual.float().cpu()
         converged = st.converged.cpu()
-        # Certificates are stated at the model's own tol: a request's looser tol buys speed,
-        # not a certificate (at tol 1, 30 of 100 fmnist-conv test images stopped on another
-        # label than the equilibrium's, each with a radius).
+        error_bound = res.error_bound.float().cpu()
+        proven = res.label_proven.cpu()
+        # The radius needs no gate on the residual: infer shrinks it by the error bound and
+        # withholds it (NaN) unless the label is proven, so it holds at any iterate (§9).
         radius = res.certified_radius.float().cpu()
-        radius[st.residual.cpu() > self.solver.tol] = float("nan")
         rows = {
             "logits": logits,
             "probabilities": torch.softmax(logits, dim=1),
@@ -242,6 +282,9 @@ class ServedModel:
             "residual": residual,
             "converged": converged,
             "certified_radius": radius,
+            "error_bound": error_bound,
+            "label_proven": proven,
+            "logit_error_bound": res.logit_error_bound.float().cpu(),
         }
         solve_s = time.perf_counter() - t0
         info = {
@@ -249,27 +292,46 @@ class ServedModel:
             "method": st.method,
             "tol": float(st.tol),
             "max_iter": int(st.max_iter),
+            "stop": key.stop,
+            "logit_tol": key.logit_tol,
             "solve_s": solve_s,
             "lipschitz": float(res.lipschitz),
         }
-        self._record(st.method, iterations, residual, converged)
+        self._record(st.method, key.stop, iterations, residual, converged, error_bound, proven)
         if key == self.default_key():
             self.tuner.observe(xn, iterations)
         return BatchOutput(rows, info)
 
     # ---- metrics -------------------------------------------------------------------------------
-    def _record(self, method: str, iterations: Tensor, residual: Tensor, converged: Tensor):
+    def _record(
+        self,
+        method: str,
+        stop: str,
+        iterations: Tensor,
+        residual: Tensor,
+        converged: Tensor,
+        error_bound: Tensor,
+        proven: Tensor,
+    ) -> None:
+        """One batch's per-sample metrics (each argument ``(N,)``)."""
         m = self.metrics
         it_hist = m.solver_iterations.labels(self.name, method)
         res_hist = m.solver_residual.labels(self.name, method)
+        bound_hist = m.error_bound.labels(self.name, stop)
         for v in iterations.tolist():
             it_hist.observe(v)
         for v in residual.tolist():
             if math.isfinite(v):
                 res_hist.observe(v)
+        for v in error_bound.tolist():
+            if math.isfinite(v):  # a diverged sample's inf would poison the sum for good
+                bound_hist.observe(v)
         bad = int((~converged).sum())
         if bad:
-            m.solver_unconverged.labels(self.name, method).inc(bad)
+            m.solver_unconverged.labels(self.name, method, stop).inc(bad)
+        n_proven = int(proven.sum())
+        m.answers.labels(self.name, stop, "true").inc(n_proven)
+        m.answers.labels(self.name, stop, "false").inc(int(proven.numel()) - n_proven)
 
     def _batched(self, rows: int, waits: list[float]) -> None:
         self.metrics.batch_size.labels(self.name).observe(rows)

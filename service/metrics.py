@@ -3,7 +3,8 @@
 The names and labels are a contract with the Grafana dashboard and the alert rules: change
 them only together. Labels stay bounded: ``model`` is a name from the repository (or
 ``"unknown"``, or ``""`` for endpoints that name none), ``endpoint`` comes from
-:data:`ENDPOINTS`, ``method`` from the registered solvers, ``reason`` from
+:data:`ENDPOINTS`, ``method`` from the registered solvers, ``stop`` from
+``model_core.models.STOP_RULES``, ``proven`` is ``"true"`` or ``"false"``, ``reason`` from
 :data:`TUNING_REASONS`, ``version`` from the repository's version folders.
 
 Every gauge describes what serves now: the per-model solver gauges and ``mondeq_model_info``
@@ -36,6 +37,9 @@ TUNING_REASONS = ("load", "drift", "admin")
 
 ITERATION_BUCKETS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 RESIDUAL_BUCKETS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+# ‖ẑ − z*‖ in the units of z: on the default models about 0.02–0.04 under stop=logits at
+# logit_tol 0.1, 0.4–1.3 (median) at tol 1e-2, 1.3–1.6 under stop=label, up to ~6.
+ERROR_BOUND_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -96,8 +100,24 @@ class Metrics:
         )
         self.solver_unconverged = Counter(
             "mondeq_solver_unconverged",
-            "Samples whose solve hit max_iter before meeting tol (answered anyway).",
-            ["model", "method"],
+            "Samples answered with a residual above tol (answered anyway), by stopping rule: "
+            "under stop=tol they hit max_iter; under label/logits their rule held first.",
+            ["model", "method", "stop"],
+            registry=r,
+        )
+        self.error_bound = Histogram(
+            "mondeq_error_bound",
+            "Bound on ‖ẑ − z*‖, the answer's distance to the exact equilibrium, per sample "
+            "(docs/math.md §9; diverged samples, bound inf, are not observed).",
+            ["model", "stop"],
+            buckets=ERROR_BOUND_BUCKETS,
+            registry=r,
+        )
+        self.answers = Counter(
+            "mondeq_answers",
+            "Samples answered, by stopping rule and whether the label is proven to be the "
+            "exact equilibrium's (docs/math.md §9).",
+            ["model", "stop", "proven"],
             registry=r,
         )
         self.alpha_tuning = Counter(

@@ -8,6 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model_core import SOLVERS, SolverSettings
 
+# Per-request stopping rule (model_core.models.STOP_RULES, docs/math.md §9).
+Stop = Literal["tol", "label", "logits"]
+STOP_DESCRIPTION = (
+    "when a sample stops iterating: tol (its residual ≤ tol), label (its label is proven to "
+    "be the exact equilibrium's) or logits (every logit within logit_tol of the exact "
+    "equilibrium's); max_iter caps all three. Default: the server's stop setting"
+)
+LOGIT_TOL_DESCRIPTION = (
+    "absolute logit accuracy of stop=logits (> 0); only with stop=logits. Default: the "
+    "server's logit_tol setting"
+)
+
 # ---- errors ------------------------------------------------------------------------------------
 
 
@@ -23,7 +35,8 @@ class ErrorBody(BaseModel):
 
 class SolverOverrides(BaseModel):
     """Optional per-request solver settings, kept inside the server's bounds
-    (``min_tol`` ≤ tol ≤ 1, 1 ≤ max_iter ≤ ``max_iter_cap``, method a registered solver)."""
+    (``min_tol`` ≤ tol ≤ 1, 1 ≤ max_iter ≤ ``max_iter_cap``, method a registered solver),
+    and the stopping rule (``stop``, ``logit_tol``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -37,6 +50,10 @@ class SolverOverrides(BaseModel):
         None,
         description=f"a registered solver: {', '.join(sorted(SOLVERS))}",
         examples=[SolverSettings().method],
+    )
+    stop: Stop | None = Field(None, description=STOP_DESCRIPTION)
+    logit_tol: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True, description=LOGIT_TOL_DESCRIPTION
     )
 
 
@@ -55,8 +72,9 @@ class InferInput(BaseModel):
 
 class RequestedOutput(BaseModel):
     name: str = Field(
-        description="logits, probabilities, label, iterations, residual, converged or "
-        "certified_radius"
+        description="logits, probabilities, label, iterations, residual, converged, "
+        "certified_radius, error_bound, label_proven or logit_error_bound (the last only "
+        "when named)"
     )
     parameters: dict[str, Any] | None = None
 
@@ -78,7 +96,8 @@ class InferOutput(BaseModel):
 
 
 class InferResponse(BaseModel):
-    """``parameters``: α, method, tol, max_iter, queue_ms, solve_ms, batch_size."""
+    """``parameters``: α, method, tol, max_iter, stop, logit_tol, queue_ms, solve_ms,
+    batch_size."""
 
     model_name: str
     model_version: str
@@ -131,6 +150,10 @@ class ClassifyRequest(BaseModel):
     tol: float | None = Field(None, gt=0, le=1, strict=True)
     max_iter: int | None = Field(None, ge=1, strict=True)
     method: str | None = None
+    stop: Stop | None = Field(None, description=STOP_DESCRIPTION)
+    logit_tol: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True, description=LOGIT_TOL_DESCRIPTION
+    )
 
 
 class ClassScore(BaseModel):
@@ -148,6 +171,11 @@ class Prediction(BaseModel):
     residual: float | None
     converged: bool
     certified_radius: float | None
+    error_bound: float | None = Field(
+        description="bound on ‖ẑ − z*‖, the distance of the answer's equilibrium point to "
+        "the exact one (null: the solve diverged)"
+    )
+    label_proven: bool = Field(description="the label is provably the exact equilibrium's")
 
 
 class ClassifyResponse(BaseModel):
@@ -155,7 +183,7 @@ class ClassifyResponse(BaseModel):
     version: str
     predictions: list[Prediction]
     solver: dict[str, Any] = Field(
-        description="alpha, method, tol, max_iter, queue_ms, solve_ms, batch_size"
+        description="alpha, method, tol, max_iter, stop, logit_tol, queue_ms, solve_ms, batch_size"
     )
 
 
@@ -191,6 +219,8 @@ MULTIPART_SCHEMA = {
         "tol": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_iter": {"type": "integer", "minimum": 1},
         "method": {"type": "string"},
+        "stop": {"type": "string", "enum": ["tol", "label", "logits"]},
+        "logit_tol": {"type": "number", "exclusiveMinimum": 0},
         "invert": {
             "type": "boolean",
             "default": False,

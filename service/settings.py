@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,17 @@ class Settings(BaseSettings):
         ge=1,
         description="rows × max_iter one request may ask for (its worst-case solver work)",
     )
+    stop: Literal["tol", "label", "logits"] = Field(
+        "tol",
+        description="stopping rule of requests that name none: tol (residual), label (the "
+        "label is proven) or logits (every logit within logit_tol of the equilibrium's)",
+    )
+    logit_tol: float | None = Field(
+        None,
+        gt=0,
+        description="logit accuracy of stop=logits for requests that name none (needed when "
+        "stop is logits)",
+    )
 
     # ---- model repository -------------------------------------------------------------
     poll_interval_s: float = Field(
@@ -99,10 +110,17 @@ class Settings(BaseSettings):
         None, description="bearer token of the admin endpoints (unset: admin disabled)"
     )
 
-    @field_validator("log_level", "device", mode="before")
+    @field_validator("log_level", "device", "stop", mode="before")
     @classmethod
     def _lower(cls, v):
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("logit_tol")
+    @classmethod
+    def _logit_tol_with_logits(cls, v, info: ValidationInfo):
+        if v is None and info.data.get("stop") == "logits":
+            raise ValueError("stop logits needs a logit_tol (the logit accuracy)")
+        return v
 
     def resolve_device(self) -> str:
         """``"cuda"`` or ``"cpu"``: ``auto`` picks CUDA when torch sees a GPU."""

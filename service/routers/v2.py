@@ -17,7 +17,7 @@ from model_core import __version__
 from .. import schemas
 from ..decoding import json_body, solve_key, v2_pixels
 from ..deps import ModelVersion, RuntimeDep, Served
-from ..encoding import OUTPUT_TYPES, solver_info, v2_outputs
+from ..encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES, solver_info, v2_outputs
 from ..errors import ApiError, error_response
 from ..openapi import ERRORS, body_doc
 from ..repository import NotFound, NotReady
@@ -25,7 +25,15 @@ from ..runtime import solve
 
 SERVER_NAME = "mondeq"
 PLATFORM = "mondeq_pytorch"
-PER_SAMPLE_OUTPUTS = ("label", "iterations", "residual", "converged", "certified_radius")
+PER_SAMPLE_OUTPUTS = (
+    "label",
+    "iterations",
+    "residual",
+    "converged",
+    "certified_radius",
+    "error_bound",
+    "label_proven",
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 model_router = APIRouter(tags=["v2"])
@@ -75,7 +83,8 @@ async def ready(runtime: RuntimeDep):
 async def model_metadata(name: str, version: ModelVersion, served: Served, runtime: RuntimeDep):
     """Model metadata (V2 "Model Metadata"): the versions that can serve (the one named, on
     a versioned path), the input ``[-1, C, H, W]`` FP32, and the outputs with their
-    datatypes and shapes (``[-1, K]`` for logits and probabilities, ``[-1]`` per sample)."""
+    datatypes and shapes (``[-1, K]`` for logits, probabilities and logit_error_bound,
+    ``[-1]`` per sample)."""
     if version:
         versions = [version]
     else:
@@ -91,6 +100,7 @@ async def model_metadata(name: str, version: ModelVersion, served: Served, runti
             {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             *({"name": n, "datatype": OUTPUT_TYPES[n], "shape": [-1]} for n in PER_SAMPLE_OUTPUTS),
+            {"name": "logit_error_bound", "datatype": "FP32", "shape": [-1, k]},
         ],
     }
 
@@ -124,8 +134,9 @@ async def model_ready(name: str, version: ModelVersion, runtime: RuntimeDep):
 )
 async def infer(name: str, request: Request, served: Served, runtime: RuntimeDep):
     """Inference (V2 "Inference Request/Response JSON Object"): one FP32 input
-    ``[B, C, H, W]`` of pixels in [0, 1]; ``parameters`` may set ``method``, ``tol`` and
-    ``max_iter``; ``outputs`` picks among :data:`OUTPUT_TYPES` (default: all). The answer's
+    ``[B, C, H, W]`` of pixels in [0, 1]; ``parameters`` may set ``method``, ``tol``,
+    ``max_iter``, ``stop`` and ``logit_tol``; ``outputs`` picks among :data:`OUTPUT_TYPES`
+    (default: :data:`DEFAULT_OUTPUTS`, all but ``logit_error_bound``). The answer's
     ``parameters`` carry the solver's settings and timings.
 
     Errors: 400 malformed JSON, 415 not JSON, 422 invalid input or parameters, 429 queue
@@ -133,7 +144,7 @@ async def infer(name: str, request: Request, served: Served, runtime: RuntimeDep
     """
     body = await json_body(request, schemas.InferRequest, "send application/json")
     key = solve_key(served, body.parameters)
-    wanted = list(OUTPUT_TYPES)
+    wanted = list(DEFAULT_OUTPUTS)
     if body.outputs:
         wanted = [o.name for o in body.outputs]
         unknown = [n for n in wanted if n not in OUTPUT_TYPES]

@@ -120,6 +120,16 @@ def test_v2_model_metadata(client):
         "residual",
         "converged",
         "certified_radius",
+        "error_bound",
+        "label_proven",
+        "logit_error_bound",
+    }
+    assert outs["error_bound"] == {"name": "error_bound", "datatype": "FP32", "shape": [-1]}
+    assert outs["label_proven"] == {"name": "label_proven", "datatype": "BOOL", "shape": [-1]}
+    assert outs["logit_error_bound"] == {
+        "name": "logit_error_bound",
+        "datatype": "FP32",
+        "shape": [-1, 10],
     }
     assert client.get("/v2/models/conv/versions/1").json()["versions"] == ["1"]
     assert_error(client.get("/v2/models/nope"), 404, "unknown model", "nope")
@@ -164,6 +174,10 @@ def test_v2_infer_equals_in_process_infer(client, model_repo, name, channels):
     torch.testing.assert_close(out["residual"], ref.stats.residual, atol=1e-6, rtol=1e-3)
     assert bool((out["residual"] < 1e-3).all())
     torch.testing.assert_close(out["certified_radius"], ref.certified_radius, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["error_bound"], ref.error_bound, atol=1e-6, rtol=1e-4)
+    assert out["label_proven"].tolist() == ref.label_proven.tolist()
+    assert "logit_error_bound" not in out  # only when named
+    assert (p["stop"], p["logit_tol"]) == ("tol", None)
 
 
 def test_v2_infer_versioned_nested_data_and_output_subset(client, model_repo):
