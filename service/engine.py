@@ -316,7 +316,7 @@ class ServedModel:
         """One batch's per-sample metrics (each argument ``(N,)``)."""
         m = self.metrics
         it_hist = m.solver_iterations.labels(self.name, method)
-        res_hist = m.solver_residual.labels(self.name, method)
+        res_hist = m.solver_residual.labels(self.name, method, stop)
         bound_hist = m.error_bound.labels(self.name, stop)
         for v in iterations.tolist():
             it_hist.observe(v)

@@ -75,8 +75,9 @@ class Metrics:
         )
         self.solver_residual = Histogram(
             "mondeq_solver_residual",
-            "Relative fixed-point residual ‖z − σ(Wz + Ux + b)‖ / ‖z‖ per sample at exit.",
-            ["model", "method"],
+            "Relative fixed-point residual ‖z − σ(Wz + Ux + b)‖ / ‖z‖ per sample at exit, by "
+            "stopping rule (only stop=tol bounds it by tol).",
+            ["model", "method", "stop"],
             buckets=RESIDUAL_BUCKETS,
             registry=r,
         )

@@ -52,6 +52,8 @@ METRICS: dict[str, str] = {
     "mondeq_solver_max_iter": "gauge",
     "mondeq_solver_tol": "gauge",
     "mondeq_solver_unconverged": "counter",
+    "mondeq_error_bound": "histogram",
+    "mondeq_answers": "counter",
     "mondeq_alpha_tuning": "counter",
     "mondeq_requests": "counter",
     "mondeq_request_duration_seconds": "histogram",

@@ -286,6 +286,7 @@ def test_alert_rules_shape():
         "MondeqModelNotReady",
         "MondeqLatencyHigh",
         "MondeqModelLoadFailed",
+        "MondeqUnprovenAnswersHigh",
     ):
         assert want in names
     for r in rules:
@@ -302,6 +303,11 @@ def test_alert_rules_shape():
     by_name = {r["alert"]: r["expr"] for r in rules}
     assert "mondeq_solver_max_iter" in by_name["MondeqSolverIterationsNearCap"]
     assert "mondeq_solver_tol" in by_name["MondeqSolverResidualHigh"]
+    # Only stop=tol promises a residual within tol; only stop=label promises a proof.
+    assert 'stop="tol"' in by_name["MondeqSolverResidualHigh"]
+    assert by_name["MondeqSolverUnconverged"].count('stop="tol"') == 2
+    assert by_name["MondeqUnprovenAnswersHigh"].count('stop="label"') == 2
+    assert 'proven="false"' in by_name["MondeqUnprovenAnswersHigh"]
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case():
@@ -399,6 +405,8 @@ def test_dashboard_covers_the_solver():
         "mondeq_solver_max_iter",
         "mondeq_solver_unconverged_total",
         "mondeq_solver_alpha",
+        "mondeq_answers_total",
+        "mondeq_error_bound_bucket",
     ):
         assert name in used, f"no panel shows {name}"
     assert any('code=~"4..|5.."' in e for e in exprs), "error rate panel"

@@ -4,8 +4,9 @@
 Every PromQL expression of the Grafana dashboard (variables filled in) and of the alert rules
 goes through Prometheus's HTTP API: each must parse and evaluate, and each dashboard query must
 return data after traffic. The traffic includes client errors, an unconverged solve and an
-admin α search, so the error, unconverged and tuning-annotation panels have data too. A
-renamed metric breaks this test, not a dashboard in production.
+admin α search, so the error, unconverged and tuning-annotation panels have data too, and
+requests under stop="label" (whose answers count in the proof alert's series). A renamed
+metric breaks this test, not a dashboard in production.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def test_every_dashboard_and_alert_expression_runs_and_the_dashboard_has_data(st
         body = v2_body(x, parameters={"max_iter": 1, "tol": 1e-6})
         r = c.post(f"/v2/models/{MODELS[0]}/infer", json=body)
         assert r.status_code == 200, r.text  # an unconverged solve still answers
+        body = v2_body(torch.rand(3, 1, 8, 8), parameters={"stop": "label"})
+        r = c.post(f"/v2/models/{MODELS[1]}/infer", json=body)
+        assert r.status_code == 200, r.text
+        label_proven = next(o["data"] for o in r.json()["outputs"] if o["name"] == "label_proven")
         for name in MODELS:  # an α search: the tuning annotations have an event to show
             r = c.post(f"/v1/models/{name}/tune-alpha",
                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
@@ -135,6 +140,11 @@ def test_every_dashboard_and_alert_expression_runs_and_the_dashboard_has_data(st
         prom_url, f'sum(mondeq_solver_unconverged_total{{model="{MODELS[0]}"}})'
     )
     assert float(unconverged["value"][1]) >= 2
+    # The 3 stop=label answers, split by proof exactly as the response said.
+    for proven in ("true", "false"):
+        expr = f'sum(mondeq_answers_total{{model="{MODELS[1]}", stop="label", proven="{proven}"}})'
+        (n,) = _query(prom_url, expr)
+        assert float(n["value"][1]) == label_proven.count(proven == "true")
 
 
 def test_prometheus_config_and_rules_load_in_the_real_server(stack):
