@@ -40,7 +40,8 @@ class ArchitectureParts:
         operator: the monotone operator holding ``W`` and ``U x + b`` (§1).
         nonlinearity: ``σ``, a proximal operator (§1).
         features: ``(operator, z) ↦ (B, D)``, the head's input read off the equilibrium
-            ``z`` ``(B, *operator.z_shape)``; a pure function of its arguments (no parameters).
+            ``z`` ``(B, *operator.z_shape)``; a pure function of its arguments (no parameters),
+            defined at module level so that the model pickles (DDP and worker processes).
         num_features: ``D``, the width of the linear head's input.
         features_norm: the ℓ2 operator norm of ``features`` (``‖pool‖`` of §7, eq. (13)):
             1 for the identity or a slice, 1/4 for a 4 × 4 average pool.
@@ -117,7 +118,8 @@ def get_architecture(name: Any) -> Architecture:
 # ---- model config --------------------------------------------------------------------------
 
 
-def _positive_int(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` ≥ 1 as written (``True``, ``2.0`` and ``"2"`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -159,15 +161,11 @@ class ModelConfig:
 
     def __post_init__(self):
         architecture = get_architecture(self.arch)
-        for key in ("in_channels", "image_size"):
-            if not _positive_int(getattr(self, key)):
+        for key in ("in_channels", "image_size", "num_classes"):
+            if not is_positive_int(getattr(self, key)):
                 raise ValueError(
                     f"config {key!r} must be a positive int, got {getattr(self, key)!r}"
                 )
-        if not _positive_int(self.num_classes):
-            raise ValueError(
-                f"config 'num_classes' must be a positive int, got {self.num_classes!r}"
-            )
         m = self.m
         if (
             isinstance(m, bool)
@@ -276,7 +274,7 @@ def _check_spec(
             c, h, w = expected_shape
             raise ValueError(f"input_spec shape {shape!r} is not [{c}, {h}, {w}]")
     elif not (
-        isinstance(shape, list | tuple) and len(shape) == 3 and all(map(_positive_int, shape))
+        isinstance(shape, list | tuple) and len(shape) == 3 and all(map(is_positive_int, shape))
     ):
         raise ValueError(f"input_spec shape must be [C, H, W] of positive ints, got {shape!r}")
     c = shape[0]

@@ -35,6 +35,7 @@ from .config import (
     InputSpec,
     ModelConfig,
     get_architecture,
+    is_positive_int,
     normalize_config,
     register_architecture,
 )
@@ -80,6 +81,7 @@ class InferenceResult:
 
     @property
     def labels(self) -> Tensor:
+        """``(B,)`` int64, the predicted class of each sample (argmax of :attr:`logits`)."""
         return self.logits.argmax(dim=1)
 
 
@@ -130,14 +132,21 @@ class MonDEQClassifier(nn.Module):
 
     @property
     def model_config(self) -> ModelConfig:
+        """The :class:`ModelConfig` that rebuilds this model, with its current ``m`` and
+        solver settings."""
         return self._config.replace(m=self.op.m, solver=self.deq.settings)
 
     @property
     def config(self) -> dict[str, Any]:
+        """``model_config.to_dict()``: a fresh plain dict (``build_model``'s form)."""
         return self.model_config.to_dict()
 
     @property
     def input_spec(self) -> InputSpec:
+        """The expected input: ``(C, H, W)``, normalisation and class names.
+
+        Assign an :class:`InputSpec` or its dict; ``ValueError`` if it does not fit the
+        config (shape ``[in_channels, image_size, image_size]``, ``num_classes`` names)."""
         return self._input_spec
 
     @input_spec.setter
@@ -146,10 +155,12 @@ class MonDEQClassifier(nn.Module):
 
     @property
     def op(self) -> MonotoneOperator:
+        """The monotone operator holding ``W``, ``U`` and ``b`` (``deq.op``, §1)."""
         return self.deq.op
 
     @property
     def arch(self) -> str:
+        """The registered architecture's name (``"fc"``, ``"conv"``, ``"multi_tier"``, …)."""
         return self._config.arch
 
     @property
@@ -160,6 +171,7 @@ class MonDEQClassifier(nn.Module):
 
     @solver_settings.setter
     def solver_settings(self, settings: SolverSettings) -> None:
+        # TypeError for anything else: a dict here would bypass SolverSettings' checks.
         if not isinstance(settings, SolverSettings):
             raise TypeError(f"solver_settings must be SolverSettings, got {type(settings)}")
         self.deq.settings = settings
@@ -179,6 +191,7 @@ class MonDEQClassifier(nn.Module):
         return self.deq.resolve_alpha(s.method, s.alpha)
 
     def num_parameters(self) -> int:
+        """The number of scalar parameters (the counts of the paper's Table E1)."""
         return sum(p.numel() for p in self.parameters())
 
     def features(self, z: Tensor) -> Tensor:
@@ -191,6 +204,12 @@ class MonDEQClassifier(nn.Module):
         return self._features_norm
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalised ``(B, C, H, W)`` input → ``(B, K)`` logits, differentiable through the
+        implicit backward pass (Theorem 2, §3); solve statistics in ``deq.last_*_stats``.
+
+        Raises:
+            ValueError: the solver's errors (:func:`~model_core.solvers.solve_forward`).
+        """
         return self.head(self.features(self.deq(x)))
 
     @torch.no_grad()
@@ -349,29 +368,26 @@ def build_model(config: ModelConfig | Mapping[str, Any]) -> MonDEQClassifier:
 # ---- the built-in architectures (Appendix E of the paper) ------------------------------------
 
 
+def _one_width(params: dict, arch: str, key: str) -> dict:
+    """``{key: n}`` for an architecture whose one own key is a positive int ``n``."""
+    n = params.pop(key, None)
+    if not is_positive_int(n):
+        raise ValueError(f"{arch} config needs a positive int {key!r}, got {n!r}")
+    _no_more(params, arch)
+    return {key: n}
+
+
 def _fc_params(params: dict, config: ModelConfig) -> dict:
-    hidden = params.pop("hidden", None)
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
-        raise ValueError(f"fc config needs a positive int 'hidden', got {hidden!r}")
-    _no_more(params, "fc")
-    return {"hidden": hidden}
+    return _one_width(params, "fc", "hidden")
 
 
 def _conv_params(params: dict, config: ModelConfig) -> dict:
-    ch = params.pop("channels", None)
-    if not isinstance(ch, int) or isinstance(ch, bool) or ch < 1:
-        raise ValueError(f"conv config needs a positive int 'channels', got {ch!r}")
-    _no_more(params, "conv")
-    return {"channels": ch}
+    return _one_width(params, "conv", "channels")
 
 
 def _multi_tier_params(params: dict, config: ModelConfig) -> dict:
     ch = params.pop("channels", None)
-    if (
-        not isinstance(ch, list | tuple)
-        or len(ch) < 2
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in ch)
-    ):
+    if not isinstance(ch, list | tuple) or len(ch) < 2 or not all(map(is_positive_int, ch)):
         raise ValueError(f"multi_tier config needs 'channels' as a list of >= 2 ints, got {ch!r}")
     _no_more(params, "multi_tier")
     tier_sizes(config.image_size, len(ch))  # ValueError when a tier grid would be odd
