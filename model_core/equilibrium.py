@@ -76,6 +76,12 @@ class SolverSettings:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SolverSettings:
+        """Settings from a checkpoint's or a config's ``"solver"`` dict (``None`` or
+        missing keys: the defaults).
+
+        Raises:
+            ValueError: an unknown key, or a value the class refuses.
+        """
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
@@ -83,6 +89,7 @@ class SolverSettings:
         return cls(**d)
 
     def to_dict(self) -> dict:
+        """Every field as plain data (``None`` for a ``backward_*`` that follows forward)."""
         return asdict(self)
 
     def replace(self, **changes) -> SolverSettings:

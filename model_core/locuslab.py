@@ -34,7 +34,17 @@ KEY_MAP = {
 
 
 def read_locuslab_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the reference code's state dict safely (tensors saved on CUDA load onto the CPU)."""
+    """Load the reference code's state dict safely (tensors saved on CUDA load onto the CPU).
+
+    ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` wrapper is unwrapped.
+
+    Returns:
+        The state dict, parameter name → tensor (keys as in the module docstring).
+
+    Raises:
+        CheckpointError: no such file, a file ``torch.load`` cannot read safely, or one
+            that holds no dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")

@@ -20,6 +20,8 @@ class Nonlinearity(nn.Module):
     """σ: a proximal operator applied elementwise to ``(B, *z_shape)`` tensors."""
 
     def forward(self, v: Tensor) -> Tensor:
+        """``σ(v)``, shaped like ``v``: the prox of ``f`` (§1), so ``σ(v) = argmin_z f(z) +
+        ½‖z − v‖²``; differentiable when ``v`` requires grad."""
         raise NotImplementedError
 
     def derivative(self, v: Tensor) -> Tensor:

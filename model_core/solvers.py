@@ -75,8 +75,10 @@ class SolveStats:
         alpha: step size α used.
         method: registered solver name.
         tol, max_iter: the stopping rule used.
-        time_s: wall time of the solve, in seconds (the iteration loop only).
+        time_s: wall time of the solve, in seconds (the zero start and the iteration loop;
+            not the resolvent's build).
         direction: ``"forward"`` or ``"backward"``.
+        extra: free per-method information (the built-in methods leave it empty).
     """
 
     iterations: Tensor
@@ -92,10 +94,14 @@ class SolveStats:
 
     @property
     def batch_size(self) -> int:
+        """``B``, the number of samples solved."""
         return int(self.iterations.shape[0])
 
     def summary(self) -> dict:
-        """Batch aggregates as plain Python numbers (for logs and progress bars)."""
+        """Batch aggregates as plain Python numbers (for logs and progress bars):
+        ``direction``, ``method``, ``alpha``, ``iterations_mean``, ``iterations_max``,
+        ``residual_mean`` (over the non-NaN residuals), ``converged_share`` in [0, 1] and
+        ``time_s`` (seconds)."""
         it = self.iterations.double()
         res = self.residual[~self.residual.isnan()]
         return {

@@ -53,6 +53,7 @@ class AlphaTuning:
     direction: str = "forward"
 
     def to_dict(self) -> dict:
+        """The result as plain JSON-able data (every attribute)."""
         return {
             "alpha": self.alpha,
             "method": self.method,
@@ -145,6 +146,10 @@ def tune_alpha(
 
     Returns:
         :class:`AlphaTuning` with the best α and the iterations-vs-α curve.
+
+    Raises:
+        ValueError: an unknown ``objective``, ``grid < 2``, an unknown ``method`` or a bad
+            ``tol`` / ``max_iter`` (:func:`~model_core.solvers.solve_forward`).
     """
     if objective not in ("iterations", "time"):
         raise ValueError(f"objective must be 'iterations' or 'time', got {objective!r}")

@@ -17,6 +17,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a usage error in one line (``mondeq train: argument --epochs: ...``)."""
 
     def error(self, message: str):
+        """Print ``PROG: MESSAGE (see PROG --help)`` on stderr and exit with status 2
+        (``SystemExit``), as argparse does, without the multi-line usage block."""
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 

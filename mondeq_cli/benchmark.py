@@ -77,7 +77,14 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
 def machine_probe(device: str = "auto", seconds: float = 1.0) -> dict:
     """How fast this machine is right now: float32 GEMM GFLOP/s (1024³) and copy GB/s
     (64 MB). Shared VMs drift by up to 2× within minutes; benchmark files record this
-    beside their timings so that runs can be compared."""
+    beside their timings so that runs can be compared.
+
+    Returns:
+        ``{"gemm_gflops": …, "copy_gbps": …}``, each measured for about ``seconds`` s.
+
+    Raises:
+        ValueError: a bad ``device`` (:func:`pick_device`).
+    """
     dev = pick_device(device)
 
     def rate(fn: Callable[[], object]) -> float:
@@ -179,7 +186,11 @@ def bench_model(
 
 def run_benchmark(models=DEFAULT_MODELS, progress: bool = True, **kwargs) -> list[dict]:
     """:func:`bench_model` for each name in ``models`` (``kwargs`` go to it), with a progress
-    line per model on stderr; the device is checked before the first model."""
+    line per model on stderr; the device is checked before the first model.
+
+    Raises:
+        ValueError: an unknown model or device, before any model runs for the device.
+    """
     pick_device(kwargs.get("device", "auto"))  # refused before the first model's line
     rows = []
     for name in models:

@@ -36,6 +36,13 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def import_locuslab(sub) -> None:
+    """Register ``mondeq import-locuslab`` on the ``mondeq`` subparsers ``sub``.
+
+    The command converts the reference code's FC state dict
+    (:func:`~model_core.locuslab.import_locuslab`) and writes a checkpoint atomically; exit
+    status 0, or 2 with one line for a refused flag, an unreadable source, an existing
+    ``--out`` without ``--force`` or a state dict that does not fit the flags.
+    """
     from model_core import SolverSettings
 
     d = SolverSettings()
@@ -109,6 +116,13 @@ def _run_import_locuslab(args) -> int:
 
 
 def bench(sub) -> None:
+    """Register ``mondeq bench`` on the ``mondeq`` subparsers ``sub``.
+
+    The command times inference (ms per batch), a train step (ms) and mean PR iterations of
+    the paper's CIFAR models (:func:`~mondeq_cli.benchmark.run_benchmark`); exit status 0,
+    or 2 with one line for an unknown model, a refused flag or a batch that does not fit in
+    memory.
+    """
     from .benchmark import DEFAULT_MODELS, PAPER_MODELS, PAPER_SOLVER
 
     p = sub.add_parser(

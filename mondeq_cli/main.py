@@ -123,7 +123,12 @@ def _command_word(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mondeq ARGV``; returns the exit status (0 done, 2 refused, 130 interrupted)."""
+    """Run ``mondeq ARGV``; returns the exit status (0 done, 2 refused, 130 interrupted).
+
+    Raises:
+        ModuleNotFoundError: a missing module that no extra provides (a bug, not set-up).
+        SystemExit: from ``--help``, ``--version`` or a usage error (status 2), as argparse.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if (word := _command_word(argv)) in parser.unavailable:

@@ -90,9 +90,12 @@ class Resolvent:
 class MonotoneOperator(nn.Module):
     """A linear layer ``z ↦ W z + U x + b`` with ``I − W ⪰ m I`` by construction.
 
-    Concrete operators implement ``_k`` (apply ``I − W`` or its transpose), ``_prepare``
-    and ``_apply_inverse`` (the resolvent), ``bias`` and ``injection_norm``. Everything
-    else, and the caching of resolvents per (weights, α), lives here. Every cache keyed on
+    A concrete operator (one subclass; :class:`~model_core.operators.FCOperator` is the
+    shortest) calls ``super().__init__(m)``, sets :attr:`z_shape` and implements ``_k``
+    (apply ``I − W`` or its transpose), ``_prepare`` and ``_apply_inverse`` (the
+    resolvent), ``bias`` and ``_injection_norm``. Everything else, and the caching of
+    resolvents per (weights, α), lives here. An architecture builds it
+    (:func:`~model_core.config.register_architecture`). Every cache keyed on
     :meth:`_weights_key` serves only the current weight values, however they were written.
 
     Attributes:
@@ -149,9 +152,12 @@ class MonotoneOperator(nn.Module):
         return self.multiply(z)
 
     def resolvent(self, alpha: float, *, cache: bool = True) -> Resolvent:
-        """``(I + α(I − W))⁻¹`` for the current weights, cached per (weights, α).
+        """``(I + α(I − W))⁻¹`` for the current weights, cached per (weights, α) (§2).
 
         ``cache=False`` builds one aside without touching the cache (α searches).
+
+        Raises:
+            ValueError: ``alpha`` not > 0.
         """
         alpha = float(alpha)
         if not alpha > 0:
@@ -188,6 +194,7 @@ class MonotoneOperator(nn.Module):
         return self._norm_cache[1]
 
     def _injection_norm(self) -> float:
+        """``‖U‖₂`` for the current weights (uncached; :meth:`injection_norm` caches it)."""
         raise NotImplementedError
 
     def weight_norm(self) -> float:
@@ -211,6 +218,8 @@ class MonotoneOperator(nn.Module):
         raise NotImplementedError
 
     def _apply_inverse(self, data: Any, z: Tensor, transpose: bool) -> Tensor:
+        """``V z`` (``Vᵀ z`` with ``transpose``) for ``z`` of ``(B, *z_shape)``, from
+        ``_prepare``'s ``data``."""
         raise NotImplementedError
 
     # ---- helpers ------------------------------------------------------------------

@@ -44,7 +44,11 @@ from .spectral import (
 
 
 def tier_sizes(image_size: int, tiers: int) -> list[int]:
-    """Grid sizes ``s_i``: ``s_1 = image + 2``, ``s_(i+1) = s_i/2 + 1`` (§5)."""
+    """Grid sizes ``s_i`` in pixels: ``s_1 = image + 2``, ``s_(i+1) = s_i/2 + 1`` (§5).
+
+    Raises:
+        ValueError: a tier grid ``s_i`` is odd, so the stride-2 tier after it cannot exist.
+    """
     sizes = [image_size + 2]
     for _ in range(tiers - 1):
         if sizes[-1] % 2:
@@ -132,6 +136,7 @@ class MultiTierOperator(MonotoneOperator):
     # ---- layout -------------------------------------------------------------------
     @property
     def tiers(self) -> int:
+        """The number of tiers ``L`` (1 for a single convolution, §4–§5)."""
         return len(self.channels)
 
     @property

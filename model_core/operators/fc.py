@@ -28,6 +28,7 @@ class FCOperator(MonotoneOperator):
         self.z_shape = (hidden,)
 
     def bias(self, x: Tensor) -> Tensor:
+        """``U x + b``: ``(B, C, H, W)`` (or ``(B, D)``) input, flattened, to ``(B, n)``."""
         return self.U(x.reshape(x.shape[0], -1))
 
     def k_matrix(self) -> Tensor:

@@ -34,7 +34,10 @@ def transfer(weight: Tensor, s: int) -> Tensor:
         s: grid size.
 
     Returns:
-        ``(F, n_out, n_in)`` complex, ``F = s·(s//2 + 1)`` (``rfft2`` half layout).
+        ``(F, n_out, n_in)`` complex, ``F = s·(s//2 + 1)`` (``rfft2`` half layout; §4).
+
+    Raises:
+        ValueError: ``k > s``.
     """
     n_out, n_in, k, _ = weight.shape
     if k > s:
