@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     @classmethod
     def _logit_tol_with_logits(cls, v, info: ValidationInfo):
         if v is None and info.data.get("stop") == "logits":
-            raise ValueError("stop logits needs a logit_tol (the logit accuracy)")
+            raise ValueError("stop logits needs a logit_tol, the logit accuracy (--logit-tol)")
         return v
 
     def resolve_device(self) -> str:

@@ -93,6 +93,8 @@ def test_a_value_of_every_flag_reaches_the_settings(tmp_path):
         "min_tol": ("1e-5", 1e-5),
         "max_iter_cap": ("400", 400),
         "max_row_iterations": ("20000", 20_000),
+        "stop": ("LOGITS", "logits"),
+        "logit_tol": ("0.25", 0.25),
         "poll_interval_s": ("0", 0.0),
         "settle_s": ("0.5", 0.5),
         "tune_at_load": (None, False),
@@ -167,6 +169,20 @@ def serve(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         (
             ["--max-delay-ms", "inf"],
             "mondeq serve: --max-delay-ms: input should be a finite number, got inf",
+        ),
+        (
+            ["--stop", "logits"],
+            "mondeq serve: MONDEQ_LOGIT_TOL: value error, stop logits needs a logit_tol, the "
+            "logit accuracy (--logit-tol), got None",
+        ),
+        (
+            ["--stop", "logits", "--logit-tol", "0"],
+            "mondeq serve: --logit-tol: input should be greater than 0, got 0.0",
+        ),
+        (
+            ["--stop", "proof"],
+            "python -m service: error: argument --stop: invalid choice: 'proof' "
+            "(choose from 'tol', 'label', 'logits')",
         ),
     ],
 )

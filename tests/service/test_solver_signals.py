@@ -238,7 +238,8 @@ def test_http_a_loose_tol_buys_no_certificate(served, pixels, name):
     """``tol: 1`` stops every sample at once (all ``converged``, as the rule says), but such a
     point is no equilibrium: 27 (fmnist-conv) and 10 (fmnist-fc) of these 100 labels differ
     from the tol-1e-6 solve's, and each carried a certified radius. A radius is given only
-    at a residual within the model's own tol (0.01), whatever the request's tol."""
+    where the label is proven (docs/math.md §9), whatever the request's tol, and a proven
+    label is the equilibrium's."""
     x = pixels[:100]
     model = load_checkpoint(checkpoint(name))
     ref = model.infer(normalise(model, x), tol=1e-6, max_iter=1000)
@@ -252,7 +253,7 @@ def test_http_a_loose_tol_buys_no_certificate(served, pixels, name):
     assert out["converged"].all()
     assert (out["label"] != ref.labels).sum() > 0  # stopped short of the equilibrium
     certified = ~out["certified_radius"].isnan()
-    assert torch.equal(certified, out["residual"] <= 0.01)
+    assert torch.equal(certified, out["label_proven"])
     assert (out["label"][certified] == ref.labels[certified]).all()
     assert [p["certified_radius"] is None for p in v1.json()["predictions"]] == (
         (~certified).tolist()
