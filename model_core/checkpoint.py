@@ -244,6 +244,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """What the safe loader refused. torch's message opens with advice to load the file with
+    ``weights_only=False`` (which runs whatever code it holds) and names the cause later, after
+    ``WeightsUnpickler error:``; the cause is what a user needs."""
+    _, found, rest = str(e).partition("WeightsUnpickler error:")
+    cause = next((line.strip() for line in rest.splitlines() if line.strip()), "")
+    return cause if found and cause else _first_line(e)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read and check a checkpoint file's dict, in the layout of :data:`SCHEMA_VERSION`.
 
@@ -267,7 +276,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: unreadable: the safe (weights_only) loader refused it; it is corrupt or "
-            f"holds pickled Python objects rather than plain data ({_first_line(e)})"
+            f"holds pickled Python objects rather than plain data ({_refusal(e)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
