@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from model_core import SOLVERS
+from model_core.models import STOP_RULES
 from mondeq_cli.args import nonnegative_float, positive_float, positive_int, tolerance
 
 from .options import read_config
@@ -367,8 +368,62 @@ def evaluate(sub) -> None:
     p.add_argument("--tol", type=tolerance, default=None,
                    help="tolerance override, in (0, 1]")  # fmt: skip
     p.add_argument("--max-iter", type=positive_int, default=None, help="iteration cap override")
+    p.add_argument(
+        "--stop",
+        choices=STOP_RULES,
+        default=None,
+        help="when a sample stops iterating: tol (residual <= tol, the default), "
+        "label (its label is proven) or logits (every logit within --logit-tol of "
+        "the exact equilibrium's); --max-iter caps all three (docs/math.md §9)",
+    )
+    p.add_argument(
+        "--logit-tol",
+        type=positive_float,
+        default=None,
+        metavar="LOGITS",
+        help="absolute logit accuracy of --stop logits (logit units)",
+    )
+    p.add_argument(
+        "--check-every",
+        type=positive_int,
+        default=None,
+        metavar="ITERATIONS",
+        help="iterations between two checks of --stop label/logits (default 1)",
+    )
+    p.add_argument(
+        "--compare-stops",
+        action="store_true",
+        help="evaluate the same images under tol, label (and logits with "
+        "--logit-tol) and print one line per rule",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_eval)
+
+
+def _stop_rules(args) -> list:
+    """The stopping rules ``mondeq eval`` runs.
+
+    Raises:
+        ValueError: flags that contradict each other (one would be silently ignored).
+    """
+    from .evaluate import StopRule
+
+    every = args.check_every or 1
+    if args.compare_stops:
+        if args.stop is not None:
+            raise ValueError("--compare-stops runs every stopping rule: drop --stop")
+        rules = [StopRule("tol"), StopRule("label", check_every=every)]
+        if args.logit_tol is not None:
+            rules.append(StopRule("logits", args.logit_tol, every))
+        return rules
+    stop = args.stop or "tol"
+    if args.logit_tol is not None and stop != "logits":
+        raise ValueError(f"--logit-tol applies only to --stop logits (stop: {stop})")
+    if stop == "logits" and args.logit_tol is None:
+        raise ValueError("--stop logits needs --logit-tol (an absolute logit accuracy)")
+    if args.check_every is not None and stop == "tol":
+        raise ValueError("--check-every applies only to --stop label or logits (stop: tol)")
+    return [StopRule(stop, args.logit_tol, every)]
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -384,10 +439,10 @@ def _run_eval(args) -> int:
 
     from .data import DataError, load_dataset
     from .distributed import pick_device
-    from .evaluate import evaluate as run
-    from .evaluate import format_report
+    from .evaluate import compare_stops, format_comparison, format_report
 
     try:
+        rules = _stop_rules(args)
         device = pick_device(args.device)
         model = load_checkpoint(args.checkpoint, map_location=device)
         pairs = {"method": args.method, "alpha": args.alpha, "tol": args.tol}
@@ -415,12 +470,24 @@ def _run_eval(args) -> int:
                     f"of {data.name}"
                 )
             x, y = x[: args.eval_limit], y[: args.eval_limit]
-        metrics = run(model, x, y, batch_size=args.batch_size, radii=args.radii,
-                      progress=not args.json)  # fmt: skip
+        rows = compare_stops(
+            model,
+            x,
+            y,
+            rules,
+            batch_size=args.batch_size,
+            radii=args.radii,
+            progress=not args.json,
+        )
     except (CheckpointError, DataError, ValueError) as e:
         print(f"mondeq eval: {e}", file=sys.stderr)
         return 2
-    metrics["dataset"] = data.name
-    metrics["checkpoint"] = str(args.checkpoint)
-    print(json.dumps(metrics, indent=2) if args.json else format_report(data.name, metrics))
+    where = {"dataset": data.name, "checkpoint": str(args.checkpoint)}
+    if args.compare_stops:
+        text = format_comparison(data.name, rows)
+        out = {"samples": rows[0]["samples"], **where, "rules": rows}
+    else:
+        text = format_report(data.name, rows[0])
+        out = {**rows[0], **where}
+    print(json.dumps(out, indent=2) if args.json else text)
     return 0
