@@ -2,14 +2,15 @@
 
 ``I − W`` is m-strongly monotone and σ is the proximal map of a convex function, so from any
 point ``z`` with ``p = W z + U x + b``, the point ``ẑ = σ(p)`` and its step ``r = z − ẑ``
-give a rigorous bound on the distance to the unique equilibrium ``z*``:
+locate the unique equilibrium ``z*`` in a ball:
 
-    ‖ẑ − z*‖ ≤ ‖W r‖ / m                                             (§9, eq. 15)
+    ‖z* − (ẑ − W r / 2m)‖ ≤ ‖W r‖ / 2m                               (§9, eq. 15)
 
-whatever solver produced ``z`` and however far it is from converged. Through a linear head
-``l = W_out pool(ẑ) + b_out`` it bounds every logit and every logit difference, so a label
-is **proven** (equal to the exact equilibrium's) once its margin over each rival exceeds
-that rival's share of the bound (eq. 16).
+whatever solver produced ``z`` and however far it is from converged. The ball's centre is the
+answer's point; through a linear head ``l = W_out pool(·) + b_out`` the radius bounds every
+logit and every logit difference, so a label is **proven** (equal to the exact
+equilibrium's) once its margin over each rival exceeds that rival's share of the radius
+(eqs. 16, 17).
 
 Everything here costs at most one multiply by ``W`` per call, and works per sample.
 """
@@ -29,18 +30,23 @@ from .operators import MonotoneOperator
 # inflated by ROUNDING_SLACK, a thousand times that.
 ROUNDING_SLACK = 1e-3
 # (2) Absolute: the computed p = W z + U x + b is off from the exact one by some ρ, and σ,
-# being non-expansive, passes at most ρ on to ẑ; then ‖ẑ − z*‖ ≤ ‖W r‖/m + ρ (1 + ‖W‖/m)
-# (docs/math.md §9). ρ is taken as ROUNDING_ULPS · eps · (‖z‖ + ‖p‖). Measured on both
-# default models in float32 (64 test images at iteration 9, against a float64 evaluation
-# at the same z), the rounding of σ(p) was at most 2.3 · eps · (‖z‖ + ‖p‖): 16 is seven times
-# that. In float32 the term is about 1% of the bound when a label is proven.
+# being non-expansive, passes at most ρ on to ẑ; the centre then moves by at most
+# ρ (1 + ‖W‖/2m) and the radius grows by at most ρ ‖W‖/2m (docs/math.md §9). ρ is taken
+# as ROUNDING_ULPS · eps · (‖z‖ + ‖p‖). Measured on both default models in float32 (64 test
+# images at iteration 9, against a float64 evaluation at the same z), the rounding of σ(p)
+# was at most 2.3 · eps · (‖z‖ + ‖p‖): 16 is seven times that. In float32 the term is about
+# 2% of the bound when a label is proven.
 ROUNDING_ULPS = 16.0
 
 
 def equilibrium_error_bound(
     op: MonotoneOperator, nonlin: Nonlinearity, z: Tensor, pre: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The point ``ẑ = σ(p)`` and a per-sample upper bound on ``‖ẑ − z*‖`` (§9, eq. 15).
+    """The point ``ĉ = ẑ − W r / 2m`` and a per-sample bound on ``‖ĉ − z*‖`` (§9, eq. 15).
+
+    ``ẑ = σ(p)``, ``r = z − ẑ``; ``z*`` lies in the ball of centre ``ĉ`` and radius
+    ``‖W r‖ / 2m`` (half the plain bound ``‖ẑ − z*‖ ≤ ‖W r‖ / m``, and the centre is the
+    better estimate of ``z*``).
 
     Args:
         op: the monotone operator (``I − W ⪰ m I``).
@@ -50,17 +56,17 @@ def equilibrium_error_bound(
             :func:`~model_core.solvers.solve_forward` with ``preactivation=True``).
 
     Returns:
-        ``(ẑ, bound)``: ``ẑ`` shaped like ``z``, and ``bound`` ``(B,)`` in the units of
+        ``(ĉ, bound)``: ``ĉ`` shaped like ``z``, and ``bound`` ``(B,)`` in the units of
         ``z`` (absolute ℓ2 distance, not relative), with its rounding terms
         (:data:`ROUNDING_SLACK`, :data:`ROUNDING_ULPS`). ``inf`` where the point is not
         finite. One multiply by ``W``.
     """
     z_hat = nonlin(pre)
-    wr = op.multiply(z - z_hat)
-    bound = _norms(wr) * ((1.0 + ROUNDING_SLACK) / op.m)
+    half_step = op.multiply(z - z_hat).mul_(0.5 / op.m)  # W r / 2m
+    bound = _norms(half_step) * (1.0 + ROUNDING_SLACK)
     rho = (ROUNDING_ULPS * torch.finfo(z.dtype).eps) * (_norms(z) + _norms(pre))
     bound = bound + rho * (1.0 + op.weight_norm() / op.m)
-    return z_hat, torch.where(torch.isfinite(bound), bound, math.inf)
+    return z_hat - half_step, torch.where(torch.isfinite(bound), bound, math.inf)
 
 
 def _norms(x: Tensor) -> Tensor:
@@ -89,7 +95,7 @@ def rival_slack(logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor)
     ``|(l_y − l_j) − (l*_y − l*_j)| ≤ ‖w_y − w_j‖ · ‖pool‖ · bound``.
 
     Args:
-        logits: ``(B, K)`` at ``ẑ``.
+        logits: ``(B, K)`` at the point the bound is about.
         weight, pool_norm, bound: as in :func:`logit_error_bounds`.
 
     Returns:

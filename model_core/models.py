@@ -62,9 +62,9 @@ class InferenceResult:
             margins it divides are the returned margins less their error bound, so it holds
             at any iterate. NaN where the label is not proven (no certificate).
         lipschitz: the bound ``L`` used for the radius.
-        error_bound: ``(B,)``, a rigorous upper bound on ``‖ẑ − z*‖`` (absolute ℓ2, in the
-            units of ``z``) for the returned point ``ẑ`` and the exact equilibrium ``z*``
-            (§9). ``inf`` where the solve blew up.
+        error_bound: ``(B,)``, a rigorous upper bound on ``‖ĉ − z*‖`` (absolute ℓ2, in the
+            units of ``z``) for the point ``ĉ`` the logits are read at and the exact
+            equilibrium ``z*`` (§9). ``inf`` where the solve blew up.
         logit_error_bound: ``(B, K)``, per class, an upper bound on ``|l_i − l*_i|``, the
             distance of each returned logit from the exact equilibrium's (§9).
         label_proven: ``(B,)`` bool: the predicted label is provably the exact equilibrium's
@@ -232,11 +232,12 @@ class MonDEQClassifier(nn.Module):
         model's defaults for this call only; ``between`` is called once per solver
         iteration (a scheduler's hook, see :func:`~model_core.solvers.iterate`).
 
-        The answer is read at ``ẑ = σ(W z + U x + b)`` of the solver's last point ``z``
-        (as training's forward does), and every sample carries a rigorous bound on its
-        distance to the exact equilibrium, its logits' error bounds and whether its label
-        is proven (§9). A sample is ``converged`` when its true fixed-point residual is at
-        most ``tol``, whatever stopped it.
+        The answer is read at ``ĉ = ẑ − W r / 2m`` (``ẑ = σ(W z + U x + b)`` of the
+        solver's last point ``z``, ``r = z − ẑ``), the centre of the ball that holds the
+        exact equilibrium (§9), and every sample carries a rigorous bound on its distance
+        to the exact equilibrium, its logits' error bounds and whether its label is proven.
+        A sample is ``converged`` when its true fixed-point residual is at most ``tol``,
+        whatever stopped it.
 
         Args:
             x: ``(B, C, H, W)`` normalised input.
@@ -272,8 +273,8 @@ class MonDEQClassifier(nn.Module):
                 accept=accept,
                 check_every=check_every,
             )
-            z_hat, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
-            logits = self.head(self.features(z_hat))
+            centre, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
+            logits = self.head(self.features(centre))
             w, pool = self.head.weight, self.pool_norm()
             proven = proven_labels(logits, w, pool, bound)
             radius = self.certified_radius(logits, rival_slack(logits, w, pool, bound))
@@ -305,10 +306,10 @@ class MonDEQClassifier(nn.Module):
         w, pool, nonlin = self.head.weight, self.pool_norm(), self.deq.nonlin
 
         def accept(out: dict[str, Tensor]) -> Tensor:
-            z_hat, bound = equilibrium_error_bound(self.op, nonlin, out["x"], out["pre"])
+            centre, bound = equilibrium_error_bound(self.op, nonlin, out["x"], out["pre"])
             if stop == "logits":
                 return logit_error_bounds(w, pool, bound).amax(dim=1) <= logit_tol
-            return proven_labels(self.head(self.features(z_hat)), w, pool, bound)
+            return proven_labels(self.head(self.features(centre)), w, pool, bound)
 
         return accept
 

@@ -96,7 +96,7 @@ def predictions(served: ServedModel, ans: Answer, top_k: int) -> list[dict]:
     """The friendly API's per-sample answers: the best class, the ``min(top_k, K)`` best
     with their probabilities, and the sample's ``iterations``, ``residual`` (relative
     fixed-point residual), ``converged``, ``certified_radius`` (ℓ2, in normalised-input
-    units; ``None`` when withheld), ``error_bound`` (on ‖ẑ − z*‖; ``None`` when the solve
+    units; ``None`` when withheld), ``error_bound`` (on ‖ĉ − z*‖; ``None`` when the solve
     diverged) and ``label_proven`` (docs/math.md §9)."""
     r = ans.rows
     k = min(top_k, len(served.class_names))

@@ -37,8 +37,8 @@ TUNING_REASONS = ("load", "drift", "admin")
 
 ITERATION_BUCKETS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 RESIDUAL_BUCKETS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-# ‖ẑ − z*‖ in the units of z: on the default models about 0.02–0.04 under stop=logits at
-# logit_tol 0.1, 0.4–1.3 (median) at tol 1e-2, 1.3–1.6 under stop=label, up to ~6.
+# ‖ĉ − z*‖ in the units of z (docs/math.md §9): on the default models from about 0.01 under
+# stop=logits at logit_tol 0.1 to about 1 under stop=label (medians), up to a few units.
 ERROR_BOUND_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 LATENCY_BUCKETS = (
     0.001,
@@ -108,7 +108,7 @@ class Metrics:
         )
         self.error_bound = Histogram(
             "mondeq_error_bound",
-            "Bound on ‖ẑ − z*‖, the answer's distance to the exact equilibrium, per sample "
+            "Bound on ‖ĉ − z*‖, the answer's distance to the exact equilibrium, per sample "
             "(docs/math.md §9; diverged samples, bound inf, are not observed).",
             ["model", "stop"],
             buckets=ERROR_BOUND_BUCKETS,

@@ -172,7 +172,7 @@ class Prediction(BaseModel):
     converged: bool
     certified_radius: float | None
     error_bound: float | None = Field(
-        description="bound on ‖ẑ − z*‖, the distance of the answer's equilibrium point to "
+        description="bound on ‖ĉ − z*‖, the distance of the answer's equilibrium point to "
         "the exact one (null: the solve diverged)"
     )
     label_proven: bool = Field(description="the label is provably the exact equilibrium's")

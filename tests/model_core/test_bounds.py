@@ -73,8 +73,9 @@ def random_model(arch: str, seed: int):
 @pytest.mark.parametrize("method", ["peaceman_rachford", "forward_backward"])
 def test_the_bound_holds_at_every_iterate_and_proven_labels_are_exact(arch, method):
     """At the first iteration and random later ones (PR up to 40, FB, whose safe α is
-    small, up to 400) the bound on ``‖ẑ − z*‖``, the per-class logit bounds and the proven
-    labels all hold against the dense equilibrium."""
+    small, up to 400) the bound on ``‖ĉ − z*‖``, the per-class logit bounds and the proven
+    labels all hold against the dense equilibrium; and the plain bound ``‖ẑ − z*‖ ≤
+    ‖W r‖ / m`` at ``ẑ = σ(W z + U x + b)`` holds too."""
     proven_seen = unproven_seen = 0
     most = 40 if method == "peaceman_rachford" else 400
     for seed in range(3):
@@ -93,9 +94,12 @@ def test_the_bound_holds_at_every_iterate_and_proven_labels_are_exact(arch, meth
                 max_iter=k,
                 preactivation=True,
             )
-            z_hat, bound = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre)
-            true = (z_hat - z_star).flatten(1).norm(dim=1)
+            centre, bound = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre)
+            true = (centre - z_star).flatten(1).norm(dim=1)
             assert (true <= bound).all(), (k, (true - bound).max().item())
+            z_hat = model.deq.nonlin(pre)
+            plain = (z_hat - z_star).flatten(1).norm(dim=1)
+            assert (plain <= 2 * bound).all()  # the ball's diameter
             r = model.infer(x, method=method, alpha=alpha, tol=1e-30, max_iter=k)
             torch.testing.assert_close(r.error_bound, bound, rtol=0, atol=0)
             err = (r.logits - logits_star).abs()

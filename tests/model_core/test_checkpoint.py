@@ -21,6 +21,7 @@ from model_core import (
     load_checkpoint,
     save_checkpoint,
 )
+from model_core.bounds import equilibrium_error_bound
 from model_core.checkpoint import read_checkpoint
 
 CONFIGS = [
@@ -238,6 +239,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _logits_at_the_centre(model, z: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """The logits at the centre of the ball around ``z*`` (docs/math.md §9)."""
+    centre, _ = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre)
+    return model.head(model.features(centre))
+
+
 def _raw_bytes(t: torch.Tensor) -> bytes:
     """A tensor's memory as bytes (as numpy's ``tobytes``; these tests run without numpy)."""
     return bytes(t.detach().contiguous().view(torch.uint8).reshape(-1).tolist())
@@ -292,10 +299,10 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     logits_sha, iterations = DEFAULT_MODEL_REFERENCE[name]
     assert int(out.stats.iterations.sum()) == iterations
     # The reference logits were computed at the solver's returned point z; the answer is
-    # now read at ẑ = σ(W z + U x + b) (docs/math.md §9). Both, bit for bit.
+    # now read at the centre of the ball that holds z* (docs/math.md §9). Both, bit for bit.
     z, _, pre = model.deq.solve(x)
     assert _sha256(_raw_bytes(model.head(model.features(z)))) == logits_sha
-    assert torch.equal(out.logits, model.head(model.features(model.deq.nonlin(pre))))
+    assert torch.equal(out.logits, _logits_at_the_centre(model, z, pre))
     # Saved again (schema 2) and reloaded: the same logits.
     again = load_checkpoint(save_checkpoint(model, Path(tempfile.mkdtemp()) / "m.pt"))
     assert torch.equal(again.infer(x).logits, out.logits)
@@ -320,9 +327,9 @@ def test_version_1_fixture_loads_with_its_training_state_and_logits(arch, tmp_pa
     assert model.metadata["calibration"] is model.calibration
     x = model.input_spec.normalize(meta["probe_pixels"])
     out = model.infer(x)
-    z, _, pre = model.deq.solve(x)  # the old code read the logits at z, now at σ(pre) (§9)
+    z, _, pre = model.deq.solve(x)  # the old code read the logits at z, now at the centre
     assert torch.equal(model.head(model.features(z)), meta["expected_logits"])
-    assert torch.equal(out.logits, model.head(model.features(model.deq.nonlin(pre))))
+    assert torch.equal(out.logits, _logits_at_the_centre(model, z, pre))
     assert torch.equal(out.stats.iterations, meta["expected_iterations"])
     # Upgraded on save: one copy of the solver settings, named fields, nothing in metadata.
     again = save_checkpoint(

@@ -143,19 +143,24 @@ def test_certified_radius_holds_against_attacks(config):
 
 
 @pytest.mark.parametrize("config", [FC, CONV, MT], ids=lambda c: c["arch"])
-def test_unconverged_samples_get_no_certified_radius(config):
-    """A radius holds only at the equilibrium: NaN for every sample the solve leaves
-    unconverged, the formula's value for every converged one."""
+def test_a_radius_only_where_the_label_is_proven_and_never_above_the_equilibriums(config):
+    """After one iteration nothing has converged: a sample gets a radius exactly where its
+    label is proven (§9), and that radius, shrunk by the error bound, is never above the one
+    of the converged solve; solved tightly, every sample is proven and the radius is the
+    formula's (§7) up to the vanishing slack."""
     torch.manual_seed(6)
     model = build_model(config).double()
     x = torch.randn(6, config["in_channels"], 6, 6, dtype=torch.float64)
     cut = model.infer(x, max_iter=1, tol=1e-6)
     assert cut.stats.converged.tolist() == [False] * 6
-    assert cut.certified_radius.isnan().all()
+    assert torch.equal(cut.certified_radius.isnan(), ~cut.label_proven)
     full = model.infer(x, tol=1e-9, max_iter=3000)
-    assert full.stats.converged.all()
+    assert full.stats.converged.all() and full.label_proven.all()
     torch.testing.assert_close(full.certified_radius, model.certified_radius(full.logits))
     assert (full.certified_radius > 0).all()
+    p = cut.label_proven
+    assert torch.equal(cut.labels[p], full.labels[p])
+    assert (cut.certified_radius[p] <= full.certified_radius[p] * (1 + 1e-6)).all()
 
 
 def _edit_weights(model, how: str) -> None:
