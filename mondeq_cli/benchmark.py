@@ -63,8 +63,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def _timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
-    """``(seconds, fn())``, synchronising CUDA around the call."""
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """``(seconds, fn())``: the wall time of one call of ``fn``, with CUDA synchronised
+    before and after it so that queued kernels are counted (the benchmarks' one timer)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -89,7 +90,7 @@ def machine_probe(device: str = "auto", seconds: float = 1.0) -> dict:
 
     def rate(fn: Callable[[], object]) -> float:
         """Calls per second."""
-        _timed(fn, dev)  # warm-up
+        timed(fn, dev)  # warm-up
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             fn()
@@ -135,8 +136,8 @@ def bench_model(
 
     model.eval()
     model.op.clear_cache()
-    cold, _ = _timed(lambda: model.infer(x), dev)  # builds spectra and the resolvent
-    runs = [_timed(lambda: model.infer(x), dev) for _ in range(max(1, repeats))]
+    cold, _ = timed(lambda: model.infer(x), dev)  # builds spectra and the resolvent
+    runs = [timed(lambda: model.infer(x), dev) for _ in range(max(1, repeats))]
     infer_times, result = [t for t, _ in runs], runs[-1][1]
     tight = model.infer(x, tol=1e-6, max_iter=3000)
     agree = (tight.labels == result.labels).double().mean().item()
@@ -157,7 +158,7 @@ def bench_model(
     train_times = []
     for _ in range(max(1, repeats)):
         model.load_state_dict(start)  # bumps the weights' versions: the resolvent is rebuilt
-        train_times.append(_timed(step, dev)[0])
+        train_times.append(timed(step, dev)[0])
     fwd, bwd = model.deq.last_forward_stats, model.deq.last_backward_stats
     infer_ms = statistics.median(infer_times) * 1e3
     train_ms = statistics.median(train_times) * 1e3
