@@ -93,8 +93,9 @@ class MonotoneOperator(nn.Module):
     A concrete operator (one subclass; :class:`~model_core.operators.FCOperator` is the
     shortest) calls ``super().__init__(m)``, sets :attr:`z_shape` and implements ``_k``
     (apply ``I − W`` or its transpose), ``_prepare`` and ``_apply_inverse`` (the
-    resolvent), ``bias`` and ``_injection_norm``. Everything else, and the caching of
-    resolvents per (weights, α), lives here. An architecture builds it
+    resolvent), ``bias`` and ``_injection_norm``, and names any cache of its own in
+    ``weight_caches``. Everything else, and the caching of resolvents per (weights, α),
+    lives here. An architecture builds it
     (:func:`~model_core.config.register_architecture`). Every cache keyed on
     :meth:`_weights_key` serves only the current weight values, however they were written.
 
@@ -106,6 +107,8 @@ class MonotoneOperator(nn.Module):
     m: float
     z_shape: tuple[int, ...]
     chunk_scale: float = 1.0  # multiple of CPU_CHUNK_BYTES the solver loop chunks by
+    # Attributes naming a subclass's own per-weights caches (dicts): clear_cache empties them.
+    weight_caches: tuple[str, ...] = ()
 
     def __init__(self, m: float):
         super().__init__()
@@ -287,7 +290,7 @@ class MonotoneOperator(nn.Module):
         with _CACHE_LOCK:
             self._resolvents.clear()
         self._norm_cache = self._w_norm_cache = None
-        for name in ("_spectra",):
+        for name in self.weight_caches:
             cache = getattr(self, name, None)
             if cache is not None:
                 cache.clear()

@@ -102,6 +102,8 @@ class MultiTierOperator(MonotoneOperator):
     and concatenated) for several.
     """
 
+    weight_caches = ("_spectra",)
+
     def __init__(
         self,
         in_channels: int,
