@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MONDEQ = [sys.executable, "-m", "mondeq_cli"]
 
 
-def mondeq(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
+def mondeq(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
     """Run ``mondeq ARGS`` in the repository root; with ``check``, a non-zero exit raises
     ``AssertionError`` carrying both streams."""
     proc = subprocess.run(
