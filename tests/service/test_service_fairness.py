@@ -48,6 +48,17 @@ def fashion_images(n: int) -> torch.Tensor:
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)
 
 
+def default_answer(tmp_path: Path, response, pixels: torch.Tensor):
+    """Check that ``response`` was solved at the model's defaults (PR, tol 1e-2, 300
+    iterations, alone in its batch) and return ``(model, in-process answer, its outputs)``."""
+    model = local_model(tmp_path / "fmnist-fc/1/model.pt")
+    p = response.json()["parameters"]
+    assert (p["method"], p["tol"], p["max_iter"], p["batch_size"]) == (
+        "peaceman_rachford", 0.01, 300, 1,
+    )  # fmt: skip
+    return model, model.infer(normalise(model, pixels)), outputs(response.json())
+
+
 # ---- the gate ---------------------------------------------------------------------------------
 
 
@@ -327,16 +338,7 @@ def test_a_default_request_is_answered_while_the_costliest_allowed_one_solves(tm
     assert ra.status_code == 200 and rb.status_code == 200, (ra.text, rb.text)
     assert a_was_solving  # B's answer came back before A's
 
-    model = local_model(tmp_path / "fmnist-fc/1/model.pt")
-    pb = rb.json()["parameters"]
-    assert (pb["method"], pb["tol"], pb["max_iter"], pb["batch_size"]) == (
-        "peaceman_rachford",
-        0.01,
-        300,
-        1,
-    )
-    ref_b = model.infer(normalise(model, images[64:]))
-    out_b = outputs(rb.json())
+    model, ref_b, out_b = default_answer(tmp_path, rb, images[64:])
     assert out_b["label"].tolist() == ref_b.logits.argmax(1).tolist()
     assert out_b["iterations"].tolist() == ref_b.stats.iterations.tolist()
     torch.testing.assert_close(out_b["logits"], ref_b.logits, atol=1e-5, rtol=0)
@@ -415,16 +417,7 @@ def test_a_default_request_is_not_held_by_four_solves_with_four_other_settings(t
     assert order[0] == "B", order
     assert [r.status_code for r in [*answers, rb]] == [200] * 5, [r.text for r in answers]
 
-    model = local_model(tmp_path / "fmnist-fc/1/model.pt")
-    pb = rb.json()["parameters"]
-    assert (pb["method"], pb["tol"], pb["max_iter"], pb["batch_size"]) == (
-        "peaceman_rachford",
-        0.01,
-        300,
-        1,
-    )
-    ref_b = model.infer(normalise(model, images[100:]))
-    out_b = outputs(rb.json())
+    model, ref_b, out_b = default_answer(tmp_path, rb, images[100:])
     assert torch.equal(out_b["logits"], ref_b.logits)
     assert out_b["iterations"].tolist() == ref_b.stats.iterations.tolist()
     for i, (tol, ra) in enumerate(zip(tols, answers, strict=True)):
