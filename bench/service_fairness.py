@@ -41,7 +41,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from servers import start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -83,42 +83,6 @@ def body(x: np.ndarray, parameters: dict | None = None) -> dict:
     if parameters:
         out["parameters"] = parameters
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model-dir",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "MONDEQ_POLL_INTERVAL_S": "0", **env},
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server not ready after 180 s")
 
 
 def heaviest_request() -> dict:
@@ -228,12 +192,10 @@ def main() -> None:
         body(h["x"], {k: h[k] for k in ("method", "tol", "max_iter") if k in h}) for h in heavy
     ]
     b_body = body(b_image)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     path = f"/v2/models/{args.model}/infer"
     repo = Path(tempfile.mkdtemp(prefix="fairness-"))
     shutil.copytree(args.model_dir / args.model, repo / args.model)
-    proc = start_server(repo, port, {"MONDEQ_TUNE_AT_LOAD": "false"})
+    proc, url = start_service(repo, env={"MONDEQ_TUNE_AT_LOAD": "false"}, ready_timeout_s=180)
     try:
         alone = []
         for _ in range(5):

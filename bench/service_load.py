@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from servers import start_service
 
 from model_core import load_checkpoint, tune_alpha
 from mondeq_cli.benchmark import machine_probe
@@ -46,12 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # import scans sys.path (about a quarter of the load generator's CPU). Mark it absent once:
 # the behaviour is the same (asyncio), the search is skipped.
 sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def latest_checkpoint(folder: Path) -> Path:
@@ -161,45 +155,10 @@ def serve(model_folder: Path, batch: int, device: str) -> tuple[subprocess.Popen
     """``python -m service`` on a repository holding only this model."""
     repo = Path(tempfile.mkdtemp(prefix="mondeq-bench-"))
     (repo / model_folder.name).symlink_to(model_folder.resolve())
-    port = free_port()
-    env = {
-        **os.environ,
-        "MONDEQ_MAX_QUEUE": "100000",
-        "MONDEQ_RETUNE_FACTOR": "0",
-        "MONDEQ_POLL_INTERVAL_S": "0",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model-dir",
-            str(repo),
-            "--port",
-            str(port),
-            "--max-batch-size",
-            str(batch),
-            "--device",
-            device,
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                return proc, url, repo
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server for {model_folder} exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server for {model_folder} not ready")
+    env = {"MONDEQ_MAX_QUEUE": "100000", "MONDEQ_RETUNE_FACTOR": "0"}
+    flags = ("--max-batch-size", str(batch), "--device", device)
+    proc, url = start_service(repo, *flags, env=env)
+    return proc, url, repo
 
 
 def stop(proc: subprocess.Popen, repo: Path) -> None:
