@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,3 +21,19 @@ def mondeq(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``predicate()`` every 20 ms until true, while ``proc`` runs.
+
+    Raises:
+        AssertionError: ``proc`` ended first (its stderr attached), or ``timeout`` seconds
+            passed (a hang guard, not a speed check).
+    """
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"ended early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.02)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_support import MONDEQ, ROOT, mondeq
+from training_support import MONDEQ, ROOT, mondeq, wait_for
 
 from model_core import CheckpointError, load_checkpoint
 from model_core.config import InputSpec
@@ -329,16 +329,6 @@ def _start(out: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _wait_for(predicate, proc, timeout=120):
-    t0 = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()}")
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
@@ -350,7 +340,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(tmp_path, reference_run, signum):
     out = tmp_path / "run"
     proc = _start(out)
-    _wait_for(lambda: (out / "metrics.jsonl").exists(), proc)  # inside epoch 2
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)  # inside epoch 2
     time.sleep(0.05)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -374,7 +364,7 @@ def test_signal_writes_a_resumable_checkpoint_and_resume_is_exact(tmp_path, refe
 def test_kill_9_loses_at_most_the_current_epoch(tmp_path, reference_run):
     out = tmp_path / "run"
     proc = _start(out)
-    _wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
     proc.kill()
     proc.communicate(timeout=60)
     state = load_checkpoint(out / "last.pt").training_state["progress"]  # not corrupt

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_support import MONDEQ, ROOT, mondeq
+from training_support import MONDEQ, ROOT, mondeq, wait_for
 
 from model_core import load_checkpoint
 
@@ -36,16 +36,6 @@ def start(*args, **kw) -> subprocess.Popen:
         [*MONDEQ, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, **kw,
     )  # fmt: skip
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"ended early ({proc.returncode}): {proc.stderr.read()}")
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
