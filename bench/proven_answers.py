@@ -40,7 +40,7 @@ import torch
 from model_core import load_checkpoint, tune_alpha
 from model_core.runtime import tune_allocator
 from mondeq_cli.args import positive_float, positive_int
-from mondeq_cli.benchmark import machine_probe, pick_device
+from mondeq_cli.benchmark import machine_probe, pick_device, timed
 from training.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,16 +56,6 @@ def rules(logit_tols: list[float]) -> list[dict]:
     out += [{"name": f"label, every {k}", "stop": "label", "check_every": k} for k in (1, 2, 3)]
     out += [{"name": f"logits ≤ {t:g}", "stop": "logits", "logit_tol": t} for t in logit_tols]
     return out
-
-
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, out
 
 
 def served_alpha(model, choice: str) -> tuple[float, float | None]:
@@ -109,7 +99,7 @@ def bench_model(name: str, x: torch.Tensor, y: torch.Tensor, args, device, repea
             for k in range(len(todo)):
                 i = (b + k) % len(todo)
                 kw = {key: v for key, v in todo[i].items() if key != "name"}
-                seconds, r = _timed(lambda kw=kw, batch=batch: model.infer(batch, **kw), device)
+                seconds, r = timed(lambda kw=kw, batch=batch: model.infer(batch, **kw), device)
                 spent[i] += seconds
                 per_rule[i]["results"][b] = r
         for i, s in enumerate(spent):
