@@ -106,15 +106,20 @@ def rival_slack(logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor)
     return diff_norm * (pool_norm * bound)[:, None]
 
 
-def proven_labels(logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor) -> Tensor:
+def proven_labels(
+    logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor, slack: Tensor | None = None
+) -> Tensor:
     """``(B,)`` bool: the predicted label is the exact equilibrium's (§9, eq. 17).
 
     True when the top class leads every rival ``j`` by more than
     ``‖w_y − w_j‖ · ‖pool‖ · bound``. Never true for a non-finite bound or a tie.
+    ``slack``: that product, ``(B, K)``, when the caller has it already
+    (:func:`rival_slack`).
     """
     pred = logits.argmax(dim=1)
     margins = logits.gather(1, pred[:, None]) - logits
-    slack = rival_slack(logits, weight, pool_norm, bound)
+    if slack is None:
+        slack = rival_slack(logits, weight, pool_norm, bound)
     clear = margins > slack
     clear.scatter_(1, pred[:, None], True)
     return clear.all(dim=1) & torch.isfinite(bound)

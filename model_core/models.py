@@ -276,8 +276,9 @@ class MonDEQClassifier(nn.Module):
             centre, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
             logits = self.head(self.features(centre))
             w, pool = self.head.weight, self.pool_norm()
-            proven = proven_labels(logits, w, pool, bound)
-            radius = self.certified_radius(logits, rival_slack(logits, w, pool, bound))
+            slack = rival_slack(logits, w, pool, bound)
+            proven = proven_labels(logits, w, pool, bound, slack)
+            radius = self.certified_radius(logits, slack)
             lip = self.lipschitz_bound()
         return InferenceResult(
             logits=logits,
