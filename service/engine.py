@@ -20,6 +20,7 @@ from .alpha import AlphaTuner
 from .batcher import Answer, Batcher, BatchOutput
 from .metrics import Metrics
 from .settings import Settings
+from .stats import ModelStats
 
 log = logging.getLogger("mondeq.service")
 
@@ -99,6 +100,7 @@ class ServedModel:
             on_tuned=self._tuned,
         )
         self.batcher: Batcher | None = None
+        self.stats = ModelStats()  # the statistics extension's counters (service.stats)
 
     # ---- set-up --------------------------------------------------------------------------------
     def _calibration(self) -> Tensor | None:
@@ -247,16 +249,31 @@ class ServedModel:
             batcher.QueueFull, batcher.Closed, batcher.SolveFailed.
         """
         assert self.batcher is not None, "start() first"
-        self.check_work(int(x.shape[0]), key)
-        return await self.batcher.submit(x, key)
+        t0 = time.perf_counter_ns()
+        try:  # every outcome lands in self.stats (the statistics extension)
+            self.check_work(int(x.shape[0]), key)
+            ans = await self.batcher.submit(x, key)
+        except BaseException:
+            self.stats.failure(time.perf_counter_ns() - t0)
+            raise
+        i = ans.info
+        self.stats.success(
+            int(x.shape[0]),
+            time.perf_counter_ns() - t0,
+            round(ans.queue_s * 1e9),
+            (i.get("input_ns", 0), i.get("infer_ns", 0), i.get("output_ns", 0)),
+        )
+        return ans
 
     def _solve(self, x: Tensor, key: SolveKey, between: Callable[[], None]) -> BatchOutput:
         """Solve one batch (in a batcher thread). ``x``: ``(N, C, H, W)`` pixels;
         ``between`` runs between solver iterations (where the batcher may pause it)."""
         t0 = time.perf_counter()
         xn = self.normalize(x)
+        xd = xn.to(self.device, self.dtype)
+        t1 = time.perf_counter()
         res = self.model.infer(
-            xn.to(self.device, self.dtype),
+            xd,
             method=key.method,
             tol=key.tol,
             max_iter=key.max_iter,
@@ -264,6 +281,7 @@ class ServedModel:
             stop=key.stop,
             logit_tol=key.logit_tol,
         )
+        t2 = time.perf_counter()
         logits = res.logits.float().cpu()
         st = res.stats
         iterations = st.iterations.cpu()
@@ -286,7 +304,11 @@ class ServedModel:
             "label_proven": proven,
             "logit_error_bound": res.logit_error_bound.float().cpu(),
         }
-        solve_s = time.perf_counter() - t0
+        t3 = time.perf_counter()
+        solve_s = t3 - t0
+        # The statistics extension's compute_input / compute_infer / compute_output.
+        phase_ns = [round((b - a) * 1e9) for a, b in ((t0, t1), (t1, t2), (t2, t3))]
+        self.stats.execution(int(x.shape[0]), *phase_ns)
         info = {
             "alpha": float(st.alpha),
             "method": st.method,
@@ -295,6 +317,9 @@ class ServedModel:
             "stop": key.stop,
             "logit_tol": key.logit_tol,
             "solve_s": solve_s,
+            "input_ns": phase_ns[0],
+            "infer_ns": phase_ns[1],
+            "output_ns": phase_ns[2],
             "lipschitz": float(res.lipschitz),
         }
         self._record(st.method, key.stop, iterations, residual, converged, error_bound, proven)
