@@ -203,6 +203,9 @@ class Repository:
         self._seen: dict[tuple[str, int], tuple[Stamp, float]] = {}
         self._warned: set[Path] = set()  # ignored folders already logged (once each)
         self.started_at: float | None = None  # time.monotonic() at start()
+        # Models unloaded on request (:meth:`unload`): the poller leaves them alone until
+        # :meth:`load` names them again.
+        self.unloaded: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -301,6 +304,8 @@ class Repository:
             NotReady: the model has no ready version, or this version is not ready.
         """
         versions = self.entries.get(name)
+        if not versions and name in self.unloaded:
+            raise NotFound(f"model {name!r} is unloaded; load it to serve it again")
         if not versions:
             raise NotFound(f"unknown model {name!r}; available: {self.names()}")
         if version is None:
@@ -352,6 +357,7 @@ class Repository:
             ignored: list[tuple[Path, str]] = []
             found = await asyncio.to_thread(scan, self.settings.model_dir, ignored)
             self._warn_ignored(ignored)
+            found = {n: vs for n, vs in found.items() if n not in self.unloaded}
             if only is not None:
                 found = {only: found[only]} if only in found else {}
             report: dict[str, list[str]] = {
@@ -579,6 +585,50 @@ class Repository:
                 item.update(shown.served.describe())
             out.append(item)
         return out
+
+    async def load(self, name: str) -> dict:
+        """Load ``name`` from its folder, as :meth:`refresh` of it alone with ``force``: every
+        version is reread from disk, new ones load and removed ones go. A model unloaded by
+        :meth:`unload` is polled again from now on.
+
+        Returns:
+            :meth:`refresh`'s report.
+
+        Raises:
+            NotFound: ``name`` is neither known nor a folder of the repository.
+        """
+        if not NAME_RE.match(name) or not (
+            name in self.entries or (self.settings.model_dir / name).is_dir()
+        ):
+            raise NotFound(f"unknown model {name!r}; available: {self.names()}")
+        self.unloaded.discard(name)
+        return await self.refresh(only=name, force=True)
+
+    async def unload(self, name: str) -> list[str]:
+        """Stop serving every version of ``name`` and keep it unloaded (the poller skips it)
+        until :meth:`load`. Requests already queued are answered first; new ones are 404.
+        Unloading a model that is unloaded already does nothing.
+
+        Returns:
+            the ``name/version`` entries unloaded.
+
+        Raises:
+            NotFound: ``name`` is neither known nor unloaded.
+        """
+        async with self._lock:
+            if name not in self.entries:
+                if name in self.unloaded:
+                    return []
+                raise NotFound(f"unknown model {name!r}; available: {self.names()}")
+            self.unloaded.add(name)
+            versions = self.entries.pop(name)
+            for v, entry in versions.items():
+                self._retire(entry)
+                self._seen.pop((name, v), None)
+                self.metrics.forget_version(name, str(v))
+            self.metrics.forget_model(name)
+            log.info("%s unloaded (%d versions)", name, len(versions))
+            return [f"{name}/{v}" for v in sorted(versions)]
 
     def versions(self, name: str) -> list[VersionEntry]:
         """Every version of ``name`` the repository knows, oldest first (``[]`` if none)."""

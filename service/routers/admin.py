@@ -15,7 +15,7 @@ from ..deps import Admin, RuntimeDep
 from ..encoding import finite
 from ..errors import ApiError
 from ..openapi import ADMIN_ERRORS, ERRORS, body_doc
-from ..repository import NAME_RE
+from ..repository import NotFound
 
 router = APIRouter(tags=["admin"])
 RESPONSES = {**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415]}
@@ -55,17 +55,17 @@ async def tune(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
 )
 async def reload(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
     """Reread the model's folder: load new versions, reload every version from disk,
-    drop removed ones. Requests in flight finish on the versions they started on. A file
+    drop removed ones (the V2 repository extension's load does the same; a model it
+    unloaded is loaded again). Requests in flight finish on the versions they started on. A file
     still changing stays ``pending``; a reload that fails keeps the loaded weights.
     No body, or ``{}``: a body is read by the JSON rules of every endpoint, so that a
     malformed one is refused (400) rather than ignored."""
     await optional_json_body(request, schemas.ReloadRequest)
     repo = runtime.repository()
-    if not NAME_RE.match(name) or not (
-        name in repo.names() or (runtime.settings.model_dir / name).is_dir()
-    ):
-        raise ApiError(404, f"unknown model {name!r}; available: {repo.names()}")
-    report = await repo.refresh(only=name, force=True)
+    try:
+        report = await repo.load(name)
+    except NotFound as e:
+        raise ApiError(404, str(e)) from None
     item = next((m for m in repo.describe() if m["name"] == name), None)
     versions = [
         {k: v.get(k) for k in ("version", "status", "error", "reload")}
