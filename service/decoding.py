@@ -3,7 +3,10 @@
 
 Every rule a JSON body obeys lives here (content type, strict parsing, tensor shapes and
 values), and the multipart form of ``:classify`` is read through the JSON body's model so
-that both refuse the same things with the same words. Images are decoded by
+that both refuse the same things with the same words. A V2 body may carry its tensors as raw
+bytes after the JSON (the binary tensor data extension: :func:`infer_body`); a tensor's
+bytes and its JSON ``data`` pass the same checks (:func:`input_pixels`, which the gRPC
+front end shares). Images are decoded by
 :mod:`service.images`. Each function raises :class:`ApiError` (400, 415, 422) or
 :class:`RequestValidationError` (422) saying what was wrong; none answers 5xx to input.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from . import schemas
+from .encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES
 from .engine import ServedModel, SolveKey
 from .errors import ApiError
 from .images import ImageRejected, decode_image
@@ -31,6 +36,27 @@ Body = TypeVar("Body", bound=BaseModel)
 
 # The numeric fields of ClassifyRequest: a form spells them as text, read as JSON.
 NUMERIC_FORM_FIELDS = ("top_k", "tol", "max_iter", "logit_tol")
+
+# The binary tensor data extension: the JSON header's length in bytes, and each fixed-size
+# datatype's bytes per element (Open Inference Protocol, "Tensor Data Types"; BYTES elements
+# carry their own length and are not accepted as input).
+HEADER_LENGTH = "Inference-Header-Content-Length"
+ELEMENT_BYTES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "INT8": 1,
+    "UINT16": 2,
+    "INT16": 2,
+    "FP16": 2,
+    "BF16": 2,
+    "UINT32": 4,
+    "INT32": 4,
+    "FP32": 4,
+    "UINT64": 8,
+    "INT64": 8,
+    "FP64": 8,
+}
+DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
 # ---- JSON bodies ------------------------------------------------------------------------------
@@ -171,29 +197,60 @@ def to_pixels(data: Any, what: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def v2_pixels(served: ServedModel, inputs: list[schemas.InferInput], max_rows: int) -> torch.Tensor:
-    """The V2 request's single input tensor → ``(B, C, H, W)`` float32 pixels.
+def input_pixels(
+    served: ServedModel,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    data: list[Any] | bytes | None,
+    max_rows: int,
+) -> torch.Tensor:
+    """One V2 input tensor → ``(B, C, H, W)`` float32 pixels, whichever way it came: a JSON
+    ``data`` array (flat row-major, or nested in exactly ``shape``) or raw bytes (the binary
+    tensor data extension over HTTP, ``raw_input_contents`` over gRPC: little-endian,
+    row-major, ``prod(shape)`` values of 4 bytes).
 
-    Open Inference Protocol, "Request JSON Object" / "Tensor Data": one ``FP32`` input of
-    shape ``[B, C, H, W]`` (the model's ``C, H, W``; 1 ≤ B ≤ ``max_rows``), its ``data``
-    flat row-major or nested in exactly that shape.
+    Open Inference Protocol, "Tensor Data": the model takes one ``FP32`` tensor of shape
+    ``[B, C, H, W]`` (the model's ``C, H, W``; 1 ≤ B ≤ ``max_rows``) of pixels in [0, 1].
+
+    Args:
+        served: the model version the request names.
+        name: the tensor's name (named in the messages).
+        datatype, shape: as the request declares them.
+        data: the JSON values, the raw bytes, or ``None`` (no data sent).
+        max_rows: the largest batch one request may send.
 
     Raises:
-        ApiError: 422 saying which of these rules the request broke.
+        ApiError: 422 for a datatype other than FP32, another shape or batch size, no data,
+            a value count that does not match the shape, or values :func:`to_pixels`
+            refuses (the same words for bytes and JSON); 400 for raw bytes whose length is
+            not ``4 × prod(shape)`` (they cannot be framed as the tensor declared).
     """
-    if len(inputs) != 1:
-        raise ApiError(422, f"expected exactly one input tensor, got {len(inputs)}")
-    inp = inputs[0]
-    if inp.datatype != "FP32":
-        raise ApiError(422, f"input datatype must be FP32, got {inp.datatype!r}")
+    if datatype != "FP32":
+        raise ApiError(422, f"input datatype must be FP32, got {datatype!r}")
     c, h, w = served.shape
-    shape = list(inp.shape)
+    shape = list(shape)
     if len(shape) != 4 or shape[1:] != [c, h, w]:
         raise ApiError(422, f"input shape must be [B, {c}, {h}, {w}], got {shape}")
     if not 1 <= shape[0] <= max_rows:
         raise ApiError(422, f"batch size must lie in [1, {max_rows}], got {shape[0]}")
-    arr = to_pixels(inp.data, "input data")
     need = math.prod(shape)
+    if data is None:
+        raise ApiError(
+            422,
+            f"input {name!r} has no data: send 'data', or binary_data_size with its bytes "
+            f"after the JSON header ({HEADER_LENGTH})",
+        )
+    if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) != 4 * need:
+            raise ApiError(
+                400,
+                f"input {name!r} has {len(data)} bytes of binary data; FP32 {shape} needs "
+                f"{4 * need} (4 bytes a value)",
+            )
+        arr = to_pixels(np.frombuffer(data, dtype="<f4"), "input data")
+        return torch.from_numpy(arr.reshape(shape))
+    arr = to_pixels(data, "input data")
     if arr.size != need:
         raise ApiError(422, f"input data holds {arr.size} values; shape {shape} needs {need}")
     if arr.ndim != 1 and list(arr.shape) != shape:
@@ -201,6 +258,186 @@ def v2_pixels(served: ServedModel, inputs: list[schemas.InferInput], max_rows: i
             422, f"nested input data has shape {list(arr.shape)}; expected flat or {shape}"
         )
     return torch.from_numpy(arr.reshape(shape))
+
+
+def v2_pixels(
+    served: ServedModel,
+    inputs: list[schemas.InferInput],
+    max_rows: int,
+    raw: list[bytes | None] | None = None,
+) -> torch.Tensor:
+    """The V2 request's single input tensor → ``(B, C, H, W)`` float32 pixels
+    (:func:`input_pixels`).
+
+    Args:
+        raw: per input, its binary bytes or ``None`` for JSON ``data`` (from
+            :func:`infer_body`); ``None``: every input is JSON.
+
+    Raises:
+        ApiError: 422 for other than exactly one input; :func:`input_pixels`'s errors.
+    """
+    if len(inputs) != 1:
+        raise ApiError(422, f"expected exactly one input tensor, got {len(inputs)}")
+    inp = inputs[0]
+    data = raw[0] if raw is not None and raw[0] is not None else inp.data
+    return input_pixels(served, inp.name, inp.datatype, inp.shape, data, max_rows)
+
+
+# ---- the binary tensor data extension ---------------------------------------------------------
+
+
+def split_body(raw: bytes, header_length: str) -> tuple[bytes, bytes]:
+    """A binary-extension body → ``(JSON header, binary part)``, split where the request's
+    ``Inference-Header-Content-Length`` says the JSON ends.
+
+    Raises:
+        ApiError: 400 for a header that is not a decimal count of bytes, or one larger
+            than the body.
+    """
+    value = header_length.strip()
+    if not DIGITS.match(value):
+        raise ApiError(
+            400, f"{HEADER_LENGTH} must be the JSON header's length in bytes, got {value!r}"
+        )
+    n = int(value)
+    if n > len(raw):
+        raise ApiError(
+            400, f"{HEADER_LENGTH} is {n} bytes but the whole body holds only {len(raw)}"
+        )
+    return raw[:n], raw[n:]
+
+
+def binary_size(inp: schemas.InferInput) -> int | None:
+    """An input's ``binary_data_size`` parameter (``None`` when absent).
+
+    Raises:
+        ApiError: 400 for a value that is not a non-negative integer.
+    """
+    size = (inp.parameters or {}).get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ApiError(
+            400,
+            f"input {inp.name!r}: binary_data_size must be a non-negative integer count of "
+            f"bytes, got {size!r}",
+        )
+    return size
+
+
+def binary_inputs(inputs: list[schemas.InferInput], tail: bytes | None) -> list[bytes | None]:
+    """Each input's bytes from the binary part ``tail`` (in the inputs' order, each
+    ``binary_data_size`` long; ``None`` for an input sent as JSON ``data``).
+
+    Args:
+        tail: the bytes after the JSON header; ``None`` when the request had no
+            ``Inference-Header-Content-Length`` (a JSON body).
+
+    Raises:
+        ApiError: 400 for an input with both ``data`` and ``binary_data_size``, binary data
+            without the header, a binary part shorter than the sizes claim (truncated), or
+            bytes that no input claims.
+    """
+    out: list[bytes | None] = []
+    offset = 0
+    for inp in inputs:
+        size = binary_size(inp)
+        if size is None:
+            out.append(None)
+            continue
+        if inp.data is not None:
+            raise ApiError(
+                400, f"input {inp.name!r} has both 'data' and binary_data_size: send one"
+            )
+        if tail is None:
+            raise ApiError(
+                400,
+                f"input {inp.name!r} has binary_data_size but the request has no "
+                f"{HEADER_LENGTH} header saying where the JSON ends",
+            )
+        if offset + size > len(tail):
+            raise ApiError(
+                400,
+                f"binary data truncated: input {inp.name!r} needs bytes {offset}..{offset + size}"
+                f" after the JSON header, which has {len(tail)}",
+            )
+        out.append(tail[offset : offset + size])
+        offset += size
+    if tail is not None and offset != len(tail):
+        raise ApiError(
+            400,
+            f"{len(tail) - offset} bytes after the JSON header belong to no input (the "
+            f"inputs' binary_data_size add up to {offset}, the binary part holds {len(tail)})",
+        )
+    return out
+
+
+def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
+    """The outputs a V2 request asks for, each with whether it goes back as binary data.
+
+    Named ``outputs`` (keys of :data:`service.encoding.OUTPUT_TYPES`), or
+    :data:`service.encoding.DEFAULT_OUTPUTS`. An output's ``parameters.binary_data``
+    overrides the request's ``parameters.binary_data_output`` (binary tensor data extension).
+
+    Raises:
+        ApiError: 422 for an unknown output, a flag that is not a JSON boolean, or the
+            classification extension's ``classification`` parameter (not served).
+    """
+    every = getattr(body.parameters, "binary_data_output", None)
+    if every is None:
+        every = False
+    elif not isinstance(every, bool):
+        raise ApiError(422, f"parameters.binary_data_output must be true or false, got {every!r}")
+    if not body.outputs:
+        return [(n, every) for n in DEFAULT_OUTPUTS]
+    unknown = [o.name for o in body.outputs if o.name not in OUTPUT_TYPES]
+    if unknown:
+        raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
+    wanted = []
+    for o in body.outputs:
+        params = o.parameters or {}
+        if "classification" in params:
+            raise ApiError(
+                422,
+                f"output {o.name!r}: the classification extension is not served; ask for "
+                "'label' or 'probabilities'",
+            )
+        binary = params.get("binary_data", every)
+        if not isinstance(binary, bool):
+            raise ApiError(
+                422, f"output {o.name!r}: binary_data must be true or false, got {binary!r}"
+            )
+        wanted.append((o.name, binary))
+    return wanted
+
+
+async def infer_body(request: Request) -> tuple[schemas.InferRequest, list[bytes | None]]:
+    """A V2 inference body, JSON or with binary tensors (Open Inference Protocol, binary
+    tensor data extension): with an ``Inference-Header-Content-Length`` header the body is
+    that many bytes of JSON followed by each binary input's ``binary_data_size`` bytes, in
+    the inputs' order; its content type may then be ``application/octet-stream``, JSON, or
+    none.
+
+    Returns:
+        the parsed request, and per input its bytes (``None``: JSON ``data``).
+
+    Raises:
+        ApiError: 415 for another content type; 400 for bytes that are not JSON or a body
+            the header and the sizes do not frame (:func:`split_body`,
+            :func:`binary_inputs`).
+        RequestValidationError: 422 for JSON of the wrong shape.
+    """
+    header = request.headers.get(HEADER_LENGTH)
+    if header is None:
+        body = await json_body(request, schemas.InferRequest, "send application/json")
+        return body, binary_inputs(body.inputs, None)
+    ctype = request.headers.get("content-type")
+    media = (ctype or "").partition(";")[0].strip().lower()
+    if ctype is not None and media != "application/octet-stream":
+        require_json(ctype, f"with {HEADER_LENGTH}, send application/octet-stream or JSON")
+    head, tail = split_body(await request.body(), header)
+    body = parse_json(head, schemas.InferRequest)
+    return body, binary_inputs(body.inputs, tail)
 
 
 def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tensor:

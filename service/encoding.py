@@ -1,7 +1,8 @@
-"""Answers → JSON: the V2 output tensors, the friendly API's predictions, the solver stats.
+"""Answers → JSON: the V2 output tensors, the friendly API's predictions, the solver stats;
+and → raw bytes (the binary tensor data extension, gRPC's ``raw_output_contents``).
 
 JSON has no NaN or Infinity: every non-finite float leaves as ``null`` (a withheld radius,
-a diverged residual or error bound).
+a diverged residual or error bound). Raw bytes carry the float itself (NaN, ±Inf).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ OUTPUT_TYPES = {
 # Sent when a request names no outputs. logit_error_bound (K values a sample, as many as the
 # logits) only when named: error_bound and label_proven already say what most clients need.
 DEFAULT_OUTPUTS = tuple(n for n in OUTPUT_TYPES if n != "logit_error_bound")
+# Each datatype's little-endian numpy type in raw bytes (binary tensor data extension: BOOL
+# is one byte, 1 or 0).
+RAW_DTYPES = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "BOOL": "u1"}
 
 
 def finite(value: Any) -> Any:
@@ -90,6 +94,44 @@ def v2_outputs(ans: Answer, wanted: list[str]) -> list[dict]:
             }
         )
     return outputs
+
+
+def output_bytes(t: torch.Tensor, datatype: str) -> bytes:
+    """A tensor's values as the raw bytes of ``datatype`` (a key of :data:`RAW_DTYPES`):
+    little-endian, row-major, no padding; BOOL one byte each (1 true, 0 false). Open
+    Inference Protocol, binary tensor data extension; the same bytes as gRPC's
+    ``raw_output_contents``. ``len`` is ``numel × element size`` (4, 8, 4, 1).
+
+    Raises:
+        KeyError: for a datatype outside :data:`RAW_DTYPES`.
+    """
+    arr = t.detach().cpu().contiguous().numpy()
+    return arr.astype(RAW_DTYPES[datatype], copy=False).tobytes()
+
+
+def v2_binary_outputs(ans: Answer, wanted: list[tuple[str, bool]]) -> tuple[list[dict], bytes]:
+    """The V2 response's ``outputs`` when some go as binary data, and those outputs' bytes
+    in order (binary tensor data extension, "Binary Tensor Response").
+
+    Args:
+        wanted: ``(name, binary)`` per output, in the answer's order.
+
+    Returns:
+        ``(outputs, tail)``: a binary output has no ``data`` but ``parameters``
+        ``{"binary_data_size": n}``; ``tail`` joins their bytes (:func:`output_bytes`).
+    """
+    outputs, parts = [], []
+    for name, binary in wanted:
+        t = ans.rows[name]
+        out: dict[str, Any] = {"name": name, "shape": list(t.shape), "datatype": OUTPUT_TYPES[name]}
+        if binary:
+            raw = output_bytes(t, OUTPUT_TYPES[name])
+            out["parameters"] = {"binary_data_size": len(raw)}
+            parts.append(raw)
+        else:
+            out["data"] = json_list(t.flatten())
+        outputs.append(out)
+    return outputs, b"".join(parts)
 
 
 def predictions(served: ServedModel, ans: Answer, top_k: int) -> list[dict]:

@@ -61,13 +61,20 @@ class SolverOverrides(BaseModel):
 
 
 class InferInput(BaseModel):
-    """One input tensor. ``data`` is row-major, flat or nested."""
+    """One input tensor. ``data`` is row-major, flat or nested; or, with the binary tensor
+    data extension, no ``data`` and ``parameters.binary_data_size`` bytes after the JSON."""
 
     name: str = Field(examples=["input"])
     shape: list[int] = Field(description="[B, C, H, W]", examples=[[1, 1, 28, 28]])
     datatype: str = Field(description="must be FP32", examples=["FP32"])
-    data: list[Any] = Field(description="pixel intensities in [0, 1]; prod(shape) values")
-    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(
+        None,
+        description="pixel intensities in [0, 1]; prod(shape) values. Omitted when the "
+        "tensor is sent as binary data (parameters.binary_data_size)",
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: bytes of this tensor after the JSON header"
+    )
 
 
 class RequestedOutput(BaseModel):
@@ -76,7 +83,9 @@ class RequestedOutput(BaseModel):
         "certified_radius, error_bound, label_proven or logit_error_bound (the last only "
         "when named)"
     )
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data (bool): return this output as binary data"
+    )
 
 
 class InferRequest(BaseModel):
@@ -92,12 +101,15 @@ class InferOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: Literal["FP32", "INT64", "INT32", "BOOL"]
-    data: list[Any]
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class InferResponse(BaseModel):
     """``parameters``: α, method, tol, max_iter, stop, logit_tol, queue_ms, solve_ms,
-    batch_size."""
+    batch_size. An output sent as binary data has no ``data`` but
+    ``parameters.binary_data_size``, and the answer is then ``application/octet-stream``:
+    ``Inference-Header-Content-Length`` bytes of this JSON, then the outputs' bytes."""
 
     model_name: str
     model_version: str
@@ -202,6 +214,85 @@ class TuneRequest(BaseModel):
     )
     apply: bool = Field(True, description="switch the model to the α found")
     version: int | None = Field(None, ge=1, description="default: the default version")
+
+
+# ---- Open Inference Protocol extensions: statistics, model repository -------------------------
+
+
+class DurationStat(BaseModel):
+    count: int = Field(description="how many")
+    ns: int = Field(description="their total duration, in nanoseconds")
+
+
+class InferenceStats(BaseModel):
+    success: DurationStat
+    fail: DurationStat
+    queue: DurationStat
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+    cache_hit: DurationStat
+    cache_miss: DurationStat
+
+
+class BatchStats(BaseModel):
+    batch_size: int
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+
+
+class ModelStat(BaseModel):
+    """One model version's counters since it was loaded (docs/service.md)."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="milliseconds since the epoch; 0: none yet")
+    inference_count: int = Field(description="samples answered")
+    execution_count: int = Field(description="batched solves")
+    inference_stats: InferenceStats
+    response_stats: dict[str, Any]
+    batch_stats: list[BatchStats]
+    memory_usage: list[Any]
+
+
+class StatsResponse(BaseModel):
+    """``GET /v2/models[/{name}[/versions/{version}]]/stats``."""
+
+    model_stats: list[ModelStat]
+
+
+class RepositoryIndexRequest(BaseModel):
+    """``POST /v2/repository/index``; no body means ``{}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ready: bool = Field(False, strict=True, description="list only the versions ready to serve")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "LOADING", "UNAVAILABLE"]
+    reason: str = Field(description="why it is not ready ('' when it is)")
+
+
+class RepositoryLoadRequest(BaseModel):
+    """``POST /v2/repository/models/{name}/load``: no body, ``{}`` or ``{"parameters": {}}``;
+    Triton's ``config`` and ``file:`` overrides are refused (422): a model is its folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = None
+
+
+class RepositoryUnloadRequest(BaseModel):
+    """``POST /v2/repository/models/{name}/unload``. ``unload_dependents`` is accepted and
+    changes nothing: no model here depends on another."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = None
 
 
 class ReloadRequest(BaseModel):

@@ -9,15 +9,17 @@ per-model paths relative to a model's prefix; ``create_app`` includes it twice, 
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from model_core import __version__
 
 from .. import schemas
-from ..decoding import json_body, solve_key, v2_pixels
+from ..decoding import HEADER_LENGTH, infer_body, requested_outputs, solve_key, v2_pixels
 from ..deps import ModelVersion, RuntimeDep, Served
-from ..encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES, solver_info, v2_outputs
+from ..encoding import OUTPUT_TYPES, solver_info, v2_binary_outputs, v2_outputs
 from ..errors import ApiError, error_response
 from ..openapi import ERRORS, body_doc
 from ..repository import NotFound, NotReady
@@ -25,6 +27,8 @@ from ..runtime import solve
 
 SERVER_NAME = "mondeq"
 PLATFORM = "mondeq_pytorch"
+# The protocol extensions served (Server Metadata's "extensions", as Triton names them).
+EXTENSIONS = ("binary_tensor_data", "statistics", "model_repository")
 PER_SAMPLE_OUTPUTS = (
     "label",
     "iterations",
@@ -41,8 +45,9 @@ model_router = APIRouter(tags=["v2"])
 
 @router.get("", name="v2_server", response_model=schemas.ServerMetadata)
 async def server_metadata():
-    """Server metadata (V2 "Server Metadata"): name, version, extensions (none)."""
-    return {"name": SERVER_NAME, "version": __version__, "extensions": []}
+    """Server metadata (V2 "Server Metadata"): name, version and the extensions served:
+    binary tensor data, statistics and the model repository."""
+    return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 
 @router.get("/health/live", name="v2_live", response_model=schemas.LiveBody)
@@ -139,25 +144,38 @@ async def infer(name: str, request: Request, served: Served, runtime: RuntimeDep
     (default: :data:`DEFAULT_OUTPUTS`, all but ``logit_error_bound``). The answer's
     ``parameters`` carry the solver's settings and timings.
 
-    Errors: 400 malformed JSON, 415 not JSON, 422 invalid input or parameters, 429 queue
-    full (``Retry-After``), 503 not ready; 404 unknown model or version.
+    Binary tensor data extension: with an ``Inference-Header-Content-Length`` header the
+    input may follow the JSON as raw little-endian bytes (``parameters.binary_data_size``);
+    outputs flagged ``binary_data`` (or all, with the request's ``binary_data_output``) come
+    back as raw bytes after the JSON, whose length the answer's
+    ``Inference-Header-Content-Length`` gives.
+
+    Errors: 400 malformed JSON or binary framing, 415 content type, 422 invalid input or
+    parameters, 429 queue full (``Retry-After``), 503 not ready; 404 unknown model or version.
     """
-    body = await json_body(request, schemas.InferRequest, "send application/json")
+    body, raw = await infer_body(request)
     key = solve_key(served, body.parameters)
-    wanted = list(DEFAULT_OUTPUTS)
-    if body.outputs:
-        wanted = [o.name for o in body.outputs]
-        unknown = [n for n in wanted if n not in OUTPUT_TYPES]
-        if unknown:
-            raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
-    x = v2_pixels(served, body.inputs, runtime.settings.max_request_batch)
+    wanted = requested_outputs(body)
+    x = v2_pixels(served, body.inputs, runtime.settings.max_request_batch, raw)
     ans = await solve(served, x, key)
-    return JSONResponse(
-        {
-            "model_name": name,
-            "model_version": str(served.version),
-            "id": body.id,
-            "parameters": solver_info(ans),
-            "outputs": v2_outputs(ans, wanted),
-        }
+    head = {
+        "model_name": name,
+        "model_version": str(served.version),
+        "id": body.id,
+        "parameters": solver_info(ans),
+    }
+    if not any(binary for _, binary in wanted):
+        return JSONResponse({**head, "outputs": v2_outputs(ans, [n for n, _ in wanted])})
+    outputs, tail = v2_binary_outputs(ans, wanted)
+    # Rendered as JSONResponse renders, so that both answers carry the same JSON.
+    header = json.dumps(
+        {**head, "outputs": outputs},
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+    return Response(
+        header + tail,
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
     )
