@@ -26,7 +26,7 @@ from .errors import install_exception_handlers
 from .middleware import Guard
 from .openapi import customise
 from .repository import Repository
-from .routers import admin, ops, v1, v2
+from .routers import admin, extensions, ops, v1, v2
 from .runtime import Runtime
 from .settings import Settings
 
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_exception_handlers(app)
 
     app.include_router(v2.router)
+    app.include_router(extensions.router)  # before /v2/models/{name}: /v2/models/stats
     app.include_router(v2.model_router, prefix="/v2/models/{name}")
     app.include_router(
         v2.model_router,
@@ -84,5 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         schemas.ClassifyRequest,
         schemas.TuneRequest,
         schemas.ReloadRequest,
+        schemas.RepositoryIndexRequest,
+        schemas.RepositoryLoadRequest,
+        schemas.RepositoryUnloadRequest,
     )
     return app

@@ -57,7 +57,11 @@ def expected(model_repo, name: str, x: torch.Tensor, params: dict) -> object:
 def test_server_metadata_liveness_and_readiness(client):
     r = client.get("/v2")
     assert r.status_code == 200
-    assert r.json() == {"name": "mondeq", "version": "0.1.0", "extensions": []}
+    assert r.json() == {
+        "name": "mondeq",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data", "statistics", "model_repository"],
+    }
     assert client.get("/v2/health/live").json() == {"live": True}
     r = client.get("/v2/health/ready")
     assert r.status_code == 200 and r.json() == {"ready": True}

@@ -19,6 +19,12 @@ PATHS = {
     "/v2/models/{name}/versions/{version}": {"get"},
     "/v2/models/{name}/versions/{version}/ready": {"get"},
     "/v2/models/{name}/versions/{version}/infer": {"post"},
+    "/v2/models/stats": {"get"},
+    "/v2/models/{name}/stats": {"get"},
+    "/v2/models/{name}/versions/{version}/stats": {"get"},
+    "/v2/repository/index": {"post"},
+    "/v2/repository/models/{name}/load": {"post"},
+    "/v2/repository/models/{name}/unload": {"post"},
     "/v1/models": {"get"},
     "/v1/models/{name}:classify": {"post"},
     "/v1/models/{name}/tune-alpha": {"post"},
@@ -32,7 +38,7 @@ def test_openapi_lists_every_path_once_with_its_parameters(client):
     doc = client.get("/openapi.json").json()
     assert {p: set(ops) for p, ops in doc["paths"].items()} == PATHS
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
-    assert len(ids) == len(set(ids)) == 14
+    assert len(ids) == len(set(ids)) == 20
     for suffix, summary in (("", "Model metadata"), ("/ready", "Model readiness")):
         plain = doc["paths"]["/v2/models/{name}" + suffix]["get"]
         versioned = doc["paths"]["/v2/models/{name}/versions/{version}" + suffix]["get"]
@@ -53,7 +59,13 @@ def test_openapi_lists_every_path_once_with_its_parameters(client):
         ("name", "path"),
         ("version", "query"),
     ]
-    for admin in ("/v1/models/{name}/tune-alpha", "/v1/models/{name}/reload"):
+    for admin in (
+        "/v1/models/{name}/tune-alpha",
+        "/v1/models/{name}/reload",
+        "/v2/repository/index",
+        "/v2/repository/models/{name}/load",
+        "/v2/repository/models/{name}/unload",
+    ):
         assert doc["paths"][admin]["post"]["security"] == [{"HTTPBearer": []}]
 
 
@@ -71,6 +83,13 @@ COUNTED = [
     ("POST", "/v2/models/fc/infer", v2_body(PIXELS), ("fc", "v2_infer", "200")),
     ("POST", "/v2/models/fc/versions/1/infer", v2_body(PIXELS), ("fc", "v2_infer", "200")),
     ("DELETE", "/v2/models/fc/versions/1/infer", None, ("fc", "v2_infer", "405")),
+    ("GET", "/v2/models/stats", None, ("", "v2_stats", "200")),
+    ("GET", "/v2/models/fc/stats", None, ("fc", "v2_stats", "200")),
+    ("GET", "/v2/models/fc/versions/1/stats", None, ("fc", "v2_stats", "200")),
+    ("GET", "/v2/models/nope/stats", None, ("unknown", "v2_stats", "404")),
+    ("POST", "/v2/repository/index", None, ("", "v2_repository_index", "401")),
+    ("POST", "/v2/repository/models/fc/load", None, ("fc", "v2_repository_load", "401")),
+    ("POST", "/v2/repository/models/fc/unload", None, ("fc", "v2_repository_unload", "401")),
     ("GET", "/v1/models", None, ("", "v1_models", "200")),
     (
         "POST",
