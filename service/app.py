@@ -4,6 +4,8 @@ Routes: the Open Inference Protocol (KServe V2) under ``/v2``, the friendly API 
 admin endpoints under ``/v1``, Prometheus at ``/metrics``, OpenAPI docs at ``/docs``.
 Models load in the lifespan (in the background: ``/v2/health/ready`` says 503 until they
 have); nothing loads at import time. Every error is a JSON body ``{"error": "..."}``.
+The lifespan also serves the Open Inference Protocol over gRPC on ``settings.grpc_port``
+(:mod:`service.grpc`, in the same event loop; ``app.state.grpc``), unless that is 0.
 
 Where things live: routes in :mod:`service.routers` (one module per topic), what they
 depend on in :mod:`service.deps`, request parsing in :mod:`service.decoding`, answers in
@@ -43,11 +45,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tune_allocator()  # also when uvicorn, not `mondeq serve`, started the process
+        grpc_front = app.state.grpc = None
+        if settings.grpc_port:  # imported only when on: see service.grpc
+            from .grpc.server import GrpcServer
+
+            grpc_front = app.state.grpc = GrpcServer(runtime)
+            await grpc_front.start()  # before the models load: a taken port fails at once
         runtime.repo = Repository(settings, runtime.metrics)
         await runtime.repo.start()
         try:
             yield
         finally:
+            if grpc_front is not None:  # its calls in flight are answered before the queues close
+                await grpc_front.stop()
             await runtime.repo.close()
 
     app = FastAPI(

@@ -138,8 +138,10 @@ def serve(sub) -> None:
     """Register ``mondeq serve`` on the ``mondeq`` subparsers."""
     p = sub.add_parser(
         "serve",
-        help="serve the model repository over HTTP (KServe V2 + friendly API + metrics)",
-        description="Serve models/<name>/<version>/model.pt over HTTP. Every setting also "
+        help="serve the model repository over HTTP (KServe V2 + friendly API + metrics) and "
+        "gRPC (KServe V2)",
+        description="Serve models/<name>/<version>/model.pt over HTTP, and over gRPC on "
+        "--grpc-port (0: off). Every setting also "
         "comes from MONDEQ_* environment variables (e.g. MONDEQ_ADMIN_TOKEN, "
         "MONDEQ_MAX_QUEUE); flags win over them.",
     )
@@ -237,6 +239,13 @@ class _Server:
                 finally:
                     for s, h in old.items():
                         signal.signal(s, h)
+
+            async def shutdown(self, sockets=None):
+                # gRPC stops taking calls when HTTP does; the lifespan waits for its drain.
+                grpc_front = getattr(self.config.app.state, "grpc", None)
+                if grpc_front is not None:
+                    grpc_front.drain()
+                await super().shutdown(sockets=sockets)
 
         self.server = Server(config)
 

@@ -29,6 +29,12 @@ ENDPOINTS = (
     "v2_repository_index",
     "v2_repository_load",
     "v2_repository_unload",
+    "grpc_server_live",
+    "grpc_server_ready",
+    "grpc_model_ready",
+    "grpc_server_metadata",
+    "grpc_model_metadata",
+    "grpc_infer",
     "v1_models",
     "v1_classify",
     "v1_tune_alpha",
@@ -133,7 +139,8 @@ class Metrics:
         )
         self.requests = Counter(
             "mondeq_requests",
-            "HTTP requests answered.",
+            "Requests answered, HTTP and gRPC (endpoint grpc_*; code: the HTTP status of the "
+            "same answer over HTTP).",
             ["model", "endpoint", "code"],
             registry=r,
         )
@@ -160,7 +167,7 @@ class Metrics:
         )
         self.inflight = Gauge(
             "mondeq_inflight_requests",
-            "HTTP requests being served (scrapes excluded).",
+            "HTTP and gRPC requests being served (scrapes excluded).",
             registry=r,
         )
         self.model_info = Gauge(

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="repository: <name>/<version>/model.pt")
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the Open Inference Protocol over gRPC, on the same host (0: off)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="least severity logged (info: model loads, α searches)"

@@ -135,7 +135,11 @@ class LiveServer:
 
         from service import Settings, create_app
 
-        self.settings = Settings(**{"poll_interval_s": 0, "settle_s": 0, **settings})
+        # gRPC off unless asked for: the default port is fixed (8001), and the server's
+        # generated messages would share this process with the clients' (tests/service/test_grpc.py)
+        self.settings = Settings(
+            **{"poll_interval_s": 0, "settle_s": 0, "grpc_port": 0, **settings}
+        )
         self.app = create_app(self.settings)
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
@@ -189,7 +193,13 @@ def start_subprocess_server(model_dir: Path, port: int, **env) -> subprocess.Pop
     """``python -m service`` in its own process (for SIGTERM and the CLI)."""
     import os
 
-    full_env = {**os.environ, "MONDEQ_POLL_INTERVAL_S": "0", "MONDEQ_SETTLE_S": "0", **env}
+    full_env = {
+        **os.environ,
+        "MONDEQ_POLL_INTERVAL_S": "0",
+        "MONDEQ_SETTLE_S": "0",
+        "MONDEQ_GRPC_PORT": "0",  # off unless asked for: its default port is fixed
+        **env,
+    }
     return subprocess.Popen(
         [
             sys.executable,

@@ -38,7 +38,8 @@ def stack(tmp_path_factory):
         make_checkpoint(root / "models" / name / "1" / "model.pt", FC_CONFIG, seed=i,
                         calibration=16)  # fmt: skip
     port, prom_port = free_port(), free_port()
-    env = {**os.environ, "MONDEQ_ADMIN_TOKEN": TOKEN, "MONDEQ_POLL_INTERVAL_S": "0"}
+    env = {**os.environ, "MONDEQ_ADMIN_TOKEN": TOKEN, "MONDEQ_POLL_INTERVAL_S": "0",
+           "MONDEQ_GRPC_PORT": "0"}  # fmt: skip
     server = subprocess.Popen(
         [sys.executable, "-m", "mondeq_cli", "serve", "--model-dir", str(root / "models"),
          "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
