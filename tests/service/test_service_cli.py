@@ -79,6 +79,7 @@ def test_a_value_of_every_flag_reaches_the_settings(tmp_path):
         "model_dir": ("/srv/models", Path("/srv/models")),
         "host": ("0.0.0.0", "0.0.0.0"),
         "port": ("8123", 8123),
+        "grpc_port": ("8124", 8124),
         "device": ("CPU", "cpu"),
         "log_level": ("debug", "debug"),
         "max_batch_size": ("32", 32),
