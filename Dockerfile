@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 #
-# mondeq serving image: `mondeq serve` on 0.0.0.0:8000 with the default models baked in.
+# mondeq serving image: `mondeq serve` on 0.0.0.0:8000 (HTTP) and :8001 (gRPC) with the default
+# models baked in.
 #
 #   docker build -t mondeq:latest .
-#   docker run --gpus all -p 8000:8000 -v mondeq-models:/models mondeq:latest
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 -v mondeq-models:/models mondeq:latest
 #
 # Base and PyTorch: the CUDA image and the PyTorch wheel index are chosen together.
 #   * CUDA_IMAGE is nvidia/cuda's `base` flavour (CUDA 13.0, Ubuntu 24.04, pinned to a patch
@@ -103,13 +104,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     MONDEQ_MODEL_DIR=/models \
     MONDEQ_PORT=8000 \
+    MONDEQ_GRPC_PORT=8001 \
     MONDEQ_DEVICE=auto \
     MONDEQ_LOG_LEVEL=info
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 WORKDIR /home/mondeq
+# HTTP (KServe V2, friendly API, metrics), then gRPC (KServe V2).
 EXPOSE 8000
+EXPOSE 8001
 
 # Ready, not merely live: 503 while the models load (and α is tuned), with no model, or while
 # shutting down. start-period covers the load: seconds on a GPU, minutes on a small CPU (the α

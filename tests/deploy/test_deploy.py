@@ -102,6 +102,8 @@ def test_dockerfile_shape():
     health = " ".join(a for i, a in runtime if i == "HEALTHCHECK")
     assert READY in health and "python" in health
     assert ("EXPOSE", "8000") in runtime
+    assert ("EXPOSE", "8001") in runtime  # gRPC
+    assert "MONDEQ_GRPC_PORT=8001" in " ".join(a for i, a in runtime if i == "ENV")
     cmd = json.loads(next(a for i, a in runtime if i == "CMD"))
     assert cmd[:2] == ["mondeq", "serve"] and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert any(i == "VOLUME" and "/models" in a for i, a in runtime)
@@ -190,6 +192,8 @@ def check_server(service: dict) -> None:
     hc = service["healthcheck"]
     assert any(READY in part for part in hc["test"]), hc
     assert any(p.get("target") == 8000 for p in service["ports"]), service["ports"]
+    assert any(p.get("target") == 8001 for p in service["ports"]), service["ports"]  # gRPC
+    assert service["environment"]["MONDEQ_GRPC_PORT"] == "8001"
     assert any(v.endswith(":/models:rw") or ":/models" in v for v in service["volumes"])
     assert service["environment"]["MONDEQ_MODEL_DIR"] == "/models"
 
