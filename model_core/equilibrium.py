@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator
 from .solvers import (
+    SYNC_EVERY,
     PeacemanRachford,
     SolveStats,
     SplittingMethod,
@@ -165,12 +166,15 @@ class EquilibriumLayer(nn.Module):
         between: Callable[[], None] | None = None,
         accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
         check_every: int = 1,
+        loop: str | None = None,
+        sync_every: int = SYNC_EVERY,
     ) -> tuple[Tensor, SolveStats, Tensor]:
         """Solve without autograd. ``x`` → ``(z, stats, pre)``: the returned point ``z``
         of ``(B, *z_shape)`` and ``pre = W z + U x + b`` there (free for every method).
 
-        ``between``, ``accept`` and ``check_every`` go to
-        :func:`~model_core.solvers.iterate` (a scheduler's hook; another stopping rule)."""
+        ``between``, ``accept``, ``check_every``, ``loop`` and ``sync_every`` go to
+        :func:`~model_core.solvers.solve_forward` (a scheduler's hook; another stopping
+        rule; the loop, by default the device's)."""
         method = method or self.settings.method
         with torch.no_grad():
             z, stats, pre = solve_forward(
@@ -185,6 +189,8 @@ class EquilibriumLayer(nn.Module):
                 between=between,
                 accept=accept,
                 check_every=check_every,
+                loop=loop,
+                sync_every=sync_every,
             )
         self.last_forward_stats = stats
         return z, stats, pre

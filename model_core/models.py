@@ -42,7 +42,7 @@ from .config import (
 from .equilibrium import EquilibriumLayer, SolverSettings
 from .nonlinearity import BorderReLU, ReLU
 from .operators import FCOperator, MonotoneOperator, MultiTierOperator, tier_sizes
-from .solvers import SolveStats
+from .solvers import SYNC_EVERY, SolveStats
 
 POOL = 4  # the single-conv head's average-pool size
 # When a sample stops iterating (MonDEQClassifier.infer): the residual rule of §2, or the
@@ -225,6 +225,8 @@ class MonDEQClassifier(nn.Module):
         stop: str = "tol",
         logit_tol: float | None = None,
         check_every: int = 1,
+        loop: str | None = None,
+        sync_every: int = SYNC_EVERY,
     ) -> InferenceResult:
         """Classify normalised ``(B, C, H, W)`` input without autograd.
 
@@ -249,6 +251,11 @@ class MonDEQClassifier(nn.Module):
             logit_tol: the absolute logit accuracy of ``stop="logits"`` (> 0).
             check_every: with ``"label"``/``"logits"``, iterations between two checks
                 (each check costs one multiply by ``W`` and the head).
+            loop: the solver loop (:data:`~model_core.solvers.LOOPS`); ``None``: the
+                device's (:func:`~model_core.solvers.default_loop`: CUDA graphs without a
+                host sync inside the iteration on a GPU, the compacting loop on the CPU).
+                Answers are the same under every loop.
+            sync_every: the masked loops' iterations between two host syncs.
 
         Returns:
             :class:`InferenceResult`.
@@ -272,6 +279,8 @@ class MonDEQClassifier(nn.Module):
                 between=between,
                 accept=accept,
                 check_every=check_every,
+                loop=loop,
+                sync_every=sync_every,
             )
             centre, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
             logits = self.head(self.features(centre))
@@ -312,6 +321,9 @@ class MonDEQClassifier(nn.Module):
                 return logit_error_bounds(w, pool, bound).amax(dim=1) <= logit_tol
             return proven_labels(self.head(self.features(centre)), w, pool, bound)
 
+        # The graphed loop reuses captured graphs of equal keys: the same rule of this model
+        # (the tensors it reads are checked by model_core.cuda_graphs).
+        accept.graph_key = (id(self), stop, logit_tol)
         return accept
 
     def lipschitz_bound(self) -> float:

@@ -8,8 +8,21 @@ Both problems are monotone inclusions ``0 ∈ F(x) + G(x)`` that share the linea
 
 A method (forward–backward or Peaceman–Rachford) only says how to take one step on either
 problem and what the true fixed-point residual of its current point is. :func:`iterate` owns
-the loop: per-sample stopping, the iteration counters, and the compaction of the working
-batch so that converged samples stop costing work.
+the loop: per-sample stopping, the iteration counters, and what happens to samples that
+have stopped. Two loops give the same answers (:data:`LOOPS`):
+
+* ``"compact"`` (the CPU's): finished samples leave the working batch, so they stop costing
+  work; deciding who leaves reads the stopping test on the host every iteration.
+* ``"masked"`` (the GPU's): every sample stays in the batch; the stopping test runs on the
+  device every iteration and a finished sample's state is frozen by a mask
+  (``torch.where``), so its answer and count are those of the iteration at which it first met
+  the rule. The host reads one flag, "any sample still running", every ``sync_every``
+  iterations; a solve runs at most ``sync_every − 1`` iterations past its last sample's stop.
+* ``"graphed"``: the masked loop on buffers padded to a fixed batch bucket, its iteration
+  captured in CUDA graphs on a GPU (:mod:`model_core.cuda_graphs`); on the CPU the same
+  code runs without capture (for tests).
+
+:func:`default_loop` picks per device.
 
 The stopping rule, and what ``converged`` means everywhere (``SolveStats``, the HTTP API,
 ``mondeq eval``, training logs): a sample is converged when the **true fixed-point
@@ -38,7 +51,7 @@ new method should pass (dense fixed points, closed-form first steps, chunking).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, TypeVar
 
@@ -59,6 +72,21 @@ State = dict[str, Tensor]
 # the rows it still carries are finished. Index-selecting the state costs about one elementwise
 # pass; a step costs two FFTs and a batched matmul, so even small shares pay.
 COMPACT_SHARE = 0.05
+
+# The loops :func:`iterate` runs (module docstring). "compact" reads the stopping test on the
+# host after every iteration; the other two never do.
+LOOPS = ("compact", "masked", "graphed")
+# Iterations between two host reads of "any sample still running" in the masked loops: the
+# solve's only host syncs. A read costs a device round trip (~10-20 µs); up to
+# ``SYNC_EVERY − 1`` iterations run past the last sample's stop, all of them masked out.
+SYNC_EVERY = 4
+
+
+def default_loop(device: torch.device) -> str:
+    """The loop a solve on ``device`` runs unless told otherwise: ``"graphed"`` on CUDA (no
+    host sync inside the iteration, CUDA graphs for repeated batch buckets), ``"compact"``
+    elsewhere (on the CPU a host read is free and dropping finished rows saves their work)."""
+    return "graphed" if torch.device(device).type == "cuda" else "compact"
 
 
 @dataclass
@@ -145,6 +173,10 @@ def iterate(
     between: Callable[[], None] | None = None,
     accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
     check_every: int = 1,
+    loop: str = "compact",
+    sync_every: int = SYNC_EVERY,
+    graphs: Hashable | None = None,
+    info: dict | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``
     (or, with ``accept``, until every sample is accepted).
@@ -189,6 +221,17 @@ def iterate(
         accept: maps ``finish``'s outputs for the working rows to a ``(rows,)`` bool, the
             rows that may stop (replaces the residual test; ``None``: stop on ``tol``).
         check_every: iterations between two calls of ``accept`` (``>= 1``).
+        loop: ``"compact"``, ``"masked"`` or ``"graphed"`` (module docstring): how finished
+            samples are kept; the answers are the same (to float rounding where a batch's
+            shape changes the summation order; iteration counts and flags exactly).
+        sync_every: the masked loops' iterations between two host reads of "any sample
+            still running" (``>= 1``).
+        graphs: ``"graphed"`` only: a :class:`~model_core.cuda_graphs.GraphKey` naming the
+            problem, under which captured graphs are kept and reused; ``None``: the masked
+            loop without buffers or graphs.
+        info: if given, ``info["loop"]`` is set to the loop that ran (``"compact"``,
+            ``"masked"``, ``"bucketed"``: the graphed loop's buffers without capture, or
+            ``"cuda_graphs"``).
 
     Returns:
         ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample plus
@@ -196,13 +239,17 @@ def iterate(
         ``converged = isfinite(residual) & (residual <= tol)``.
 
     Raises:
-        ValueError: ``max_iter < 1`` (a solve returns a point it has checked), or
-            ``check_every < 1``.
+        ValueError: ``max_iter < 1`` (a solve returns a point it has checked),
+            ``check_every < 1``, ``sync_every < 1`` or an unknown ``loop``.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
     x0 = state["x"]
     batch = x0.shape[0]
     device = x0.device
@@ -221,6 +268,10 @@ def iterate(
                 between=between,
                 accept=accept,
                 check_every=check_every,
+                loop=loop,
+                sync_every=sync_every,
+                graphs=graphs,
+                info=info,
             )
             for i in range(0, batch, rows_per_chunk)
         ]
@@ -231,6 +282,21 @@ def iterate(
         outputs = finish(state)
         outputs["residual"] = x0.new_zeros(0)
         return outputs, iterations, torch.zeros(0, dtype=torch.bool, device=device)
+    if loop != "compact":
+        hooks = _Hooks(step, first, residual, finish, accept, tol)
+        if loop == "graphed" and graphs is not None:
+            from .cuda_graphs import run_graphed  # (it imports this module)
+
+            ran = run_graphed(graphs, hooks, state, max_iter, check_every, sync_every, between)
+            if ran is not None:
+                if info is not None:
+                    info["loop"] = ran[3]
+                return ran[:3]
+        if info is not None:
+            info["loop"] = "masked"
+        return _iterate_masked(hooks, state, max_iter, check_every, sync_every, between)
+    if info is not None:
+        info["loop"] = "compact"
 
     outputs: dict[str, Tensor] = {}
 
@@ -295,6 +361,127 @@ def iterate(
 def _converged(residual: Tensor, tol: float) -> Tensor:
     """The one definition of ``converged``: a finite true residual within ``tol``."""
     return torch.isfinite(residual) & (residual <= tol)
+
+
+class _Hooks(NamedTuple):
+    """A problem's hooks as the masked loops take them (see :func:`iterate`)."""
+
+    step: Callable[[State], State]
+    first: Callable[[State], State] | None
+    residual: Callable[[State], Tensor]
+    finish: Callable[[State], dict[str, Tensor]]
+    accept: Callable[[dict[str, Tensor]], Tensor] | None
+    tol: float
+
+
+def _masked_iteration(
+    hooks: _Hooks,
+    state: State,
+    live: Tensor,
+    iterations: Tensor,
+    k: int | Tensor,
+    *,
+    use_first: bool,
+    check: bool,
+    in_place: bool,
+) -> tuple[State, Tensor, Tensor]:
+    """One iteration of the masked loop on every row, with no host sync.
+
+    The rule is the compact loop's, evaluated for every row: a running row stops at ``k``
+    when ``‖x⁺ − x‖ ≤ tol ‖x⁺‖`` and its residual is at most ``tol`` (``accept`` instead, on
+    ``check`` iterations), or when its iterate is not finite. Rows that had stopped keep
+    their state (``torch.where``), so each row's final state is the one after the iteration
+    at which it stopped, and ``iterations`` holds that ``k``.
+
+    Args:
+        hooks: the problem's hooks and ``tol``.
+        state: ``(B, ...)`` entries; ``live``: ``(B,)`` bool, the rows still running;
+            ``iterations``: ``(B,)`` int64, each stopped row's stopping iteration (running
+            rows: the cap).
+        k: this iteration's number (a 0-d int64 device tensor under CUDA graphs).
+        use_first: take ``hooks.first`` (the first iteration).
+        check: call ``hooks.accept`` on this iteration.
+        in_place: write the new state, ``live`` and ``iterations`` into the given tensors
+            (the fixed buffers a CUDA graph reads), else return new ones.
+
+    Returns:
+        ``(state, live, iterations)`` after the iteration.
+    """
+    new = hooks.first(state) if use_first and hooks.first is not None else hooks.step(state)
+    x = new["x"]
+    x_norm = _row_norms(x)
+    lost = ~torch.isfinite(x_norm)
+    if hooks.accept is None:
+        res = hooks.residual(new)
+        done = (_row_norms(x - state["x"]) <= hooks.tol * x_norm) & (res <= hooks.tol)
+        done = done | lost  # (NaN compares False: lost rows stop unconverged)
+    elif check:
+        done = hooks.accept(hooks.finish(new)) | lost
+    else:
+        done = lost
+    done = done & live
+    if not in_place:
+        frozen = {
+            name: value
+            if value is state[name]
+            else torch.where(_rows_mask(live, value), value, state[name])
+            for name, value in new.items()
+        }
+        return frozen, live & ~done, torch.where(done, k, iterations)
+    # In place: a new entry that shares memory with a buffer (a step passing one entry on
+    # as another) is formed aside before any buffer is written.
+    buffers = {t.untyped_storage().data_ptr() for t in state.values()}
+    aside = {}
+    for name, value in new.items():
+        if value is not state[name] and value.untyped_storage().data_ptr() in buffers:
+            aside[name] = torch.where(_rows_mask(live, value), value, state[name])
+    for name, value in new.items():
+        if value is not state[name] and name not in aside:
+            torch.where(_rows_mask(live, value), value, state[name], out=state[name])
+    for name, value in aside.items():
+        state[name].copy_(value)
+    torch.where(done, k, iterations, out=iterations)
+    live.logical_and_(~done)
+    return state, live, iterations
+
+
+def _rows_mask(live: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` bool viewed to broadcast over ``like``'s per-row dimensions."""
+    return live.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _masked_outputs(hooks: _Hooks, state: State) -> tuple[dict[str, Tensor], Tensor]:
+    """``finish``'s outputs and the residual of every row's final (frozen) state."""
+    res = hooks.residual(state)
+    outputs = hooks.finish(state)
+    outputs["residual"] = res
+    return outputs, _converged(res, hooks.tol)
+
+
+def _iterate_masked(
+    hooks: _Hooks,
+    state: State,
+    max_iter: int,
+    check_every: int,
+    sync_every: int,
+    between: Callable[[], None] | None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The masked loop, eagerly, on ``state`` as given (``(B, ...)`` entries)."""
+    x0 = state["x"]
+    batch = x0.shape[0]
+    live = torch.ones(batch, dtype=torch.bool, device=x0.device)
+    iterations = torch.full((batch,), max_iter, dtype=torch.int64, device=x0.device)
+    for k in range(1, max_iter + 1):
+        if between is not None:
+            between()
+        check = hooks.accept is not None and k % check_every == 0 and k < max_iter
+        state, live, iterations = _masked_iteration(
+            hooks, state, live, iterations, k, use_first=k == 1, check=check, in_place=False
+        )
+        if k < max_iter and k % sync_every == 0 and not bool(live.any()):  # the host sync
+            break
+    outputs, converged = _masked_outputs(hooks, state)
+    return outputs, iterations, converged
 
 
 class SplittingMethod:
@@ -633,13 +820,26 @@ def _solve(
     between: Callable[[], None] | None,
     accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
     check_every: int = 1,
+    loop: str | None = None,
+    sync_every: int = SYNC_EVERY,
+    problem_key: Hashable | None = None,
 ) -> tuple[dict[str, Tensor], SolveStats]:
     """Build the method, pose the problem with it, run :func:`iterate`, time it (the posing
-    and the loop) and describe the run; the operator's weights stay fixed throughout."""
+    and the loop) and describe the run; the operator's weights stay fixed throughout.
+
+    ``problem_key`` (with the weights, method, α and tol) names the problem for the graphed
+    loop's captured graphs; ``None``: no graphs."""
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    with op.fixed_weights():  # validates the weight caches once, not once per iteration
+    loop = default_loop(device) if loop is None else loop
+    info: dict = {}
+    with op.fixed_weights() as weights:  # validates the weight caches once, not per iteration
         solver = get_solver(method)(op, alpha, resolvent)
+        graphs = None
+        if loop == "graphed" and problem_key is not None:
+            from .cuda_graphs import GraphKey
+
+            graphs = GraphKey(op, weights, (direction, solver.name, solver.alpha, tol, problem_key))
         t0 = _timed_sync(device)
         problem = pose(solver)
         outputs, iterations, converged = iterate(
@@ -654,6 +854,10 @@ def _solve(
             between=between,
             accept=accept,
             check_every=check_every,
+            loop=loop,
+            sync_every=sync_every,
+            graphs=graphs,
+            info=info,
         )
         elapsed = _timed_sync(device) - t0
     stats = SolveStats(
@@ -666,6 +870,7 @@ def _solve(
         max_iter=max_iter,
         time_s=elapsed,
         direction=direction,
+        extra=info,
     )
     return outputs, stats
 
@@ -685,6 +890,8 @@ def solve_forward(
     between: Callable[[], None] | None = None,
     accept: Callable[[dict[str, Tensor]], Tensor] | None = None,
     check_every: int = 1,
+    loop: str | None = None,
+    sync_every: int = SYNC_EVERY,
 ) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
@@ -709,10 +916,15 @@ def solve_forward(
             the ``(rows,)`` bool of those that may stop. ``converged`` still means
             ``residual ≤ tol``.
         check_every: iterations between two calls of ``accept``.
+        loop: :data:`LOOPS` (see :func:`iterate`); ``None``: :func:`default_loop` for
+            ``bias``'s device. The graphed loop captures graphs only for an ``accept`` that
+            carries a ``graph_key`` attribute (equal keys: the same rule on the same
+            tensors); other rules run the masked loop.
+        sync_every: the masked loops' iterations between two host syncs.
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
-        ``preactivation``.
+        ``preactivation``. ``stats.extra["loop"]`` names the loop that ran.
 
     Raises:
         ValueError: unknown method, ``alpha <= 0``, ``max_iter < 1``, or a ``resolvent``
@@ -729,8 +941,19 @@ def solve_forward(
         )
 
     run = (method, alpha, tol, max_iter, resolvent, between)
+    rule = None if accept is None else getattr(accept, "graph_key", None)
+    key = (type(nonlin).__name__, id(nonlin), preactivation, accept is not None, rule)
     outputs, stats = _solve(
-        op, pose, "forward", bias.device, *run, accept=accept, check_every=check_every
+        op,
+        pose,
+        "forward",
+        bias.device,
+        *run,
+        accept=accept,
+        check_every=check_every,
+        loop=loop,
+        sync_every=sync_every,
+        problem_key=None if accept is not None and rule is None else key,
     )
     z = outputs["x"]
     return (z, stats, outputs["pre"]) if preactivation else (z, stats)
@@ -747,6 +970,8 @@ def solve_backward(
     tol: float,
     max_iter: int,
     resolvent: Resolvent | None = None,
+    loop: str | None = None,
+    sync_every: int = SYNC_EVERY,
 ) -> tuple[Tensor, SolveStats]:
     """Implicit backward pass (Theorems 2 and 3): the gradient w.r.t. the layer's input.
 
@@ -758,7 +983,8 @@ def solve_backward(
         op: the monotone operator holding W.
         jac: ``(B, *z_shape)``, ``J = σ'(W z* + U x + b)``, 0/1 valued.
         grad: ``(B, *z_shape)``, ``g = ∂ℓ/∂ẑ``.
-        method, alpha, tol, max_iter, resolvent: as in :func:`solve_forward`.
+        method, alpha, tol, max_iter, resolvent, loop, sync_every: as in
+            :func:`solve_forward`.
 
     Returns:
         ``(g + Wᵀũ, stats)``.
@@ -777,5 +1003,14 @@ def solve_backward(
         )
 
     run = (method, alpha, tol, max_iter, resolvent, None)
-    outputs, stats = _solve(op, pose, "backward", grad.device, *run)
+    outputs, stats = _solve(
+        op,
+        pose,
+        "backward",
+        grad.device,
+        *run,
+        loop=loop,
+        sync_every=sync_every,
+        problem_key=("backward",),
+    )
     return grad + outputs["wtu"], stats
