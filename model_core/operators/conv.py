@@ -35,6 +35,7 @@ from .base import MonotoneOperator, chunk_rows
 from .spectral import (
     AliasGroups,
     block_diag4,
+    crop_spectrum,
     from_spectrum,
     from_spectrum_adjoint,
     lift_spectrum,
@@ -254,9 +255,11 @@ class MultiTierOperator(MonotoneOperator):
     ) -> Tensor:
         """``acc + scale · 2 S_iᵀ Pᵀ Â_(i+1) x`` for tier ``i+1``'s half-layout ``x`` and
         ``acc`` in tier ``i``'s group layout."""
-        r = self.sizes[i] // 2
-        up = from_spectrum(specs[i + 1].a_hat @ x_next, self.sizes[i + 1])[..., :r, :r]  # Pᵀ
-        return torch.baddbmm(acc, specs[i].s_blk_h, to_spectrum(up), alpha=2.0 * scale)
+        # Pᵀ in the frequency domain, as P in _couple: the spatial round trip (an inverse
+        # transform on the s_(i+1) grid and a forward one on the s_i/2 grid) cost about as
+        # much as a tier's own transforms, in every transposed (training backward) step.
+        up = crop_spectrum(specs[i + 1].a_hat @ x_next, self.sizes[i] // 2)
+        return torch.baddbmm(acc, specs[i].s_blk_h, up, alpha=2.0 * scale)
 
     def _k(self, z: Tensor, transpose: bool) -> Tensor:
         """``(I − W) z``: diagonal blocks per tier plus the sub-diagonal coupling (§5)."""

@@ -272,6 +272,61 @@ def lift_spectrum(y: Tensor, r: int) -> Tensor:
     return out.view((r + 1) * hs, n, b)
 
 
+_CROP_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _crop_factors(r: int, dtype: torch.dtype, device: torch.device):
+    """Factors of :func:`crop_spectrum` for an ``r`` grid, cached per (r, complex dtype, device).
+
+    The crop ``Pᵀ`` is the adjoint of :func:`lift_spectrum`'s ``P``: on full spectra ``Y =
+    Rᴴ Z R̄`` (``R`` of :func:`_lift_factors`). On half spectra the columns ``l' ≥ hs`` of
+    ``Z`` are mirrors, ``Z[k', l'] = conj Z[−k', s − l']``, so ``Y = Rᴴ (Z Kc) + Rᴴ Φ (conj(Z)
+    Fc)`` with ``Kc[l', l] = conj R[l', l]`` on the stored columns, ``Fc[m, l] = conj R[s − m,
+    l]`` on the mirrored ones and ``Φ`` the row reflection. Returns ``(Rᴴ, RᴴΦ, Kcᵀ, Fcᵀ)``
+    (the last two ``(hr, hs)``, ``hr = r//2 + 1``, ``hs = (r+1)//2 + 1``).
+    """
+    key = (r, dtype, device)
+    hit = _CROP_CACHE.get(key)
+    if hit is not None:
+        return hit
+    s, hr, hs = r + 1, r // 2 + 1, (r + 1) // 2 + 1
+    lift = _lift_factors(r, torch.complex128, torch.device("cpu"))[0]  # R, (s, r)
+    crop = lift.mH  # Rᴴ, (r, s)
+    mirror = crop[:, (-torch.arange(s)) % s]  # Rᴴ Φ
+    keep = lift[:hs, :hr].conj().T  # Kcᵀ[l, l'] = conj R[l', l]
+    flip = torch.zeros(hr, hs, dtype=lift.dtype)  # Fcᵀ[l, m] = conj R[s − m, l], m = 1..s − hs
+    for m in range(1, s - hs + 1):
+        flip[:, m] = lift[s - m, :hr].conj()
+    hit = tuple(t.to(device=device, dtype=dtype).contiguous() for t in (crop, mirror, keep, flip))
+    _CROP_CACHE[key] = hit
+    return hit
+
+
+def crop_spectrum(x: Tensor, r: int) -> Tensor:
+    """``Pᵀ``, the last row and column of an ``(r+1)`` grid dropped, on half spectra (§5).
+
+    Equals ``to_spectrum(from_spectrum(x, r + 1)[..., :r, :r])`` for the half spectrum ``x``
+    of a real signal, without leaving the frequency domain: the adjoint of
+    :func:`lift_spectrum`, two small batched GEMMs along the column frequency and two
+    GEMMs along the row frequency.
+
+    Args:
+        x: ``(F_(r+1), n, B)`` half layout of the ``(r+1)`` grid.
+        r: the smaller grid's size.
+
+    Returns:
+        ``(F_r, n, B)`` half layout of the ``r`` grid.
+    """
+    _, n, b = x.shape
+    crop, mirror, keep, flip = _crop_factors(r, x.dtype, x.device)
+    hs = keep.shape[1]
+    rows = x.reshape(r + 1, hs, n * b)
+    kept = torch.matmul(keep, rows).view(r + 1, -1)  # along the column frequency
+    flipped = torch.matmul(flip, rows.conj()).view(r + 1, -1)
+    out = (crop @ kept).addmm_(mirror, flipped)  # along the row frequency
+    return out.view(r * keep.shape[0], n, b)
+
+
 def _gather_conj(x: Tensor, index: Tensor, conj: Tensor, sign: Tensor) -> Tensor:
     """``x[index]`` along dim 0, conjugated on the rows where ``conj`` (``sign`` = ∓1 there).
 

@@ -13,6 +13,7 @@ from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier, randomi
 
 from model_core.operators import FCOperator, MultiTierOperator, base, spectral
 from model_core.operators.spectral import (
+    crop_spectrum,
     from_spectrum,
     from_spectrum_adjoint,
     lift_spectrum,
@@ -164,6 +165,21 @@ def test_lift_spectrum_is_the_zero_pad_in_space(r):
     back = from_spectrum(lift_spectrum(to_spectrum(x), r), r + 1)
     torch.testing.assert_close(back, padded, rtol=0, atol=1e-12)
     assert back[..., r, :].abs().max() < 1e-12 and back[..., :, r].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("r", [4, 8, 9, 15, 17])
+def test_crop_spectrum_is_the_crop_in_space_and_the_adjoint_of_the_lift(r):
+    """The multi-tier Pᵀ kept in the frequency domain: on the spectrum of a real (r+1) × (r+1)
+    image it gives the spectrum of its first r rows and columns, and it is the adjoint of
+    lift_spectrum for the real inner product of the images."""
+    x = torch.randn(3, 2, r + 1, r + 1, dtype=torch.float64)
+    cropped = crop_spectrum(to_spectrum(x), r)
+    want = to_spectrum(x[..., :r, :r].contiguous())
+    torch.testing.assert_close(cropped, want, rtol=0, atol=1e-12)
+    y = torch.randn(3, 2, r, r, dtype=torch.float64)
+    lifted = from_spectrum(lift_spectrum(to_spectrum(y), r), r + 1)
+    back = from_spectrum(cropped, r)
+    torch.testing.assert_close((lifted * x).sum(), (y * back).sum(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
