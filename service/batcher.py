@@ -18,16 +18,23 @@ and hands every caller back its own rows. Rows solved under different
 ``tol``/``max_iter``/``method`` never share a solve.
 
 Scheduling: no request waits long behind a solve in flight. A request whose settings match
-a young solve in flight gathers into the key's next batch meanwhile; any other request
-starts a solve of its own at once. A solve is young until it has computed ``slice × its rows
-/ rows of its largest request``: one slice behind a single large request, about a whole
-batch behind many single images (so batches under load stay as full as when a key had one
-solve in flight). There is no cap on the number of solves, only on their rows
-(``max_solving_rows``: the state a paused solve keeps). The solves in flight share the CPU
-through a :class:`ComputeGate`: one computes at a time (the cores stay with one solve's
-intra-op threads), and between two iterations the running solve gives way to a waiting one
-that has computed less (least attained service). A new, short solve thus starts within one
-iteration and one slice of a long one, and finishes before it.
+a solve in flight gathers into the key's next batch meanwhile when that solve holds it: when
+the solve's largest request has at most ``COMPARABLE`` times its rows (there is nothing to
+overtake, and a second solve would only split the batch: the CPU is shared anyway), or while
+the solve is young. A solve is young until it has computed ``slice × its rows / rows of its
+largest request``: one slice behind a single large request. Any other request starts a solve
+of its own at once. Requests of one size therefore keep one solve of their key in flight at
+a time, however slowly they arrive and however long a solve takes: what arrives during a
+solve is the next batch. (Were a solve held only while young, a trickle of single images
+whose solve outlasts ``slice × rows``, as on a slow model or a CPU shared with the load
+generator, would start a solve per arrival; least attained service then runs the newest
+first, the oldest wait behind every newcomer, and batches of 1–2 rows cut the throughput
+that would clear the queue: p99 several times p50.) There is no cap on the number of
+solves, only on their rows (``max_solving_rows``: the state a paused solve keeps). The
+solves in flight share the CPU through a :class:`ComputeGate`: one computes at a time (the
+cores stay with one solve's intra-op threads), and between two iterations the running solve
+gives way to a waiting one that has computed less (least attained service). A new, short
+solve thus starts within one iteration and one slice of a long one, and finishes before it.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger("mondeq.service")
+
+# A solve in flight holds a request of its key until it ends when the solve's largest request
+# has at most this many times the request's rows (see the module docstring).
+COMPARABLE = 4
 
 
 class QueueFull(Exception):
@@ -224,14 +235,16 @@ class _Item:
 class _Solve:
     """A batch in flight: taken off the queue, computing or paused at the gate.
 
-    ``hold_s``: how long it computes before requests of its key start a batch of their
-    own (see :meth:`Batcher._young`).
+    ``hold_s``: how long it computes before requests of its key much smaller than
+    ``largest`` (its largest request's rows) start a batch of their own (see
+    :meth:`Batcher._holds`).
     """
 
     key: Hashable
     rows: int
     turn: Turn
     hold_s: float
+    largest: int = 1
     task: asyncio.Task | None = None
 
 
@@ -375,24 +388,32 @@ class Batcher:
         self._pending_rows -= rows
         return batch
 
+    def _holds(self, s: _Solve, it: _Item) -> bool:
+        """Does solve ``s`` in flight keep request ``it`` for its key's next batch? Yes when
+        ``it`` has the same key and ``s`` has no request over ``COMPARABLE × it.rows`` rows
+        (a request of its size: ``it`` waits for ``s`` to end), or ``s`` is young
+        (:meth:`_young`)."""
+        if s.key != it.key:
+            return False
+        return s.largest <= COMPARABLE * it.rows or s.turn.computed() < s.hold_s
+
     def _young(self) -> list[_Solve]:
         """Solves that have computed less than their ``hold_s``: their key's next requests
         wait to join its next batch rather than start one of their own.
 
         ``hold_s = slice × batch rows / rows of its largest request``: a request waits for
         a batch of its key until the largest request in it has had a slice of computing
-        at an equal share per row. Behind one large request (256 rows alone) that is one
-        slice; behind a batch of many single images (saturation) about the whole batch, so
-        requests keep gathering into full batches as they would without this rule.
+        at an equal share per row: behind one large request (256 rows alone), one slice.
+        (Behind requests of its own size a request waits for the whole solve:
+        :meth:`_holds`.)
         """
         return [s for s in self._solves if s.turn.computed() < s.hold_s]
 
     def _startable(self) -> _Item | None:
-        """The oldest request that may start a solve now: its key has no young solve in
-        flight (:meth:`_young`), and its rows fit under ``max_solving_rows``."""
-        young = {s.key for s in self._young()}
+        """The oldest request that may start a solve now: no solve in flight holds it
+        (:meth:`_holds`), and its rows fit under ``max_solving_rows``."""
         for it in self._pending:
-            if it.key in young:
+            if any(self._holds(s, it) for s in self._solves):
                 continue
             if self._solving_rows and self._solving_rows + it.rows > self.max_solving_rows:
                 return None  # in order: a large request is not overtaken forever
@@ -438,8 +459,9 @@ class Batcher:
             self._solving_rows += rows
             self._recent_load.append(self._load_peak)
             self._load_peak = self._pending_rows + self._solving_rows
-            hold_s = self._gate.slice_s * rows / max(it.rows for it in batch)
-            solve = _Solve(first.key, rows, self._gate.ticket(), hold_s)
+            largest = max(it.rows for it in batch)
+            hold_s = self._gate.slice_s * rows / largest
+            solve = _Solve(first.key, rows, self._gate.ticket(), hold_s, largest)
             self._solves.append(solve)
             solve.task = loop.create_task(self._solve_batch(batch, solve))
 
