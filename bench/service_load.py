@@ -548,9 +548,14 @@ def num(v, fmt: str) -> str:
     return "n/a" if v is None or v != v else format(v, fmt)
 
 
-def summarise(rounds: list[dict], keys: list[str]) -> dict:
+def summarise(rounds: list[dict], keys: list[str], conns: dict[str, int], window: float) -> dict:
     """Per target: the median over rounds of each figure, the rate's range, and the share of
-    the limit taken within each round."""
+    the limit taken within each round.
+
+    A server that answered fewer requests in every window than it had connections (each
+    connection waited longer than the window for one answer) has no rate a window can
+    measure: ``below`` holds the rate it is under, ``connections / window``.
+    """
     out = {}
     for key in keys:
         runs = [r[key] for r in rounds if key in r]
@@ -573,8 +578,18 @@ def summarise(rounds: list[dict], keys: list[str]) -> dict:
             "share_of_limit": statistics.median(
                 r[key]["req_per_s"] / r["limit"] for r in rounds if key in r
             ),
+            "below": None,
         }
+        n = conns[key.rsplit(" | ", 1)[1]]
+        if all(x["req_per_s"] * window < n for x in runs):
+            out[key]["below"] = n / window
     return out
+
+
+def rate(s: dict) -> float:
+    """A target's rate for the ratios: its median, or the rate it is under (the peer's best
+    case) where no window measured it."""
+    return s["below"] if s["below"] else s["req_per_s"]
 
 
 def ours(key: str) -> bool:
@@ -607,23 +622,25 @@ def targets_report(model: str, rounds: list[dict], summary: dict) -> list[str]:
             f"{'met' if s >= 0.7 else 'not met'}"
         )
     if peers:
-        # Within each round: our best over each peer's best.
+        # Within each round: our best over each peer's best (a peer that no window could
+        # measure counts at the rate it is under, so the ratio is a lower bound).
         for peer in sorted({k.split(" | ")[0] for k in peers}):
-            ratios = []
+            ratios, bound = [], False
             for r in rounds:
                 ob = max((r[k]["req_per_s"] for k in our_sat if k in r), default=None)
-                pb = max(
-                    (r[k]["req_per_s"] for k in peers if k in r and k.startswith(peer)),
-                    default=None,
-                )
-                if ob and pb:
-                    ratios.append(ob / pb)
+                mine = [k for k in peers if k in r and k.startswith(peer)]
+                if not ob or not mine:
+                    continue
+                pb = max(r[k]["req_per_s"] for k in mine)
+                floor = max((summary[k]["below"] or 0) for k in mine)
+                bound |= floor > pb
+                ratios.append(ob / max(pb, floor))
             if ratios:
                 m = statistics.median(ratios)
+                ge = "≥ " if bound else ""
                 lines.append(
-                    f"- {model}: ≥ 2× {peer}: {m:.1f}× (median of rounds, "
-                    f"{min(ratios):.1f}–{max(ratios):.1f}×) — "
-                    f"{'met' if m >= 2 else 'not met'}"
+                    f"- {model}: ≥ 2× {peer}: {ge}{m:.1f}× (median of rounds, "
+                    f"{min(ratios):.1f}–{max(ratios):.1f}×) — {'met' if m >= 2 else 'not met'}"
                 )
     for k in summary:
         if ours(k):
@@ -662,9 +679,10 @@ def table(results: list[dict], meta: dict) -> str:
             cpu = s["generator_cpu_share"]
             flag = " ⚠" if cpu is not None and cpu > GENERATOR_CPU_LIMIT else ""
             q = s["p99_ms"] / s["p50_ms"] if s["p50_ms"] else None
+            shown = f"< {s['below']:,.0f}" if s["below"] else f"{s['req_per_s']:,.0f}"
             lines.append(
                 f"| {m['model']} | {server} | {protocol} | {load} | "
-                f"{s['req_per_s']:,.0f} ({lo:,.0f}–{hi:,.0f}{err}) | {num(s['p50_ms'], '.1f')} | "
+                f"{shown} ({lo:,.0f}–{hi:,.0f}{err}) | {num(s['p50_ms'], '.1f')} | "
                 f"{num(s['p99_ms'], '.1f')} | {num(q, '.2f')} | {num(s['mean_batch'], '.1f')} | "
                 f"{100 * s['share_of_limit']:.0f}% | {num(cpu and 100 * cpu, '.0f')}%{flag} |"
             )
@@ -674,6 +692,17 @@ def table(results: list[dict], meta: dict) -> str:
         if extra:
             lines += ["", *extra]
     return "\n".join(lines)
+
+
+def report(saved: dict) -> str:
+    """The table of a saved results file, its summaries computed afresh from its rounds."""
+    meta, results = saved["meta"], saved["results"]
+    conns = {"saturating": meta["connections"], "slow": meta["slow_connections"]}
+    for m in results:
+        keys = list(dict.fromkeys(k for r in m["rounds"] for k in r if " | " in k))
+        m["summary"] = summarise(m["rounds"], keys, conns, meta["window_s"])
+        m["targets"] = targets_report(m["model"], m["rounds"], m["summary"])
+    return table(results, meta)
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -725,11 +754,13 @@ def run_model(
             slow = [t for t in targets if t.protocol == "JSON" and "off" not in t.server.name]
             targets += [Target(t.server, t.protocol, t.path, "slow") for t in slow]
         # A target that answers nothing but errors (a protocol the server lacks) is dropped
-        # before the rounds, with a note.
+        # before the rounds, with a note. A slow one (nothing back within the probe, no
+        # error either) stays.
         live = []
+        probe_args = argparse.Namespace(**{**vars(args), "window": 2})
         for t in targets:
-            probe = measure(t, name, reqs, argparse.Namespace(**{**vars(args), "window": 1}), py)
-            if probe["req_per_s"] == 0:
+            probe = measure(t, name, reqs, probe_args, py)
+            if probe["req_per_s"] == 0 and probe["errors"]:
                 notes.append(
                     f"{name}: {t.server.name} over {t.protocol} answered only errors "
                     f"({probe['errors']}); left out"
@@ -757,7 +788,8 @@ def run_model(
     finally:
         for s in servers:
             s.stop()
-    summary = summarise(rounds, [t.key for t in live])
+    conns = {"saturating": args.connections, "slow": args.slow_connections}
+    summary = summarise(rounds, [t.key for t in live], conns, args.window)
     return {
         "model": name,
         "checkpoint": str(ckpt),
@@ -793,7 +825,11 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=0, help="niceness of the load generators")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-peers", action="store_true", help="ours alone (no peers' venv)")
+    p.add_argument("--report", type=Path, help="print the table of a saved results file")
     args = p.parse_args()
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk (the Makefile's DEB_PACKAGES)")
     device = args.device
