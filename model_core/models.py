@@ -252,8 +252,9 @@ class MonDEQClassifier(nn.Module):
             check_every: with ``"label"``/``"logits"``, iterations between two checks
                 (each check costs one multiply by ``W`` and the head).
             loop: the solver loop (:data:`~model_core.solvers.LOOPS`); ``None``: the
-                device's (:func:`~model_core.solvers.default_loop`: CUDA graphs without a
-                host sync inside the iteration on a GPU, the compacting loop on the CPU).
+                device's (:func:`~model_core.solvers.default_loop`: the masked loop without a
+                host sync inside the iteration on a GPU, the compacting loop on the CPU;
+                ``"graphed"`` adds CUDA graphs, opt-in).
                 Answers are the same under every loop.
             sync_every: the masked loops' iterations between two host syncs.
 

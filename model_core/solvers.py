@@ -18,9 +18,9 @@ have stopped. Two loops give the same answers (:data:`LOOPS`):
   (``torch.where``), so its answer and count are those of the iteration at which it first met
   the rule. The host reads one flag, "any sample still running", every ``sync_every``
   iterations; a solve runs at most ``sync_every − 1`` iterations past its last sample's stop.
-* ``"graphed"``: the masked loop on buffers padded to a fixed batch bucket, its iteration
-  captured in CUDA graphs on a GPU (:mod:`model_core.cuda_graphs`); on the CPU the same
-  code runs without capture (for tests).
+* ``"graphed"`` (opt-in until checked on a GPU): the masked loop on buffers padded to a
+  fixed batch bucket, its iteration captured in CUDA graphs on a GPU
+  (:mod:`model_core.cuda_graphs`); on the CPU the same code runs without capture (tests).
 
 :func:`default_loop` picks per device.
 
@@ -83,10 +83,14 @@ SYNC_EVERY = 4
 
 
 def default_loop(device: torch.device) -> str:
-    """The loop a solve on ``device`` runs unless told otherwise: ``"graphed"`` on CUDA (no
-    host sync inside the iteration, CUDA graphs for repeated batch buckets), ``"compact"``
-    elsewhere (on the CPU a host read is free and dropping finished rows saves their work)."""
-    return "graphed" if torch.device(device).type == "cuda" else "compact"
+    """The loop a solve on ``device`` runs unless told otherwise: ``"masked"`` on CUDA (no
+    host sync inside the iteration but one every ``sync_every``), ``"compact"`` elsewhere (on
+    the CPU a host read is free and dropping finished rows saves their work).
+
+    ``"graphed"`` (CUDA graphs for repeated batch buckets) is opt-in until its answers have
+    been checked on a GPU (bench/gpu_check.sh): it is tested against ``"compact"`` here only
+    through its uncaptured CPU form, and a wrong answer costs more than launch overhead."""
+    return "masked" if torch.device(device).type == "cuda" else "compact"
 
 
 @dataclass

@@ -204,7 +204,7 @@ def test_loops_and_sync_every_are_checked():
         solve_forward(op, ReLU(), bias, **kw, loop="masked", sync_every=0)
     assert LOOPS == ("compact", "masked", "graphed")
     assert default_loop(torch.device("cpu")) == "compact"
-    assert default_loop(torch.device("cuda")) == "graphed"
+    assert default_loop(torch.device("cuda")) == "masked"
     model = small_models()["fc"]
     assert model.infer(torch.randn(2, 1, SIZE, SIZE)).stats.extra["loop"] == "compact"  # CPU
 
