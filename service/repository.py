@@ -586,10 +586,11 @@ class Repository:
             out.append(item)
         return out
 
-    async def load(self, name: str) -> dict:
-        """Load ``name`` from its folder, as :meth:`refresh` of it alone with ``force``: every
-        version is reread from disk, new ones load and removed ones go. A model unloaded by
-        :meth:`unload` is polled again from now on.
+    async def load(self, name: str, force: bool = True) -> dict:
+        """Load ``name`` from its folder, as :meth:`refresh` of it alone: new versions load,
+        changed ones reload, removed ones go, and with ``force`` (the admin reload) every
+        version is reread from disk even if unchanged. A model unloaded by :meth:`unload` is
+        polled again from now on.
 
         Returns:
             :meth:`refresh`'s report.
@@ -602,7 +603,7 @@ class Repository:
         ):
             raise NotFound(f"unknown model {name!r}; available: {self.names()}")
         self.unloaded.discard(name)
-        return await self.refresh(only=name, force=True)
+        return await self.refresh(only=name, force=force)
 
     async def unload(self, name: str) -> list[str]:
         """Stop serving every version of ``name`` and keep it unloaded (the poller skips it)

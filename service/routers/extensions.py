@@ -149,9 +149,10 @@ async def index(request: Request, _admin: Admin, runtime: RuntimeDep):
     summary="Load a model",
 )
 async def load(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
-    """Model repository extension, Load: (re)load every version of ``name`` from its folder,
-    as ``POST /v1/models/{name}/reload`` does; a model unloaded before serves again.
-    200 once a version serves, with the reload's report.
+    """Model repository extension, Load: load ``name`` from its folder to pick up what
+    changed (as ``POST /v1/models/{name}/reload`` does, without rereading unchanged
+    versions); a model unloaded before serves again. 200 once a version serves, with the
+    rescan's report.
 
     Errors: 404 no such model folder; 422 load parameters (``config``, ``file:...``: a model
     is what its folder holds) or no version loaded (each one's error named); 503 with
@@ -166,7 +167,7 @@ async def load(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
         )
     repo = runtime.repository()
     try:
-        report = await repo.load(name)
+        report = await repo.load(name, force=False)  # Triton: a load picks up changes
     except NotFound as e:
         raise ApiError(404, str(e)) from None
     if repo.default_entry(name) is None:
