@@ -119,9 +119,12 @@ def bench(sub) -> None:
     """Register ``mondeq bench`` on the ``mondeq`` subparsers ``sub``.
 
     The command times inference (ms per batch), a train step (ms) and mean PR iterations of
-    the paper's CIFAR models (:func:`~mondeq_cli.benchmark.run_benchmark`); exit status 0,
-    or 2 with one line for an unknown model, a refused flag or a batch that does not fit in
-    memory.
+    the paper's CIFAR models (:func:`~mondeq_cli.benchmark.run_benchmark`), with the machine
+    probe before and after. With ``--reference-dir`` (a checkout of the paper's code) it
+    times the reference's networks alternating with ours and prints the ratios; without it,
+    no ratio. Exit status 0, or 2 with one line for an unknown model, a refused flag, a
+    reference directory that is missing, incomplete or does not import, or a batch that does
+    not fit in memory.
     """
     from .benchmark import DEFAULT_MODELS, PAPER_MODELS, PAPER_SOLVER
 
@@ -129,7 +132,9 @@ def bench(sub) -> None:
         "bench",
         help="time inference and train steps of the paper's CIFAR models",
         description="Inference ms/batch, train-step ms and iterations of the paper's CIFAR "
-        "models on the current device, beside the reference code's figures.",
+        "models on the current device. With --reference-dir, the paper's code "
+        "(github.com/locuslab/monotone_op_net) is timed alternating with ours in the same "
+        "process, and the ratios ours/reference of that run are printed.",
     )
     p.add_argument(
         "--models",
@@ -149,16 +154,45 @@ def bench(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=15,
                    help="timed repeats, median (default 15; this VM drifts)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument(
+        "--reference-dir",
+        metavar="DIR",
+        help="a checkout of github.com/locuslab/monotone_op_net: time its networks "
+        "alternating with ours and print the ratios (needs --repeats >= 7)",
+    )
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args) -> int:
-    from .benchmark import format_table, run_benchmark
+    from .benchmark import (
+        MIN_SIDE_BY_SIDE_REPEATS,
+        NO_REFERENCE_NOTE,
+        PAPER_MODELS,
+        format_probe,
+        format_table,
+        machine_probe,
+        pick_device,
+        run_benchmark,
+    )
+    from .reference import load_reference
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         if not models:
             raise ValueError(f"--models names no model, got {args.models!r}")
+        unknown = [m for m in models if m not in PAPER_MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; choose from {sorted(PAPER_MODELS)}")
+        pick_device(args.device)  # both refused before the probe and the reference's import
+        reference = None
+        if args.reference_dir is not None:
+            if args.repeats < MIN_SIDE_BY_SIDE_REPEATS:
+                raise ValueError(
+                    f"--reference-dir needs --repeats >= {MIN_SIDE_BY_SIDE_REPEATS} "
+                    f"(a median per side), got {args.repeats}"
+                )
+            reference = load_reference(args.reference_dir)  # ReferenceCodeError: ValueError
+        probe_before = machine_probe(args.device)
         rows = run_benchmark(
             models,
             batch_size=args.batch_size,
@@ -166,7 +200,9 @@ def _run_bench(args) -> int:
             tol=args.tol,
             alpha=args.alpha,
             repeats=args.repeats,
+            reference=reference,
         )
+        probe = {"before": probe_before, "after": machine_probe(args.device)}
     except ValueError as e:
         print(f"mondeq bench: {e}", file=sys.stderr)
         return 2
@@ -179,5 +215,11 @@ def _run_bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if args.json:
+        print(json.dumps([{**r, "machine_probe": probe} for r in rows], indent=2))
+        return 0
+    print(format_table(rows))
+    print("\n" + format_probe(probe["before"], probe["after"]))
+    if reference is None:
+        print(NO_REFERENCE_NOTE)
     return 0

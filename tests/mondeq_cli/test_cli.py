@@ -42,7 +42,9 @@ def test_bench_json_on_a_small_batch():
     assert row["batch"] == 2 and row["tol"] == 0.01
     assert row["fwd_iters"] >= 1 and row["train_bwd_iters"] >= 1
     assert row["label_agreement_vs_tol1e-6"] == 1.0
-    assert row["ref_infer_ms"] == 1700 and row["infer_speedup"] > 0
+    # no reference code ran beside it: no reference figure, no ratio
+    assert not [k for k in row if k.startswith("ref_") or k.endswith(("_ratio", "_speedup"))]
+    assert row["machine_probe"]["before"]["gemm_gflops"] > 0
 
 
 def test_bench_rejects_unknown_models():
