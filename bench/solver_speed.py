@@ -1,9 +1,17 @@
 """Solver speed of the paper's CIFAR models: the same measurement as `mondeq bench`.
 
     .venv/bin/python bench/solver_speed.py [--models cifar-conv,cifar-multitier] [--device cpu]
+        [--reference-dir DIR]
 
-Prints the Markdown table of docs/performance.md (Solver speed) and writes the raw rows to
-bench/results/solver_speed-<device>.json.
+Prints the Markdown table of docs/performance.md (Solver speed) and writes the raw rows, with
+the machine probe before and after, to bench/results/solver_speed-<device>.json.
+
+With --reference-dir (a checkout of https://github.com/locuslab/monotone_op_net, the paper's
+code; never copied into this project), the reference's networks of the same architectures are
+timed alternating with ours in this one process (mondeq_cli.benchmark.alternate), and the rows,
+with both sides' times, iterations and residuals and the ratios ours/reference of this run, go
+to bench/results/reference_speed-<device>.json instead, with the SHA-256 of the reference's
+files. Without it there is no ratio: a figure quoted from another run is never divided by.
 """
 
 from __future__ import annotations
@@ -16,7 +24,16 @@ from pathlib import Path
 import torch
 
 from model_core.runtime import tune_allocator
-from mondeq_cli.benchmark import DEFAULT_MODELS, format_table, machine_probe, run_benchmark
+from mondeq_cli.benchmark import (
+    DEFAULT_MODELS,
+    MIN_SIDE_BY_SIDE_REPEATS,
+    NO_REFERENCE_NOTE,
+    format_probe,
+    format_table,
+    machine_probe,
+    run_benchmark,
+)
+from mondeq_cli.reference import load_reference
 
 
 def main() -> None:
@@ -25,7 +42,16 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", "--batch", type=int, default=64, help="samples per batch")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats, median (default 15)")
+    p.add_argument("--reference-dir", metavar="DIR", help="a checkout of the paper's code")
     args = p.parse_args()
+    reference = None
+    if args.reference_dir is not None:
+        if args.repeats < MIN_SIDE_BY_SIDE_REPEATS:
+            p.error(f"--reference-dir needs --repeats >= {MIN_SIDE_BY_SIDE_REPEATS}")
+        try:
+            reference = load_reference(args.reference_dir)
+        except ValueError as e:
+            p.error(str(e))
     allocator_tuned = tune_allocator()  # as the `mondeq` entry points do
     probe_before = machine_probe(args.device)
     rows = run_benchmark(
@@ -33,6 +59,7 @@ def main() -> None:
         device=args.device,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        reference=reference,
     )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
@@ -46,15 +73,24 @@ def main() -> None:
         "probe_before": probe_before,
         "probe_after": machine_probe(args.device),
     }
-    (out / f"solver_speed-{dev}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
-    )
+    stem = "solver_speed"
+    if reference is not None:
+        stem = "reference_speed"
+        meta["reference"] = {
+            "code": "https://github.com/locuslab/monotone_op_net",
+            "sha256": reference.sha256,
+            "order": "alternating per call: ref, ours, ref, ours, ...",
+            "shims": "mondeq_cli.reference (torch.rfft/irfft, relu keeping its input)",
+        }
+    dest = out / f"{stem}-{dev}.json"
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    tmp.replace(dest)
     print(format_table(rows))
-    b, a = meta["probe_before"], meta["probe_after"]
-    print(
-        f"\nmachine probe: GEMM {b['gemm_gflops']:.0f} → {a['gemm_gflops']:.0f} GFLOP/s, "
-        f"copy {b['copy_gbps']:.1f} → {a['copy_gbps']:.1f} GB/s (before → after)"
-    )
+    print("\n" + format_probe(meta["probe_before"], meta["probe_after"]))
+    if reference is None:
+        print(NO_REFERENCE_NOTE)
+    print(f"wrote {dest}")
 
 
 if __name__ == "__main__":
