@@ -15,6 +15,7 @@ metrics in :mod:`service.middleware`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -25,6 +26,7 @@ from model_core.runtime import tune_allocator
 from . import schemas
 from .deps import declare_version
 from .errors import install_exception_handlers
+from .metrics import Metrics
 from .middleware import Guard
 from .openapi import customise
 from .repository import Repository
@@ -33,11 +35,18 @@ from .runtime import Runtime
 from .settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    repository: Callable[[Settings, Metrics], Repository] = Repository,
+) -> FastAPI:
     """Build the app. Models load when its lifespan starts, not here.
 
     Args:
         settings: defaults to ``Settings()`` (the ``MONDEQ_*`` environment).
+        repository: builds the repository in the lifespan from the settings and the app's
+            metrics (a worker of ``--workers N`` passes :class:`~service.frontend.
+            WorkerRepository`, the solver process's repository seen from a worker).
     """
     settings = settings or Settings()
     runtime = Runtime(settings)
@@ -51,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             grpc_front = app.state.grpc = GrpcServer(runtime)
             await grpc_front.start()  # before the models load: a taken port fails at once
-        runtime.repo = Repository(settings, runtime.metrics)
+        runtime.repo = repository(settings, runtime.metrics)
         await runtime.repo.start()
         try:
             yield

@@ -172,11 +172,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    _log_to_stderr(settings.log_level)
+    if settings.workers > 1:
+        from .frontend import serve_workers
+
+        return serve_workers(settings)
+
     import uvicorn
 
     from .app import create_app
-
-    _log_to_stderr(settings.log_level)
 
     config = uvicorn.Config(
         create_app(settings),

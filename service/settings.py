@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="least severity logged (info: model loads, α searches)"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="HTTP worker processes: 1 serves from one process; N > 1 parses requests "
+        "in N processes that feed one solver process (docs/service.md, Workers)",
+    )
 
     # ---- batching and admission --------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="rows per solve (1 turns batching off)")

@@ -82,6 +82,7 @@ def test_a_value_of_every_flag_reaches_the_settings(tmp_path):
         "grpc_port": ("8124", 8124),
         "device": ("CPU", "cpu"),
         "log_level": ("debug", "debug"),
+        "workers": ("3", 3),
         "max_batch_size": ("32", 32),
         "max_delay_ms": ("12.5", 12.5),
         "max_gap_ms": ("3", 3.0),
