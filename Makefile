@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the suite runs against for real: the Fashion-MNIST IDX files, Prometheus
 # (promtool and a live server for the monitoring test) and docker-compose (`config` checks).
-DEB_PACKAGES := dataset-fashion-mnist prometheus docker-compose haproxy
+DEB_PACKAGES := dataset-fashion-mnist prometheus docker-compose haproxy wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test run lint format bench clean system-deps
