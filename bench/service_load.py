@@ -287,7 +287,8 @@ def start_ours(
         args += ["--grpc-port", str(port)]
         address = f"127.0.0.1:{port}" if grpc else None
     env = {"MONDEQ_MAX_QUEUE": "100000", "MONDEQ_RETUNE_FACTOR": "0"}
-    proc, url = start_service(repo, *args, env=env)
+    # A loaded shared VM has taken over 5 minutes to tune α for fmnist-conv at load.
+    proc, url = start_service(repo, *args, env=env, ready_timeout_s=1200)
     return Server(name, proc, url, address, lambda: prometheus_batches(url), [repo])
 
 
@@ -334,7 +335,7 @@ def start_kserve(py: Path, folder: Path, device: str, tmp: Path) -> Server:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{http}"
-    wait_ready(proc, f"{url}/v2/models/{folder.name}/ready", log)
+    wait_ready(proc, f"{url}/v2/models/{folder.name}/ready", log, 1200)
     return Server("KServe ModelServer", proc, url, f"127.0.0.1:{grpc}", None, group=True)
 
 
@@ -363,7 +364,7 @@ def start_litserve(py: Path, folder: Path, device: str, tmp: Path, timeout_s: fl
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, f"{url}/health", log)
+    wait_ready(proc, f"{url}/health", log, 1200)
 
     def batches() -> tuple[float, float]:
         try:
@@ -845,43 +846,52 @@ def main() -> None:
     py = None if args.no_peers else peers_python()
     probe_before = machine_probe(device)
     images = test_images(64)
+
+    def save() -> dict:
+        meta = {
+            "device": device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "wrk": wrk_version(),
+            "peers": peer_versions(py) if py else None,
+            "our_flags": sorted(flags),
+            "rounds": args.rounds,
+            "window_s": args.window,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "workers": args.workers,
+            "slow_connections": args.slow_connections,
+            "slow_delay_ms": args.slow_delay_ms,
+            "grpc_processes": args.grpc_processes,
+            "litserve_batch_timeout_s": args.litserve_batch_timeout,
+            "probe_before": probe_before,
+            "probe_after": machine_probe(device),
+            "notes": notes,
+        }
+        out = ROOT / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"service_load-{device}.json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=2)
+        )
+        return meta
+
     results = []
     with tempfile.TemporaryDirectory(prefix="service-load-") as tmp:
         reqs = Path(tmp) / "requests"
         write_requests(reqs, images)
         for folder in folders:
-            results.append(
-                run_model(folder, args, device, flags, py, reqs, images, Path(tmp), notes)
-            )
-    meta = {
-        "device": device,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "wrk": subprocess.run(["wrk", "--version"], capture_output=True, text=True)
-        .stdout.split("[")[0]
-        .strip(),
-        "peers": peer_versions(py) if py else None,
-        "our_flags": sorted(flags),
-        "rounds": args.rounds,
-        "window_s": args.window,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "workers": args.workers,
-        "slow_connections": args.slow_connections,
-        "slow_delay_ms": args.slow_delay_ms,
-        "grpc_processes": args.grpc_processes,
-        "litserve_batch_timeout_s": args.litserve_batch_timeout,
-        "probe_before": probe_before,
-        "probe_after": machine_probe(device),
-        "notes": notes,
-    }
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"service_load-{device}.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2)
-    )
+            # Each model's results are saved as soon as they are in: a later model's failure
+            # (a server that never became ready) loses nothing measured before it.
+            try:
+                results.append(
+                    run_model(folder, args, device, flags, py, reqs, images, Path(tmp), notes)
+                )
+            except SystemExit as e:
+                notes.append(f"{folder.name}: not measured: {str(e).splitlines()[0]}")
+                print(notes[-1], file=sys.stderr)
+            meta = save()
     print(table(results, meta))
 
 
