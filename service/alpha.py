@@ -11,6 +11,8 @@ switches to it, so serving never waits for a factorisation.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -18,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +28,9 @@ from torch import Tensor
 from model_core import SOLVERS, MonDEQClassifier, tune_alpha
 
 log = logging.getLogger("mondeq.service")
+T = TypeVar("T")
+# Names of the daemon threads that run α searches (:func:`search_running`).
+SEARCH_THREADS = ("alpha-search", "alpha-retune")
 
 # The search the server runs: tune_alpha's own grid (log10 range, grid points, refinements).
 _SEARCH = {
@@ -38,6 +44,45 @@ def search_plan() -> str:
     """The server's α search in words, for the log: ``up to 13 α in [0.01, 100]``."""
     lo, hi = _SEARCH["log10_range"]
     return f"up to {_SEARCH['grid'] + _SEARCH['refine']} α in [{10**lo:g}, {10**hi:g}]"
+
+
+async def in_search_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread of its own, awaited: for work that runs an α search
+    (a load with its search at load, an admin search).
+
+    ``tune_alpha`` cannot be interrupted, and the threads of asyncio's default executor
+    (``asyncio.to_thread``) are joined when the process exits, so a search running in one
+    held a SIGTERM-ed server until its last α: minutes on a CPU, past every grace period.
+    A daemon thread ends with the process, as the drift retunes' threads do. A caller that is
+    cancelled stops waiting, and the result is dropped when it comes.
+
+    Raises:
+        whatever ``fn`` raises.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(set_outcome: Callable[[Any], None], value: Any) -> None:
+        if not done.done():  # the caller was cancelled meanwhile
+            set_outcome(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Callable[[Any], None], Any] = (done.set_result, fn(*args))
+        except BaseException as e:  # handed to the awaiting caller
+            outcome = (done.set_exception, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=SEARCH_THREADS[0], daemon=True).start()
+    return await done
+
+
+def search_running() -> bool:
+    """Whether an α search thread (:func:`in_search_thread`'s or a drift retune's) is still
+    computing. The process must then end with ``os._exit``: the interpreter's finalization
+    tears down torch's thread pools under the running search and aborts the process."""
+    return any(t.name in SEARCH_THREADS and t.is_alive() for t in threading.enumerate())
 
 
 class TuningBusy(Exception):
@@ -255,7 +300,7 @@ class AlphaTuner:
         if reason is not None and not self.busy:
             self.pending_initial = False
             threading.Thread(
-                target=self._background, args=(reason,), name="alpha-retune", daemon=True
+                target=self._background, args=(reason,), name=SEARCH_THREADS[1], daemon=True
             ).start()
 
     def _background(self, reason: str) -> None:

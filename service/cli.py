@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from .frontend import serve_workers
 
-        return serve_workers(settings)
+        return _exit(serve_workers(settings))
 
     import uvicorn
 
@@ -192,7 +192,25 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.graceful_timeout_s,
     )
     _Server(config).run()
-    return 0
+    return _exit(0)
+
+
+def _exit(code: int) -> int:
+    """``code``, or the process ends here with it when an α search is still running
+    (a SIGTERM during a load's search, an admin or drift search): the search cannot be
+    interrupted, and finalizing the interpreter under it aborts the process (SIGABRT)."""
+    from .alpha import search_running
+
+    if search_running():
+        import logging
+        import os
+
+        logging.getLogger("mondeq.service").info("stopped during an α search: not waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _one_line(error, spelled: dict) -> str:

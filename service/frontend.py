@@ -68,6 +68,7 @@ from torch import Tensor
 
 from model_core import InputSpec, SolverSettings
 
+from .alpha import in_search_thread
 from .batcher import Answer, Closed
 from .engine import ServedModel, SolveKey
 from .metrics import Metrics
@@ -447,7 +448,7 @@ class SolverHost:
             name, version, reason, source, apply = args
             served = self.repo.served(name, version)
             try:
-                return await asyncio.to_thread(served.tuner.tune, reason, source, apply)
+                return await in_search_thread(served.tuner.tune, reason, source, apply)
             finally:
                 await self.publish()
         if op == "metrics":

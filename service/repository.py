@@ -28,6 +28,7 @@ from pathlib import Path
 
 from model_core import CheckpointError, load_checkpoint
 
+from .alpha import in_search_thread
 from .engine import ServedModel
 from .metrics import Metrics
 from .settings import Settings
@@ -487,7 +488,7 @@ class Repository:
         log.info("%s/%s: loading %s", name, version, path)
         t0 = time.monotonic()
         try:
-            served = await asyncio.to_thread(self._build, name, version, path)
+            served = await in_search_thread(self._build, name, version, path)
         except CheckpointError as e:  # the message names the file and the reason
             entry.status, entry.error = "failed", str(e)
         except Exception as e:  # a bad checkpoint must never stop the others

@@ -3,13 +3,11 @@ and the reload of a model's folder."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .. import schemas
-from ..alpha import NoTuningData, TuningBusy
+from ..alpha import NoTuningData, TuningBusy, in_search_thread
 from ..decoding import optional_json_body
 from ..deps import Admin, RuntimeDep
 from ..encoding import finite
@@ -39,7 +37,7 @@ async def tune(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
     version = str(body.version) if body.version is not None else None
     served = runtime.served(name, version)
     try:
-        out = await asyncio.to_thread(served.tuner.tune, "admin", body.source, body.apply)
+        out = await in_search_thread(served.tuner.tune, "admin", body.source, body.apply)
     except (TuningBusy, NoTuningData) as e:
         raise ApiError(409, str(e)) from None
     except ValueError as e:

@@ -443,6 +443,42 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_the_alpha_search_at_load_exits_at_once(tmp_path, workers):
+    """A SIGTERM while a model's α search at load runs (minutes on a CPU for a real model;
+    here a tolerance no float32 solve reaches, so every α runs to max_iter) ends the process
+    with status 0 instead of waiting for the search: the search cannot be interrupted, and a
+    thread asyncio joins at exit held the server (one process and the solver process of
+    --workers 2 alike) until its last α."""
+    endless = {**FC_CONFIG, "solver": {"alpha": 1.0, "tol": 1e-12, "max_iter": 10**6}}
+    make_checkpoint(tmp_path / "endless/1/model.pt", endless, calibration=64)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_subprocess_server(
+        tmp_path, port, MONDEQ_TUNE_AT_LOAD="true", MONDEQ_WORKERS=str(workers)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # live, and the model is loading (its search runs for minutes)
+            assert time.monotonic() < deadline, "server not live"
+            try:
+                r = httpx.get(f"{url}/v2/models/endless/ready", timeout=5)
+                if r.status_code == 503:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        time.sleep(1.0)  # the checkpoint (a few kB) is read; the search is under way
+        r = httpx.get(f"{url}/v2/health/ready", timeout=5)
+        assert (r.status_code, r.json()["error"]) == (503, "not ready: models are loading")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        print(proc.stdout.read() if proc.stdout else "")
+
+
 def test_cli_entry_points():
     exe = Path(sys.executable).parent / "mondeq"
     run = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
