@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
 from .. import schemas
@@ -234,6 +235,8 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
             metrics = self.runtime.metrics
             metrics.inflight.inc()
             try:
+                if isinstance(request, MalformedMessage):
+                    raise ApiError(400, request.message)
                 response, status = await handler(self, request, context)
                 return response
             except ApiError as e:
@@ -257,6 +260,49 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
     return wrap
 
 
+class MalformedMessage:
+    """A request whose bytes are no message of its method's type, as :class:`DecodeGuard`
+    hands it on: the handler's :func:`rpc` answers it ``INVALID_ARGUMENT`` (HTTP's 400 for
+    bytes that are not JSON) where gRPC's own deserializer failure is ``UNKNOWN``."""
+
+    def __init__(self, kind: str, error: Exception):
+        self.message = f"malformed {kind} message: {error}"
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Wraps each method's request deserializer so that bytes which do not parse become a
+    :class:`MalformedMessage` for the handler instead of an exception inside gRPC."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = self._handlers.get(method)  # one wrapped handler per method, built once
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # no such method (not cached: names are the client's)
+                return None
+            if handler.request_deserializer is not None:
+                handler = handler._replace(
+                    request_deserializer=self._guard(handler.request_deserializer, method)
+                )
+            self._handlers[method] = handler
+        return handler
+
+    @staticmethod
+    def _guard(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+        kind = method.rsplit("/", 1)[-1] + "Request"
+
+        def read(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError as e:
+                return MalformedMessage(f"inference.{kind}", e)
+
+        return read
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over one app's :class:`Runtime`."""
 
@@ -269,7 +315,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """One call in ``mondeq_requests_total`` and ``mondeq_request_duration_seconds``."""
         model = ""
         if model_field is not None:
-            name = getattr(request, model_field)
+            name = getattr(request, model_field, "")  # "": a MalformedMessage
             model = name if name in self.runtime.names() else "unknown"
         try:
             m = self.runtime.metrics
@@ -367,11 +413,12 @@ class GrpcServer:
         """
         s = self.runtime.settings
         server = grpc.aio.server(
+            interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", s.max_body_bytes),
                 # A port in use is an error, not a second server sharing it silently.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.runtime), server)
         try:

@@ -372,6 +372,41 @@ def test_raw_contents_that_do_not_frame_the_input(served):
             assert words in e.value.details(), (case, e.value.details())
 
 
+def test_bytes_that_are_no_message_are_invalid_argument(served, triton):
+    """Bytes that protobuf cannot parse as the method's request (a truncated varint, a
+    string field that is not UTF-8) are INVALID_ARGUMENT naming the message type, counted
+    as 400 like HTTP's body that is not JSON (gRPC's own answer was UNKNOWN); the next
+    call is answered."""
+
+    def count() -> float:
+        text = httpx.get(f"{served.url}/metrics").text
+        return metric(
+            metric_samples(text), "mondeq_requests_total", endpoint="grpc_infer", code="400"
+        )
+
+    before = count()
+    garbage = {
+        "truncated varint": b"\xff\xff\xff\xff\x0f",
+        "model_name not UTF-8": b"\x0a\x02\xff\xfe",
+    }
+    with grpc.insecure_channel(served.target) as channel:
+        for case, data in garbage.items():
+            for method in ("ModelInfer", "ModelMetadata"):
+                call = channel.unary_unary(
+                    f"/inference.GRPCInferenceService/{method}",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
+                with pytest.raises(grpc.RpcError) as e:
+                    call(data, timeout=30)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, method)
+                assert e.value.details().startswith(
+                    f"malformed inference.{method}Request message: "
+                ), (case, e.value.details())
+    assert count() == before + 2
+    assert triton.infer("fc", [raw_input(pixels(1))]).as_numpy("label").shape == (1,)
+
+
 def test_metrics_count_each_grpc_call_under_its_own_endpoint(served, triton):
     def count(**labels) -> float:
         text = httpx.get(f"{served.url}/metrics").text
