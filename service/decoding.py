@@ -422,12 +422,15 @@ async def infer_body(request: Request) -> tuple[schemas.InferRequest, list[bytes
         the parsed request, and per input its bytes (``None``: JSON ``data``).
 
     Raises:
-        ApiError: 415 for another content type; 400 for bytes that are not JSON or a body
-            the header and the sizes do not frame (:func:`split_body`,
-            :func:`binary_inputs`).
+        ApiError: 415 for another content type; 400 for bytes that are not JSON, the
+            header given twice with different values, or a body the header and the sizes
+            do not frame (:func:`split_body`, :func:`binary_inputs`).
         RequestValidationError: 422 for JSON of the wrong shape.
     """
-    header = request.headers.get(HEADER_LENGTH)
+    values = request.headers.getlist(HEADER_LENGTH)
+    if len(set(values)) > 1:  # which one frames the body? (RFC 9110 §8.6, as Content-Length)
+        raise ApiError(400, f"{HEADER_LENGTH} given with different values {values}: send it once")
+    header = values[0] if values else None
     if header is None:
         body = await json_body(request, schemas.InferRequest, "send application/json")
         return body, binary_inputs(body.inputs, None)

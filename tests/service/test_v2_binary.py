@@ -129,7 +129,7 @@ def json_bytes(output: dict) -> bytes:
     return np.asarray(values).astype(NUMPY_TYPES[output["datatype"]]).tobytes()
 
 
-def post(srv: LiveServer, content: bytes, headers: dict) -> httpx.Response:
+def post(srv: LiveServer, content: bytes, headers: dict | list) -> httpx.Response:
     return httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", content=content, headers=headers)
 
 
@@ -279,7 +279,18 @@ def header_body(value: str) -> tuple[bytes, dict]:
     return body, {**headers, HEADER: value}
 
 
+def header_twice(second: str) -> tuple[bytes, list]:
+    """A framed body whose header is sent twice, the second time as ``second``."""
+    body, headers = framed()
+    return body, [*headers.items(), (HEADER, second)]
+
+
 MALFORMED = {
+    "header twice, different values": (
+        header_twice("5"),
+        "Inference-Header-Content-Length given with different values ['118', '5']: send it "
+        "once",
+    ),
     "header not a number": (
         header_body("abc"),
         "Inference-Header-Content-Length must be the JSON header's length in bytes, got 'abc'",
