@@ -53,6 +53,11 @@ class NotReady(Exception):
     """The model or version exists but cannot serve (loading or failed); says why."""
 
 
+class Unloaded(Exception):
+    """The model was unloaded (:meth:`Repository.unload`) while a load of it ran: the
+    load's result was dropped and the model stays unloaded."""
+
+
 @dataclass
 class Reload:
     """The file on disk of a version that serves, when it is not the file that serves."""
@@ -185,7 +190,11 @@ def read_card(folder: Path) -> dict:
 class Repository:
     """Every model version the server knows, and their loading.
 
-    All mutation happens in the event loop; loading runs in worker threads.
+    All mutation happens in the event loop; loading runs in worker threads. Changes of the
+    entries are short critical sections under one lock; the slow part of a load (reading
+    the file, the α search) runs outside it, under a lock of its model's own, so that an
+    unload, a listing or another model's load never waits for an α search. A load whose
+    version was unloaded or removed meanwhile is dropped when it finishes.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics):
@@ -207,6 +216,11 @@ class Repository:
         # Models unloaded on request (:meth:`unload`): the poller leaves them alone until
         # :meth:`load` names them again.
         self.unloaded: set[str] = set()
+        self._unloads: dict[str, int] = {}  # name -> how many times it was unloaded
+        self._model_locks: dict[str, asyncio.Lock] = {}  # name -> held while it loads
+        # name -> set by its next unload: a load of it in flight stops waiting (its result
+        # is dropped when the search thread ends) and its caller is answered at once.
+        self._unload_signals: dict[str, asyncio.Event] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -354,6 +368,12 @@ class Repository:
             ``{"loaded": [...], "failed": [...], "removed": [...], "pending": [...]}`` of
             ``name/version``.
         """
+        report: dict[str, list[str]] = {
+            "loaded": [],
+            "failed": [],
+            "removed": [],
+            "pending": [],
+        }
         async with self._lock:
             ignored: list[tuple[Path, str]] = []
             found = await asyncio.to_thread(scan, self.settings.model_dir, ignored)
@@ -361,12 +381,6 @@ class Repository:
             found = {n: vs for n, vs in found.items() if n not in self.unloaded}
             if only is not None:
                 found = {only: found[only]} if only in found else {}
-            report: dict[str, list[str]] = {
-                "loaded": [],
-                "failed": [],
-                "removed": [],
-                "pending": [],
-            }
             names = [only] if only is not None else list(self.entries)
             for name in names:
                 for v in list(self.entries.get(name, {})):
@@ -386,24 +400,51 @@ class Repository:
             # Loads run one after another (minutes with α tuning): every version found is
             # listed as loading at once, so that a model not reached yet is 503 (not ready),
             # never 404 (unknown), to clients and probes meanwhile.
-            before = {(n, v): e for n, vs in self.entries.items() for v, e in vs.items()}
             for name, version, path, stamp in todo:
-                if (name, version) not in before:
+                if version not in self.entries.get(name, {}):
                     self.entries.setdefault(name, {})[version] = VersionEntry(
                         name, version, path, stamp
                     )
                     self._update_metrics(name)
-            now = time.monotonic()
-            for name, version, path, stamp in todo:
-                if self.closing:
-                    break
-                old = before.get((name, version))
+        for name, version, path, stamp in todo:
+            if self.closing:
+                break
+            await self._refresh_version(name, version, path, stamp, force, report)
+        async with self._lock:
+            for name in [only] if only is not None else list(self.entries):
+                self._update_metrics(name)
+        return report
+
+    def _drop_load(self, task: asyncio.Future) -> None:
+        """Close what a load dropped by :meth:`unload` loaded, once it is done."""
+        if not task.cancelled() and task.exception() is None:
+            self._retire(task.result())
+
+    def _model_lock(self, name: str) -> asyncio.Lock:
+        return self._model_locks.setdefault(name, asyncio.Lock())
+
+    async def _refresh_version(
+        self, name: str, version: int, path: Path, stamp: Stamp, force: bool, report: dict
+    ) -> None:
+        """Load ``name/version`` if :meth:`refresh` should, deciding on the entries as they
+        are once no other load of ``name`` runs; the load itself runs outside the
+        repository's lock, and its result is dropped if the entry it would replace left
+        meanwhile (:meth:`unload`, a removal)."""
+        async with self._model_lock(name):
+            async with self._lock:
+                if self.closing or name in self.unloaded:
+                    return
+                old = self.entries.get(name, {}).get(version)
+                if old is None:
+                    return  # removed or unloaded since the scan
+                if old.status == "loading" and old.served is None:
+                    old = None  # listed as loading by a scan, not loaded yet
                 if old is not None and old.status != "pending" and old.stamp == stamp:
                     if old.reload is not None:  # the file that serves is back on disk
                         old.reload = None
                         self.metrics.set_load_failed(name, str(version), False)
                     if not force:
-                        continue
+                        return
                 elif (
                     old is not None
                     and old.reload is not None
@@ -411,38 +452,50 @@ class Repository:
                     and old.reload.status == "failed"
                     and not force
                 ):
-                    continue  # this file failed already: wait for it to change
-                if not self._settled(name, version, stamp, now):
+                    return  # this file failed already: wait for it to change
+                if not self._settled(name, version, stamp, time.monotonic()):
                     report["pending"].append(f"{name}/{version}")
                     self._mark_pending(name, version, path, stamp, old)
-                    continue
+                    return
                 if old is None or old.status == "pending":
                     self.entries.setdefault(name, {})[version] = VersionEntry(
                         name, version, path, stamp
                     )
                     self._update_metrics(name)
-                new = await self._load(name, version, path, stamp)
-                if self.closing:
+                replaced = self.entries[name][version]
+                unloaded = self._unload_signals.setdefault(name, asyncio.Event())
+            load = asyncio.ensure_future(self._load(name, version, path, stamp))
+            signal = asyncio.ensure_future(unloaded.wait())
+            await asyncio.wait({load, signal}, return_when=asyncio.FIRST_COMPLETED)
+            signal.cancel()
+            if not load.done():
+                # Unloaded meanwhile: answer now; the search thread cannot be stopped, so
+                # what it loads is closed once it ends.
+                load.add_done_callback(self._drop_load)
+                log.info("%s/%s: load dropped (unloaded meanwhile)", name, version)
+                return
+            new = load.result()
+            async with self._lock:
+                if self.closing or self.entries.get(name, {}).get(version) is not replaced:
+                    # Unloaded, removed or shutting down meanwhile: this load is not wanted.
                     if new.served is not None:
                         self._retire(new)
-                    break
+                    log.info("%s/%s: load dropped (unloaded or removed meanwhile)", name, version)
+                    return
                 ok = new.status == "ready"
                 report["loaded" if ok else "failed"].append(f"{name}/{version}")
                 self.metrics.set_load_failed(name, str(version), not ok)
                 if not ok:
                     self.metrics.load_failures.labels(name, str(version)).inc()
-                if not ok and old is not None and old.status == "ready":
+                if not ok and replaced.status == "ready":
                     # Keep serving what loaded; say what happened to the new file.
-                    old.reload = Reload(stamp, "failed", new.error)
+                    replaced.reload = Reload(stamp, "failed", new.error)
                     log.error("%s/%s keeps serving its loaded weights", name, version)
                 else:
-                    self.entries.setdefault(name, {})[version] = new
-                    if old is not None and old.served is not None:
-                        self._retire(old)
+                    self.entries[name][version] = new
+                    if replaced.served is not None:
+                        self._retire(replaced)
                 self._update_metrics(name)
-            for name in [only] if only is not None else list(self.entries):
-                self._update_metrics(name)
-            return report
 
     def _warn_ignored(self, ignored: list[tuple[Path, str]]) -> None:
         """Log each folder skipped for its name, once (the poller rescans every few
@@ -598,13 +651,19 @@ class Repository:
 
         Raises:
             NotFound: ``name`` is neither known nor a folder of the repository.
+            Unloaded: :meth:`unload` of ``name`` came while this load ran: its result was
+                dropped and ``name`` stays unloaded.
         """
         if not NAME_RE.match(name) or not (
             name in self.entries or (self.settings.model_dir / name).is_dir()
         ):
             raise NotFound(f"unknown model {name!r}; available: {self.names()}")
         self.unloaded.discard(name)
-        return await self.refresh(only=name, force=force)
+        unloads = self._unloads.get(name, 0)
+        report = await self.refresh(only=name, force=force)
+        if self._unloads.get(name, 0) != unloads:
+            raise Unloaded(f"model {name!r} was unloaded while loading; it stays unloaded")
+        return report
 
     async def unload(self, name: str) -> list[str]:
         """Stop serving every version of ``name`` and keep it unloaded (the poller skips it)
@@ -623,6 +682,8 @@ class Repository:
                     return []
                 raise NotFound(f"unknown model {name!r}; available: {self.names()}")
             self.unloaded.add(name)
+            self._unloads[name] = self._unloads.get(name, 0) + 1
+            self._unload_signals.pop(name, asyncio.Event()).set()
             versions = self.entries.pop(name)
             for v, entry in versions.items():
                 self._retire(entry)

@@ -13,7 +13,7 @@ from ..deps import Admin, RuntimeDep
 from ..encoding import finite
 from ..errors import ApiError
 from ..openapi import ADMIN_ERRORS, ERRORS, body_doc
-from ..repository import NotFound
+from ..repository import NotFound, Unloaded
 
 router = APIRouter(tags=["admin"])
 RESPONSES = {**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415]}
@@ -48,7 +48,13 @@ async def tune(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
 @router.post(
     "/v1/models/{name}/reload",
     name="v1_reload",
-    responses=RESPONSES,
+    responses={
+        **RESPONSES,
+        409: {
+            "model": schemas.ErrorBody,
+            "description": "the model was unloaded while it loaded; it stays unloaded",
+        },
+    },
     openapi_extra=body_doc(schemas.ReloadRequest, required=False),
 )
 async def reload(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
@@ -64,6 +70,8 @@ async def reload(name: str, request: Request, _admin: Admin, runtime: RuntimeDep
         report = await repo.load(name)
     except NotFound as e:
         raise ApiError(404, str(e)) from None
+    except Unloaded as e:
+        raise ApiError(409, str(e)) from None
     item = next((m for m in repo.describe() if m["name"] == name), None)
     versions = [
         {k: v.get(k) for k in ("version", "status", "error", "reload")}

@@ -25,11 +25,15 @@ from ..decoding import optional_json_body
 from ..deps import Admin, RuntimeDep
 from ..errors import ApiError
 from ..openapi import ADMIN_ERRORS, ERRORS, body_doc
-from ..repository import NotFound, NotReady, Repository, scan
+from ..repository import NotFound, NotReady, Repository, Unloaded, scan
 from ..stats import empty_snapshot
 
 router = APIRouter(tags=["v2 extensions"])
 ADMIN_RESPONSES = {**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415], 503: ERRORS[503]}
+UNLOADED_WHILE_LOADING = {
+    "model": schemas.ErrorBody,
+    "description": "the model was unloaded while it loaded; it stays unloaded",
+}
 # A version's load state as the repository extension names it.
 STATES = {"ready": "READY", "loading": "LOADING", "pending": "LOADING", "failed": "UNAVAILABLE"}
 
@@ -144,7 +148,7 @@ async def index(request: Request, _admin: Admin, runtime: RuntimeDep):
 @router.post(
     "/v2/repository/models/{name}/load",
     name="v2_repository_load",
-    responses=ADMIN_RESPONSES,
+    responses={**ADMIN_RESPONSES, 409: UNLOADED_WHILE_LOADING},
     openapi_extra=body_doc(schemas.RepositoryLoadRequest, required=False),
     summary="Load a model",
 )
@@ -154,7 +158,8 @@ async def load(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
     versions); a model unloaded before serves again. 200 once a version serves, with the
     rescan's report.
 
-    Errors: 404 no such model folder; 422 load parameters (``config``, ``file:...``: a model
+    Errors: 404 no such model folder; 409 an unload of ``name`` came while it loaded (the
+    model stays unloaded); 422 load parameters (``config``, ``file:...``: a model
     is what its folder holds) or no version loaded (each one's error named); 503 with
     ``Retry-After`` while its files are still changing on disk.
     """
@@ -170,6 +175,8 @@ async def load(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
         report = await repo.load(name, force=False)  # Triton: a load picks up changes
     except NotFound as e:
         raise ApiError(404, str(e)) from None
+    except Unloaded as e:  # the later request wins; this one's work was dropped
+        raise ApiError(409, str(e)) from None
     if repo.default_entry(name) is None:
         errors = [f"{name}/{e.version}: {e.error or e.status}" for e in repo.versions(name)]
         if report["pending"] and not report["failed"]:
