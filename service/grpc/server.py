@@ -260,6 +260,10 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
     return wrap
 
 
+# The protocol extensions ServerMetadata lists over gRPC (see ServerMetadata).
+GRPC_EXTENSIONS: tuple[str, ...] = ()
+
+
 class MalformedMessage:
     """A request whose bytes are no message of its method's type, as :class:`DecodeGuard`
     hands it on: the handler's :func:`rpc` answers it ``INVALID_ARGUMENT`` (HTTP's 400 for
@@ -351,9 +355,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("grpc_server_metadata")
     async def ServerMetadata(self, request, context):
-        """``GET /v2``'s name, version and extensions."""
+        """``GET /v2``'s name and version, and the extensions this gRPC service serves:
+        none (binary tensors are HTTP's framing, raw contents are gRPC's own; statistics and
+        the model repository are served over HTTP only, so listing them here would send
+        Triton's tooling to RPCs that answer UNIMPLEMENTED)."""
         d = await v2.server_metadata()
-        return pb.ServerMetadataResponse(**d), 200
+        return pb.ServerMetadataResponse(**{**d, "extensions": GRPC_EXTENSIONS}), 200
 
     @rpc("grpc_model_metadata", "name")
     async def ModelMetadata(self, request, context):

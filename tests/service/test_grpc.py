@@ -202,7 +202,10 @@ def test_health_and_metadata_match_http(served, triton):
     assert e.value.status() == "StatusCode.NOT_FOUND"
 
     meta = triton.get_server_metadata(as_json=True)
-    assert meta == httpx.get(f"{served.url}/v2").json()
+    http_meta = httpx.get(f"{served.url}/v2").json()
+    assert http_meta["extensions"] == ["binary_tensor_data", "statistics", "model_repository"]
+    # gRPC serves none of HTTP's extensions: it lists none (protobuf's JSON omits the empty list)
+    assert meta == {"name": http_meta["name"], "version": http_meta["version"]}
     for path, (name, version) in {
         "/v2/models/fc": ("fc", ""),
         "/v2/models/fc/versions/1": ("fc", "1"),
