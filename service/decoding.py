@@ -59,6 +59,10 @@ ELEMENT_BYTES = {
 DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
+# The name of the model's one input tensor (V2 model metadata's ``inputs[0].name``).
+INPUT_NAME = "input"
+
+
 # ---- JSON bodies ------------------------------------------------------------------------------
 
 
@@ -221,11 +225,15 @@ def input_pixels(
         max_rows: the largest batch one request may send.
 
     Raises:
-        ApiError: 422 for a datatype other than FP32, another shape or batch size, no data,
+        ApiError: 422 for a name other than :data:`INPUT_NAME` (the model metadata's), a
+            datatype other than FP32, another shape or batch size, no data,
             a value count that does not match the shape, or values :func:`to_pixels`
             refuses (the same words for bytes and JSON); 400 for raw bytes whose length is
             not ``4 × prod(shape)`` (they cannot be framed as the tensor declared).
     """
+    if name != INPUT_NAME:
+        # A tensor meant for another model (or misspelt) is refused rather than guessed at.
+        raise ApiError(422, f"unknown input {name!r}: the model's input is {INPUT_NAME!r}")
     if datatype != "FP32":
         raise ApiError(422, f"input datatype must be FP32, got {datatype!r}")
     c, h, w = served.shape
@@ -372,6 +380,21 @@ def binary_inputs(inputs: list[schemas.InferInput], tail: bytes | None) -> list[
     return out
 
 
+def check_output_names(names: list[str]) -> None:
+    """Check the output names a V2 request asks for, over HTTP or gRPC alike.
+
+    Raises:
+        ApiError: 422 for a name not in :data:`service.encoding.OUTPUT_TYPES`, or one named
+            more than once (an answer holds each output once).
+    """
+    unknown = [n for n in names if n not in OUTPUT_TYPES]
+    if unknown:
+        raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ApiError(422, f"outputs requested more than once: {twice}")
+
+
 def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
     """The outputs a V2 request asks for, each with whether it goes back as binary data.
 
@@ -380,7 +403,8 @@ def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
     overrides the request's ``parameters.binary_data_output`` (binary tensor data extension).
 
     Raises:
-        ApiError: 422 for an unknown output, a flag that is not a JSON boolean, or the
+        ApiError: 422 for an unknown output, one named twice, a flag that is not a JSON
+            boolean, or the
             classification extension's ``classification`` parameter (not served).
     """
     every = getattr(body.parameters, "binary_data_output", None)
@@ -390,9 +414,7 @@ def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
         raise ApiError(422, f"parameters.binary_data_output must be true or false, got {every!r}")
     if not body.outputs:
         return [(n, every) for n in DEFAULT_OUTPUTS]
-    unknown = [o.name for o in body.outputs if o.name not in OUTPUT_TYPES]
-    if unknown:
-        raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
+    check_output_names([o.name for o in body.outputs])
     wanted = []
     for o in body.outputs:
         params = o.parameters or {}

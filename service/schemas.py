@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from model_core import SOLVERS, SolverSettings
 
@@ -65,7 +65,8 @@ class InferInput(BaseModel):
     data extension, no ``data`` and ``parameters.binary_data_size`` bytes after the JSON."""
 
     name: str = Field(examples=["input"])
-    shape: list[int] = Field(description="[B, C, H, W]", examples=[[1, 1, 28, 28]])
+    # The spec's shape is int64: "28" or 28.0 is a client bug to name, not a value to coerce.
+    shape: list[StrictInt] = Field(description="[B, C, H, W]", examples=[[1, 1, 28, 28]])
     datatype: str = Field(description="must be FP32", examples=["FP32"])
     data: list[Any] | None = Field(
         None,

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from .. import schemas
 from ..batcher import Answer
-from ..decoding import input_pixels, solve_key
+from ..decoding import check_output_names, input_pixels, solve_key
 from ..encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES, output_bytes, solver_info
 from ..errors import ApiError, summarise_validation
 from ..repository import NotFound, NotReady
@@ -110,14 +110,12 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     """The output names a request asks for (none: :data:`DEFAULT_OUTPUTS`).
 
     Raises:
-        ApiError: 422 for a name that is not in :data:`OUTPUT_TYPES`.
+        ApiError: 422 as :func:`service.decoding.check_output_names` (HTTP's words).
     """
     if not request.outputs:
         return list(DEFAULT_OUTPUTS)
     wanted = [o.name for o in request.outputs]
-    unknown = [n for n in wanted if n not in OUTPUT_TYPES]
-    if unknown:
-        raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
+    check_output_names(wanted)
     return wanted
 
 

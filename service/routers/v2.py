@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse, Response
 from model_core import __version__
 
 from .. import schemas
-from ..decoding import HEADER_LENGTH, infer_body, requested_outputs, solve_key, v2_pixels
+from ..decoding import (
+    HEADER_LENGTH,
+    INPUT_NAME,
+    infer_body,
+    requested_outputs,
+    solve_key,
+    v2_pixels,
+)
 from ..deps import ModelVersion, RuntimeDep, Served
 from ..encoding import OUTPUT_TYPES, solver_info, v2_binary_outputs, v2_outputs
 from ..errors import ApiError, error_response
@@ -100,7 +107,7 @@ async def model_metadata(name: str, version: ModelVersion, served: Served, runti
         "name": name,
         "versions": versions,
         "platform": PLATFORM,
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *served.shape]}],
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *served.shape]}],
         "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},

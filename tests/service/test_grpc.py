@@ -318,6 +318,14 @@ def test_bad_input_gets_the_http_message_and_its_grpc_code(served, triton):
             v2_body(torch.from_numpy(x), outputs=[{"name": "labels"}]),
         )
     )
+    misnamed = grpcclient.InferInput("pixels", list(x.shape), "FP32")
+    misnamed.set_data_from_numpy(x)
+    body = v2_body(torch.from_numpy(x))
+    body["inputs"][0]["name"] = "pixels"
+    cases.append(([misnamed], {}, body))  # a tensor named for another model
+    twice = [grpcclient.InferRequestedOutput("label")] * 2
+    cases.append(([raw_input(x)], {"outputs": twice},
+                  v2_body(torch.from_numpy(x), outputs=[{"name": "label"}] * 2)))  # fmt: skip
     for inputs, kw, body in cases:
         code, message = rpc_error(triton, "fc", inputs, **kw)
         status, error = http_error(served.url, path, body)

@@ -276,6 +276,11 @@ def _input(**kw) -> dict:
         ({}, ["inputs"]),
         ([1, 2, 3], ["body"]),
         ({**_input(), "outputs": [{"name": "z"}]}, ["unknown outputs"]),
+        # a tensor named for another model is refused, not guessed at (Triton refuses it too)
+        (_input(name="pixels"), ["unknown input 'pixels'", "'input'"]),
+        ({**_input(), "outputs": [{"name": "label"}] * 2}, ["more than once", "label"]),
+        (_input(shape=[1, 1, "8", 8]), ["shape"]),  # the spec's shape is int64, not text
+        (_input(shape=[1, 1, 8.0, 8]), ["shape"]),
     ],
 )
 def test_bad_v2_requests_are_422_with_a_reason(client, body, words):
