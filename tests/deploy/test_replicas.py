@@ -154,8 +154,14 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.1)
 
 
+class NotReadyYet(OSError):
+    """Prometheus answered 503: still starting (reading its WAL); wait_for tries again."""
+
+
 def query(prom: str, expr: str) -> list[dict]:
     r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    if r.status_code == 503:
+        raise NotReadyYet(r.text)
     body = r.json()
     assert r.status_code == 200 and body["status"] == "success", (expr, r.text)
     return body["data"]["result"]

@@ -79,7 +79,6 @@ def test_head_answers_like_get_without_a_body(client, path):
         ("PUT", "/v1/models", "GET, HEAD"),
         ("DELETE", "/v2/health/ready", "GET, HEAD"),
         ("PATCH", "/metrics", "GET, HEAD"),
-        ("FROB", "/v2", "GET, HEAD"),
         ("GET", "/v2/models/fc/infer", "POST"),
         ("HEAD", "/v2/models/fc/infer", "POST"),
         ("OPTIONS", "/v1/models/fc:classify", "POST"),
@@ -93,6 +92,15 @@ def test_other_methods_are_405_with_allow(client, method, path, allow):
     assert r.headers["allow"] == allow
     if method != "HEAD":
         assert r.json()["error"] == f"method {method} not allowed on {path}; allowed: {allow}"
+
+
+def test_a_method_http_does_not_define_is_400_and_the_server_goes_on(client):
+    """``FROB`` is no HTTP method: the server's HTTP parser (httptools, uvicorn[standard])
+    refuses the request line as malformed, with 400, before any route sees it; a 5xx (501)
+    would page someone for a client's mistake. The connection after it serves as before."""
+    r = client.request("FROB", "/v2")
+    assert r.status_code == 400
+    assert client.get("/v2/health/live").status_code == 200
 
 
 # ---- body size: refused from the declared length, before reading -----------------------------

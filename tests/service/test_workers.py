@@ -36,6 +36,10 @@ from service_support import (
 
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 FC28 = {**FC_CONFIG, "image_size": 28}
+# Tens of ms or more per 16-row solve: long enough that a burst finds the queue full, on any
+# machine (an fc solve of 60 rows may end before the next request is parsed).
+SLOW = {"arch": "conv", "in_channels": 3, "image_size": 16, "channels": 16,
+        "solver": {"tol": 1e-6, "max_iter": 500}}  # fmt: skip
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -90,6 +94,7 @@ def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("workers")
     make_checkpoint(root / "fc/1/model.pt", FC28, mean=0.28, std=0.35)
     make_checkpoint(root / "evolving/1/model.pt", FC28, seed=5)
+    make_checkpoint(root / "slow/1/model.pt", SLOW)
     (root / "broken/1").mkdir(parents=True)
     (root / "broken/1/model.pt").write_bytes(b"this is not a checkpoint")
     return root
@@ -186,13 +191,14 @@ def test_errors_are_those_of_one_process(servers, method, path, kw):
 
 
 def test_a_full_queue_is_429_with_retry_after(servers):
-    """16 requests of 60 rows at once against a queue of 64 rows: some are refused with
-    429, ``Retry-After`` and the single process's words; every other one is answered."""
-    body = v2_body(torch.rand(60, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    """16 requests of 16 rows of a slow model at once against a queue of 64 rows: some are
+    refused with 429, ``Retry-After`` and the single process's words; every other one is
+    answered."""
+    body = v2_body(torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
     results: list[httpx.Response] = []
 
     def send() -> None:
-        results.append(httpx.post(servers[1].url + "/v2/models/fc/infer", json=body, timeout=60))
+        results.append(httpx.post(servers[1].url + "/v2/models/slow/infer", json=body, timeout=120))
 
     threads = [threading.Thread(target=send) for _ in range(16)]
     for t in threads:
