@@ -460,7 +460,7 @@ def wrk_version() -> str:
 
 
 def grpc_load(
-    py: Path,
+    py: Path | None,
     target: str,
     model: str,
     reqs: Path,
@@ -474,7 +474,8 @@ def grpc_load(
         "nice",
         "-n",
         str(nice),
-        str(py),
+        # Without the peers' venv (--no-peers), ours: its test extra has kserve's protobuf too.
+        str(py or sys.executable),
         str(HERE / "peers" / "grpc_load.py"),
         "--target",
         target,
