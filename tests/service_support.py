@@ -7,6 +7,7 @@ thread on a loopback socket bound here (port 0, so no port race); the SIGTERM te
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +42,17 @@ CONV_CONFIG = {
     "channels": 4,
     "solver": {"alpha": 1.0, "tol": 1e-4, "max_iter": 200},
 }
+
+
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def fashion_images(n: int) -> torch.Tensor:
+    """The first ``n`` Fashion-MNIST test images, ``(n, 1, 28, 28)`` in [0, 1]."""
+    with gzip.open(FASHION_TEST, "rb") as f:
+        raw = f.read(16 + n * 784)
+    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, 28, 28)
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
 
 
 def make_checkpoint(

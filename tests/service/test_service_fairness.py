@@ -10,7 +10,6 @@ solves with other settings start at once, sharing the CPU through the batcher's
 from __future__ import annotations
 
 import asyncio
-import gzip
 import io
 import shutil
 import threading
@@ -26,6 +25,7 @@ from PIL import Image
 from service_support import (
     FC_CONFIG,
     LiveServer,
+    fashion_images,
     local_model,
     make_checkpoint,
     normalise,
@@ -37,15 +37,6 @@ from model_core import build_model
 from service.batcher import ComputeGate
 
 ROOT = Path(__file__).resolve().parents[2]
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-
-
-def fashion_images(n: int) -> torch.Tensor:
-    """The first ``n`` Fashion-MNIST test images, ``(n, 1, 28, 28)`` in [0, 1]."""
-    with gzip.open(FASHION_TEST, "rb") as f:
-        raw = f.read(16 + n * 784)
-    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, 28, 28)
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
 
 
 def default_answer(tmp_path: Path, response, pixels: torch.Tensor):

@@ -12,29 +12,18 @@ requests of its key and size until it ends: what arrives meanwhile is the next b
 from __future__ import annotations
 
 import asyncio
-import gzip
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
-from service_support import LiveServer, metric, metric_samples, v2_body
+from service_support import LiveServer, fashion_images, metric, metric_samples, v2_body
 
 from service.batcher import Batcher, BatchOutput
 
 ROOT = Path(__file__).resolve().parents[2]
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-
-
-def fashion_images(n: int) -> torch.Tensor:
-    """The first ``n`` Fashion-MNIST test images, ``(n, 1, 28, 28)`` in [0, 1]."""
-    with gzip.open(FASHION_TEST, "rb") as f:
-        raw = f.read(16 + n * 784)
-    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, 28, 28)
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
 
 
 def test_an_image_waits_for_a_long_solve_of_two_images_instead_of_overtaking_it():

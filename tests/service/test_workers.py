@@ -6,7 +6,6 @@ SIGTERM that loses no accepted request."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from PIL import Image
 from service_support import (
     ADMIN_TOKEN,
     FC_CONFIG,
+    fashion_images,
     free_port,
     make_checkpoint,
     metric,
@@ -34,21 +34,12 @@ from service_support import (
     wait_ready_url,
 )
 
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 FC28 = {**FC_CONFIG, "image_size": 28}
 # Tens of ms or more per 16-row solve: long enough that a burst finds the queue full, on any
 # machine (an fc solve of 60 rows may end before the next request is parsed).
 SLOW = {"arch": "conv", "in_channels": 3, "image_size": 16, "channels": 16,
         "solver": {"tol": 1e-6, "max_iter": 500}}  # fmt: skip
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def fashion_images(n: int) -> torch.Tensor:
-    """The first ``n`` Fashion-MNIST test images, ``(n, 1, 28, 28)`` in [0, 1]."""
-    with gzip.open(FASHION_TEST, "rb") as f:
-        raw = f.read(16 + n * 784)
-    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, 28, 28)
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
 
 
 def png(pixels: torch.Tensor) -> bytes:
