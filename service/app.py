@@ -26,6 +26,7 @@ from model_core.runtime import tune_allocator
 from . import schemas
 from .deps import declare_version
 from .errors import install_exception_handlers
+from .fastpath import InferRoute
 from .metrics import Metrics
 from .middleware import Guard
 from .openapi import customise
@@ -77,14 +78,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
-    app.add_middleware(
-        Guard,
-        max_body=settings.max_body_bytes,
-        metrics=runtime.metrics,
-        names=runtime.names,
-        docs_paths=[p for p in docs if p],
-    )
     install_exception_handlers(app)
 
     app.include_router(v2.router)
@@ -98,6 +91,18 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    # Middleware added last runs first: Guard (HTTP rules, body, request metrics), then the
+    # hot path for V2 inference, then FastAPI.
+    infer_route = next(r for r in v2.model_router.routes if getattr(r, "name", None) == "v2_infer")
+    app.add_middleware(InferRoute, runtime=runtime, route=infer_route)
+    docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    app.add_middleware(
+        Guard,
+        max_body=settings.max_body_bytes,
+        metrics=runtime.metrics,
+        names=runtime.names,
+        docs_paths=[p for p in docs if p],
+    )
     customise(
         app,
         schemas.InferRequest,

@@ -492,12 +492,13 @@ class Batcher:
             solve_s if self._solve_s_ema is None else 0.8 * self._solve_s_ema + 0.2 * solve_s
         )
         waits = [t_start - it.t_enqueued for it in batch]
-        start = 0
-        for it, wait in zip(batch, waits, strict=True):
-            stop = start + it.rows
-            rows = {k: v[start:stop] for k, v in out.rows.items()}
-            start = stop
+        # One split per output for the whole batch (a C++ loop): slicing each output per caller
+        # cost the event loop ~40 µs a request at batch 64.
+        sizes = [it.rows for it in batch]
+        parts = {k: v.split(sizes) for k, v in out.rows.items()}
+        for i, (it, wait) in enumerate(zip(batch, waits, strict=True)):
             if not it.future.done():  # the caller may have gone away
+                rows = {k: p[i] for k, p in parts.items()}
                 it.future.set_result(Answer(rows, out.info, wait, n))
         if self._on_batch is not None:
             try:

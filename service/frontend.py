@@ -72,7 +72,7 @@ from .alpha import in_search_thread
 from .batcher import Answer, Closed
 from .engine import ServedModel, SolveKey
 from .metrics import Metrics
-from .repository import NotFound, NotReady, Repository
+from .repository import NotFound, NotReady, Repository, settle_heap
 from .settings import Settings
 
 log = logging.getLogger("mondeq.service")
@@ -660,6 +660,7 @@ class WorkerRepository(Repository):
 
     async def start(self) -> None:
         self._apply(await self.client.connect(self._remote))
+        settle_heap()  # the worker's app and modules are all loaded by now
 
     async def close(self) -> None:
         self._local_closing = self.closing = True

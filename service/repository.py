@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -176,6 +177,25 @@ def scan(
         if versions:
             found[d.name] = versions
     return found
+
+
+def settle_heap() -> None:
+    """Take what the process holds for good (models, the app, imported modules) out of the
+    cyclic garbage collector's sight: ``gc.unfreeze()``, ``gc.collect()``, ``gc.freeze()``.
+
+    Why: serving allocates fast (a few dicts per request), so the collector runs its oldest
+    generation every second or so, and with torch and a model loaded that generation holds
+    about a million objects: each full collection stopped the event loop and the solver for
+    75–135 ms (fmnist-fc at saturation on the 2-core machine: p99 8× p50, every request of a
+    batch in flight late). Frozen objects are never scanned, so a full collection then costs
+    about a millisecond. Called after every change of the loaded models (in the event loop,
+    one full collection of ~0.1 s each time); unfreezing first lets the collector free the
+    reference cycles of versions retired since (objects without cycles are freed by their
+    reference counts whether frozen or not).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def read_card(folder: Path) -> dict:
@@ -413,6 +433,8 @@ class Repository:
         async with self._lock:
             for name in [only] if only is not None else list(self.entries):
                 self._update_metrics(name)
+        if report["loaded"] or report["removed"]:
+            settle_heap()
         return report
 
     def _drop_load(self, task: asyncio.Future) -> None:

@@ -30,7 +30,7 @@ from ..encoding import OUTPUT_TYPES, solver_info, v2_binary_outputs, v2_outputs
 from ..errors import ApiError, error_response
 from ..openapi import ERRORS, body_doc
 from ..repository import NotFound, NotReady
-from ..runtime import solve
+from ..runtime import Runtime, solve
 
 SERVER_NAME = "mondeq"
 PLATFORM = "mondeq_pytorch"
@@ -144,7 +144,7 @@ async def model_ready(name: str, version: ModelVersion, runtime: RuntimeDep):
     openapi_extra=body_doc(schemas.InferRequest),
     summary="Inference",
 )
-async def infer(name: str, request: Request, served: Served, runtime: RuntimeDep):
+async def infer(name: str, request: Request, runtime: RuntimeDep):
     """Inference (V2 "Inference Request/Response JSON Object"): one FP32 input
     ``[B, C, H, W]`` of pixels in [0, 1]; ``parameters`` may set ``method``, ``tol``,
     ``max_iter``, ``stop`` and ``logit_tol``; ``outputs`` picks among :data:`OUTPUT_TYPES`
@@ -160,6 +160,22 @@ async def infer(name: str, request: Request, served: Served, runtime: RuntimeDep
     Errors: 400 malformed JSON or binary framing, 415 content type, 422 invalid input or
     parameters, 429 queue full (``Retry-After``), 503 not ready; 404 unknown model or version.
     """
+    return await infer_answer(name, request.path_params.get("version"), request, runtime)
+
+
+async def infer_answer(
+    name: str, version: str | None, request: Request, runtime: Runtime
+) -> Response:
+    """The answer to a V2 inference request for model ``name`` (``version``: ``None`` for the
+    default version), as :func:`infer` documents it: the FastAPI route and the hot path
+    (:class:`service.fastpath.InferRoute`) both answer with this.
+
+    Raises:
+        ApiError: 404 unknown model or version, 503 not ready (checked before the
+            body is read); then the body's and the solve's errors.
+        RequestValidationError: 422 for JSON of the wrong shape.
+    """
+    served = runtime.served(name, version)
     body, raw = await infer_body(request)
     key = solve_key(served, body.parameters)
     wanted = requested_outputs(body)
