@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_core import __version__
 from model_core.runtime import tune_allocator
@@ -36,18 +37,47 @@ from .runtime import Runtime
 from .settings import Settings
 
 
+class App(FastAPI):
+    """FastAPI with a front: ASGI layers that every HTTP request passes before FastAPI itself
+    (its per-request telemetry check, its middleware, the app's added middleware, the routes).
+
+    ``front`` (set by :func:`create_app`) wraps FastAPI's own ``__call__``. The inference hot
+    path sits there, so that its requests skip the layers it has no use for: it renders its
+    own errors, as the app's exception handlers would.
+    """
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+    _fronted: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None or scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self._fronted is None:
+            self._fronted = self.front(super().__call__)
+        scope["app"] = self
+        await self._fronted(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     repository: Callable[[Settings, Metrics], Repository] = Repository,
-) -> FastAPI:
+    hot_path: bool = True,
+) -> App:
     """Build the app. Models load when its lifespan starts, not here.
+
+    Every request passes :class:`~service.middleware.Guard` (HTTP rules, the body, request
+    metrics), then V2 inference is answered by :class:`~service.fastpath.InferRoute` and
+    everything else by FastAPI (its middleware, any added with ``add_middleware``, routes).
 
     Args:
         settings: defaults to ``Settings()`` (the ``MONDEQ_*`` environment).
         repository: builds the repository in the lifespan from the settings and the app's
             metrics (a worker of ``--workers N`` passes :class:`~service.frontend.
             WorkerRepository`, the solver process's repository seen from a worker).
+        hot_path: ``False`` sends V2 inference through the FastAPI route too (the answers are
+            the same; tests compare the two).
     """
     settings = settings or Settings()
     runtime = Runtime(settings)
@@ -70,7 +100,7 @@ def create_app(
                 await grpc_front.stop()
             await runtime.repo.close()
 
-    app = FastAPI(
+    app = App(
         title="mondeq",
         version=__version__,
         description="Monotone operator equilibrium networks: classification with per-sample "
@@ -91,18 +121,20 @@ def create_app(
     app.include_router(v1.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
-    # Middleware added last runs first: Guard (HTTP rules, body, request metrics), then the
-    # hot path for V2 inference, then FastAPI.
     infer_route = next(r for r in v2.model_router.routes if getattr(r, "name", None) == "v2_infer")
-    app.add_middleware(InferRoute, runtime=runtime, route=infer_route)
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
-    app.add_middleware(
-        Guard,
-        max_body=settings.max_body_bytes,
-        metrics=runtime.metrics,
-        names=runtime.names,
-        docs_paths=[p for p in docs if p],
-    )
+
+    def front(fastapi: ASGIApp) -> ASGIApp:
+        inner = InferRoute(fastapi, runtime=runtime, route=infer_route) if hot_path else fastapi
+        return Guard(
+            inner,
+            max_body=settings.max_body_bytes,
+            metrics=runtime.metrics,
+            names=runtime.names,
+            docs_paths=[p for p in docs if p],
+        )
+
+    app.front = front
     customise(
         app,
         schemas.InferRequest,

@@ -2,9 +2,9 @@
 
 ``POST /v2/models/{name}/infer`` (and ``.../versions/{version}/infer``) is nearly every request
 a busy server gets, and in one process it shares a core with the solver. Through FastAPI, each
-such request passes Starlette's route table, dependency resolution (which builds the query
-parameters and runs four dependency functions) and four exception-handling layers before the
-route's own work starts: on the 2-core machine that was about two thirds of the event loop's
+such request passes FastAPI's telemetry check, Starlette's route table, dependency resolution
+(which builds the query parameters and runs four dependency functions) and four
+exception-handling layers before the route's own work starts: on the 2-core machine that was about two thirds of the event loop's
 time per request at saturation, and the event loop, not the solver, was what bounded the rate.
 
 :class:`InferRoute` is an ASGI middleware that matches those two paths itself and answers them
@@ -44,7 +44,8 @@ class InferRoute:
     """Pure ASGI middleware: answers V2 inference requests without entering FastAPI.
 
     It sits inside :class:`~service.middleware.Guard` (which has read the body, enforced the
-    HTTP rules and counts the request) and outside FastAPI. A match sets ``scope["route"]``
+    HTTP rules and counts the request) and outside FastAPI, in the app's front
+    (:class:`service.app.App`). A match sets ``scope["route"]``
     and ``scope["path_params"]`` as Starlette's router would, so the request metrics label it
     ``endpoint="v2_infer"`` with its model.
 

@@ -56,6 +56,9 @@ class Guard:
         """
         self.app, self.max_body, self.metrics, self.names = app, max_body, metrics, names
         self.docs_paths = frozenset(docs_paths)
+        # (model, endpoint, code) → its request counter and duration histogram. Bounded as the
+        # labels are: models of the repository (or "unknown"), ENDPOINTS, HTTP statuses.
+        self._series: dict[tuple[str, str, int], tuple] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,7 +170,14 @@ class Guard:
         if "name" in params:
             model = params["name"] if params["name"] in self.names() else "unknown"
         try:
-            self.metrics.requests.labels(model, endpoint, str(code)).inc()
-            self.metrics.request_duration.labels(model, endpoint).observe(seconds)
+            key = (model, endpoint, code)
+            series = self._series.get(key)
+            if series is None:  # labels() costs a lock and a tuple; the series are never removed
+                series = self._series[key] = (
+                    self.metrics.requests.labels(model, endpoint, str(code)),
+                    self.metrics.request_duration.labels(model, endpoint),
+                )
+            series[0].inc()
+            series[1].observe(seconds)
         except Exception:  # metrics never fail a request
             log.exception("request metrics")

@@ -143,7 +143,7 @@ def free_port() -> int:
 class LiveServer:
     """``create_app(settings)`` served by a real uvicorn in a background thread."""
 
-    def __init__(self, **settings):
+    def __init__(self, *, hot_path: bool = True, **settings):
         import uvicorn
 
         from service import Settings, create_app
@@ -153,7 +153,7 @@ class LiveServer:
         self.settings = Settings(
             **{"poll_interval_s": 0, "settle_s": 0, "grpc_port": 0, **settings}
         )
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, hot_path=hot_path)
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

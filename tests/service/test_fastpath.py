@@ -17,7 +17,7 @@ import torch
 from service_support import ADMIN_TOKEN, LiveServer, metric, metric_samples, v2_body
 
 import service.fastpath as fastpath
-from service.fastpath import InferRoute, route_path
+from service.fastpath import route_path
 
 HEADER = "Inference-Header-Content-Length"
 # Per-request timings in the answer's parameters: the only fields allowed to differ.
@@ -133,12 +133,7 @@ def servers(model_repo):
         "max_request_batch": 4,
     }
     hot = LiveServer(**settings)
-    plain = LiveServer(**settings)
-    # The FastAPI route alone: the same app without the hot path (the middleware stack is
-    # built on the first request, so removing it before the start is enough).
-    before = len(plain.app.user_middleware)
-    plain.app.user_middleware = [m for m in plain.app.user_middleware if m.cls is not InferRoute]
-    assert len(plain.app.user_middleware) == before - 1
+    plain = LiveServer(**settings, hot_path=False)  # the FastAPI route alone
     hot.start()
     plain.start()
     yield hot, plain
