@@ -64,6 +64,7 @@ def create_app(
     *,
     repository: Callable[[Settings, Metrics], Repository] = Repository,
     hot_path: bool = True,
+    share_grpc_port: bool = False,
 ) -> App:
     """Build the app. Models load when its lifespan starts, not here.
 
@@ -78,6 +79,8 @@ def create_app(
             WorkerRepository`, the solver process's repository seen from a worker).
         hot_path: ``False`` sends V2 inference through the FastAPI route too (the answers are
             the same; tests compare the two).
+        share_grpc_port: gRPC listens with ``SO_REUSEPORT`` (the workers of ``--workers N``
+            all serve the one port, :class:`~service.grpc.server.GrpcServer`).
     """
     settings = settings or Settings()
     runtime = Runtime(settings)
@@ -89,7 +92,7 @@ def create_app(
         if settings.grpc_port:  # imported only when on: see service.grpc
             from .grpc.server import GrpcServer
 
-            grpc_front = app.state.grpc = GrpcServer(runtime)
+            grpc_front = app.state.grpc = GrpcServer(runtime, share_port=share_grpc_port)
             await grpc_front.start()  # before the models load: a taken port fails at once
         runtime.repo = repository(settings, runtime.metrics)
         await runtime.repo.start()

@@ -4,8 +4,9 @@
 a busy server gets, and in one process it shares a core with the solver. Through FastAPI, each
 such request passes FastAPI's telemetry check, Starlette's route table, dependency resolution
 (which builds the query parameters and runs four dependency functions) and four
-exception-handling layers before the route's own work starts: on the 2-core machine that was about two thirds of the event loop's
-time per request at saturation, and the event loop, not the solver, was what bounded the rate.
+exception-handling layers before the route's own work starts: on the 2-core machine that was
+about two thirds of the event loop's time per request at saturation, and the event loop, not
+the solver, was what bounded the rate.
 
 :class:`InferRoute` is an ASGI middleware that matches those two paths itself and answers them
 with the route's own function (:func:`service.routers.v2.infer_answer`), raising and rendering

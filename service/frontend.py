@@ -55,6 +55,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import struct
 import tempfile
 import time
@@ -743,7 +744,9 @@ def worker_app(settings: Settings, path: str):
     solver socket ``path`` and the server-wide ``/metrics``."""
     from .app import create_app
 
-    app = create_app(settings, repository=lambda s, m: WorkerRepository(s, m, path))
+    app = create_app(
+        settings, repository=lambda s, m: WorkerRepository(s, m, path), share_grpc_port=True
+    )
     runtime = app.state.runtime
     runtime.metrics.registry = _ServerView(runtime.metrics.registry)
     app.add_middleware(_Scrape, repo=lambda: runtime.repo)
@@ -795,10 +798,8 @@ def _worker_main(settings: Settings, sock, path: str, index: int) -> None:
 
 def serve_workers(settings: Settings) -> int:
     """Run the solver process with ``settings.workers`` worker processes until SIGTERM or
-    SIGINT; 0 after a graceful stop.
-
-    Raises:
-        OSError: the HTTP address cannot be bound.
+    SIGINT; 0 after a graceful stop, 1 when the gRPC port cannot be held
+    (:func:`reserve_port`; uvicorn exits 1 itself for the HTTP one).
     """
     import uvicorn
 
@@ -807,13 +808,46 @@ def serve_workers(settings: Settings) -> int:
     )
     sock = config.bind_socket()
     host, port = sock.getsockname()[:2]
+    grpc_sock = None
+    if settings.grpc_port:
+        try:
+            grpc_sock = reserve_port(settings.host, settings.grpc_port)
+        except OSError as e:  # as uvicorn does for a taken HTTP port: said, and exit 1
+            sock.close()
+            log.error("%s", e.strerror)
+            return 1
+        # Port 0 (any free one) becomes the one reserved: every worker serves that.
+        settings = settings.model_copy(update={"grpc_port": grpc_sock.getsockname()[1]})
     folder = tempfile.mkdtemp(prefix="mondeq-frontend-")
     path = os.path.join(folder, "solver.sock")
     try:
         return asyncio.run(_solver_main(settings, sock, path, host, port))
     finally:
         sock.close()
+        if grpc_sock is not None:
+            grpc_sock.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Hold ``host:port`` for the workers' gRPC servers: a TCP socket bound (not listening)
+    with ``SO_REUSEPORT``. Each worker then listens on the port with ``SO_REUSEPORT`` too, and
+    the kernel spreads new connections over the listening ones; a program that binds the port
+    without the option fails, as it would against one server process.
+
+    Raises:
+        OSError: the port is taken, or the host is no local address (its ``strerror`` names
+            the address and why).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host.strip("[]"), port))
+    except OSError as e:
+        s.close()
+        raise OSError(e.errno, f"cannot serve gRPC on {host}:{port}: {e.strerror}") from None
+    return s
 
 
 async def _solver_main(settings: Settings, sock, path: str, host: str, port: int) -> int:
@@ -829,10 +863,10 @@ async def _solver_main(settings: Settings, sock, path: str, host: str, port: int
         loop.add_signal_handler(sig, stop.set)
 
     def spawn(i: int):
-        # gRPC binds its port without SO_REUSEPORT (a taken port is an error), so one
-        # worker serves it.
-        s = settings if i == 0 else settings.model_copy(update={"grpc_port": 0})
-        p = ctx.Process(target=_worker_main, args=(s, sock, path, i), name=f"mondeq-worker-{i}")
+        # Every worker serves gRPC too, on the port serve_workers reserved.
+        p = ctx.Process(
+            target=_worker_main, args=(settings, sock, path, i), name=f"mondeq-worker-{i}"
+        )
         p.start()
         return p
 

@@ -400,10 +400,18 @@ class GrpcServer:
     Messages over ``max_body_bytes`` are refused by gRPC itself (``RESOURCE_EXHAUSTED``)
     before they reach a handler. On shutdown it stops taking calls and lets those in flight
     finish within ``graceful_timeout_s``, as uvicorn does for HTTP.
+
+    Args:
+        runtime: the app's runtime.
+        share_port: listen with ``SO_REUSEPORT``, so that every worker of ``--workers N``
+            serves the port and the kernel spreads connections over them (the solver process
+            holds the port bound with it, :func:`service.frontend.reserve_port`, so that no
+            other program can take it). Off, a port in use is an error.
     """
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, *, share_port: bool = False):
         self.runtime = runtime
+        self.share_port = share_port
         s = runtime.settings
         host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
         self.address = f"{host}:{s.grpc_port}"
@@ -421,8 +429,9 @@ class GrpcServer:
             interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", s.max_body_bytes),
-                # A port in use is an error, not a second server sharing it silently.
-                ("grpc.so_reuseport", 0),
+                # A port in use is an error, not a second server sharing it silently,
+                # unless the workers of one server share it on purpose.
+                ("grpc.so_reuseport", 1 if self.share_port else 0),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.runtime), server)

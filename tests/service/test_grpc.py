@@ -581,3 +581,68 @@ def test_a_taken_grpc_port_stops_the_server_at_start(tmp_path):
                 proc.kill()
     assert proc.returncode != 0
     assert f"cannot serve gRPC on 127.0.0.1:{port}" in out
+
+
+def listening_pids(port: int) -> list[int]:
+    """The pids of the processes with a TCP socket listening on ``port`` (any address), one
+    entry per socket, from /proc/net/tcp{,6} and each process's file descriptors."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+        except OSError:  # gone, or not ours to read
+            continue
+        pids += [int(pid)] * sum(link in inodes for link in links)
+    return sorted(pids)
+
+
+def test_every_worker_serves_grpc_on_the_one_port(repo):
+    """``--workers 2``: both worker processes listen on the gRPC port (SO_REUSEPORT), the
+    solver process only holds it, and calls on separate connections are all answered."""
+    srv = Served(repo, MONDEQ_WORKERS="2", MONDEQ_TUNE_AT_LOAD="false")
+    try:
+        port = int(srv.target.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60  # ready is said by the first worker up
+        while len(pids := listening_pids(port)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(pids) == 2 and len(set(pids)) == 2, pids
+        assert srv.proc.pid not in pids  # the solver binds the port but does not listen
+        x = pixels(1)
+        want = http_outputs(srv.url, "fc", x)["label"]
+        for _ in range(8):  # a channel each: new connections, spread by the kernel
+            client = grpcclient.InferenceServerClient(srv.target)
+            try:
+                ans = client.infer("fc", [raw_input(x)])
+                assert torch.equal(torch.from_numpy(ans.as_numpy("label").copy()), want)
+            finally:
+                client.close()
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0
+
+
+def test_a_taken_grpc_port_stops_workers_at_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_subprocess_server(
+            tmp_path, free_port(), MONDEQ_GRPC_PORT=str(port), MONDEQ_WORKERS="2"
+        )
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1
+    assert f"cannot serve gRPC on 127.0.0.1:{port}" in out
