@@ -188,10 +188,10 @@ def settle_heap() -> None:
     about a million objects: each full collection stopped the event loop and the solver for
     75–135 ms (fmnist-fc at saturation on the 2-core machine: p99 8× p50, every request of a
     batch in flight late). Frozen objects are never scanned, so a full collection then costs
-    about a millisecond. Called after every change of the loaded models (in the event loop,
-    one full collection of ~0.1 s each time); unfreezing first lets the collector free the
-    reference cycles of versions retired since (objects without cycles are freed by their
-    reference counts whether frozen or not).
+    about a millisecond. Called after every change of the loaded models and again once the
+    versions it retired have closed (in the event loop, one full collection of ~0.1 s each
+    time); unfreezing first lets the collector free the reference cycles of versions retired
+    since (objects without cycles are freed by their reference counts whether frozen or not).
     """
     gc.unfreeze()
     gc.collect()
@@ -226,6 +226,7 @@ class Repository:
         self.closing = False
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._settle_due = False  # a settle_heap() is scheduled (:meth:`_settle_retired`)
         self._poller: asyncio.Task | None = None
         self._initial: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -617,6 +618,23 @@ class Repository:
         task = asyncio.create_task(entry.served.close(), name=f"retire-{entry.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settle_retired)
+
+    def _settle_retired(self, _task: asyncio.Future) -> None:
+        """A retired version has closed: settle the heap (once for the versions that close
+        together). The settle after the change that retired it ran while it still answered
+        its queue, so it was frozen alive; its reference cycles (the model, its weights) are
+        freed only by a later settle, and after an unload none may come."""
+        if self._settle_due:
+            return
+        self._settle_due = True
+
+        def settle() -> None:
+            self._settle_due = False
+            settle_heap()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            asyncio.get_running_loop().call_soon(settle)
 
     # ---- metrics -------------------------------------------------------------------------------
     def _alpha_changed(self, served: ServedModel) -> None:
