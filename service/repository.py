@@ -188,10 +188,10 @@ def settle_heap() -> None:
     about a million objects: each full collection stopped the event loop and the solver for
     75–135 ms (fmnist-fc at saturation on the 2-core machine: p99 8× p50, every request of a
     batch in flight late). Frozen objects are never scanned, so a full collection then costs
-    about a millisecond. Called after every change of the loaded models and again once the
-    versions it retired have closed (in the event loop, one full collection of ~0.1 s each
-    time); unfreezing first lets the collector free the reference cycles of versions retired
-    since (objects without cycles are freed by their reference counts whether frozen or not).
+    about a millisecond. Called after every change of the loaded models, once the versions
+    it retired have closed (in the event loop, one full collection of ~0.1 s each time);
+    unfreezing first lets the collector free the reference cycles of versions retired since
+    (objects without cycles are freed by their reference counts whether frozen or not).
     """
     gc.unfreeze()
     gc.collect()
@@ -226,7 +226,8 @@ class Repository:
         self.closing = False
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
-        self._settle_due = False  # a settle_heap() is scheduled (:meth:`_settle_retired`)
+        self._retiring = 0  # retired versions still answering their queues
+        self._settle_due = False  # a settle_heap() waits for them (:meth:`_settle`)
         self._poller: asyncio.Task | None = None
         self._initial: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -435,7 +436,7 @@ class Repository:
             for name in [only] if only is not None else list(self.entries):
                 self._update_metrics(name)
         if report["loaded"] or report["removed"]:
-            settle_heap()
+            self._settle()
         return report
 
     def _drop_load(self, task: asyncio.Future) -> None:
@@ -618,23 +619,32 @@ class Repository:
         task = asyncio.create_task(entry.served.close(), name=f"retire-{entry.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(self._settle_retired)
+        self._retiring += 1
+        task.add_done_callback(self._retired)
 
-    def _settle_retired(self, _task: asyncio.Future) -> None:
-        """A retired version has closed: settle the heap (once for the versions that close
-        together). The settle after the change that retired it ran while it still answered
-        its queue, so it was frozen alive; its reference cycles (the model, its weights) are
-        freed only by a later settle, and after an unload none may come."""
-        if self._settle_due:
+    def _settle(self) -> None:
+        """:func:`settle_heap` now, or, while retired versions still answer their queues,
+        once the last of them has closed: a settle that ran before would freeze them alive,
+        and their reference cycles (the model, its weights) would then wait for a later
+        change of the loaded models, which after an unload may never come. One settle (one
+        pause of the event loop) serves a reload's new version and its old one."""
+        if self._retiring:
+            self._settle_due = True
+            return
+        self._settle_due = False
+        settle_heap()
+
+    def _retired(self, _task: asyncio.Future) -> None:
+        self._retiring -= 1
+        if self._retiring or self.closing:  # the process ends: nothing to keep settled
             return
         self._settle_due = True
-
-        def settle() -> None:
-            self._settle_due = False
-            settle_heap()
-
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
-            asyncio.get_running_loop().call_soon(settle)
+            asyncio.get_running_loop().call_soon(self._settle_if_due)
+
+    def _settle_if_due(self) -> None:
+        if self._settle_due:
+            self._settle()
 
     # ---- metrics -------------------------------------------------------------------------------
     def _alpha_changed(self, served: ServedModel) -> None:

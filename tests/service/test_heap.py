@@ -10,6 +10,7 @@ import weakref
 
 from service_support import ADMIN_TOKEN, FC_CONFIG, LiveServer, make_checkpoint
 
+from service import repository
 from service.repository import settle_heap
 
 
@@ -73,15 +74,24 @@ def freed(ref: weakref.ref, timeout: float = 10) -> bool:
     return ref() is None
 
 
-def test_a_retired_version_is_freed_once_it_has_closed(tmp_path):
-    """A version replaced by a reload, or unloaded, is closed after the settle that followed
-    the change froze it: its reference cycles (the model and its weights among them) must be
-    freed then, not at some later change of the loaded models, which may never come."""
+def test_a_retired_version_is_freed_once_it_has_closed(tmp_path, monkeypatch):
+    """A version replaced by a reload, or unloaded, closes after the change (it answers its
+    queue first): its reference cycles (the model and its weights among them) must be freed
+    then, not at some later change of the loaded models, which may never come. One settle
+    (one pause of the event loop) per change."""
     make_checkpoint(tmp_path / "a/1/model.pt", FC_CONFIG)
     make_checkpoint(tmp_path / "b/1/model.pt", FC_CONFIG, seed=1)
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     gc.unfreeze()
     srv = LiveServer(model_dir=tmp_path, admin_token=ADMIN_TOKEN).start()
+    settles = []
+    real = repository.settle_heap
+
+    def counted() -> None:
+        real()
+        settles.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(repository, "settle_heap", counted)
     try:
         with srv.client() as c:
             replaced = served_ref(srv, "a")
@@ -91,6 +101,11 @@ def test_a_retired_version_is_freed_once_it_has_closed(tmp_path):
             r = c.post("/v2/repository/models/b/unload", headers=auth)
             assert r.status_code == 200
             assert freed(unloaded)
+            deadline = time.monotonic() + 10
+            while len(settles) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)  # a third would follow at once
+            assert len(settles) == 2
             # The model left is served, and frozen again (once the settle's collection ends).
             deadline = time.monotonic() + 10
             while gc.get_freeze_count() < 10_000 and time.monotonic() < deadline:
