@@ -24,21 +24,13 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError, error_response, internal_error, validation_error
+from .middleware import route_path
 from .routers.v2 import infer_answer
 from .runtime import Runtime
 
 # The two inference paths of the Open Inference Protocol, as Starlette's ``{param}`` converter
 # matches them: a segment is anything but "/" (the ASGI path is already percent-decoded).
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
-
-
-def route_path(scope: Scope) -> str:
-    """The request's path below the app's ``root_path`` (a proxy's prefix), as Starlette's
-    router matches it."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
-        return path[len(root) :]
-    return path
 
 
 class InferRoute:

@@ -17,6 +17,15 @@ log = logging.getLogger("mondeq.service")
 CLOSE = {"Connection": "close"}
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's ``root_path`` (a proxy's prefix: uvicorn
+    ``--root-path`` puts it in front of every path), as Starlette's router matches it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
 class Guard:
     """Pure ASGI middleware: the HTTP rules every route shares, and the request metrics.
 
@@ -66,7 +75,8 @@ class Guard:
             return
         t0 = time.perf_counter()
         status = {"code": 500}
-        counted = scope["path"] != "/metrics"
+        path = route_path(scope)
+        counted = path != "/metrics"
         head = scope["method"] == "HEAD"
         if head:
             # The app sees GET; uvicorn keeps its own scope (HEAD) and sends no body either.
@@ -99,7 +109,7 @@ class Guard:
         finally:
             if counted:
                 self.metrics.inflight.dec()
-            self._observe(scope, status["code"], time.perf_counter() - t0)
+            self._observe(scope, path, status["code"], time.perf_counter() - t0)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | JSONResponse:
         declared, encoding, expect = None, b"", False
@@ -155,13 +165,10 @@ class Guard:
             )
         return b"".join(chunks)
 
-    def _observe(self, scope: Scope, code: int, seconds: float) -> None:
+    def _observe(self, scope: Scope, path: str, code: int, seconds: float) -> None:
         # The docs pages are Starlette routes whose endpoint names are FastAPI's business:
-        # they are known by path. Every other route's name is its label.
+        # they are known by path (below a proxy's prefix). Every other route's name is its label.
         name = getattr(scope.get("route"), "name", None)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):  # behind a proxy's prefix the routes match below it
-            path = path[len(root) :]
         endpoint = name if name in ENDPOINTS else "other"
         if path in self.docs_paths:
             endpoint = "docs"
