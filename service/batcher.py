@@ -513,7 +513,14 @@ class Batcher:
         with self._gate.turn(ticket) as turn:
             assert turn.started is not None
             try:
-                return self._solve(x, key, turn.between), turn.started
+                out = self._solve(x, key, turn.between)
+                n = int(x.shape[0])
+                # Checked here, where a failure reaches every caller: the event loop splits
+                # each output by the callers' rows, which needs exactly n.
+                wrong = {k: int(v.shape[0]) for k, v in out.rows.items() if v.shape[0] != n}
+                if wrong:
+                    raise RuntimeError(f"outputs {wrong} do not have the batch's {n} rows")
+                return out, turn.started
             except Exception as e:
                 log.exception("solve of %s failed", self.name)
                 raise SolveFailed(f"solver error in model {self.name}: {e}") from e

@@ -704,7 +704,7 @@ class _ServerView:
 
 
 class _Scrape:
-    """ASGI middleware (outermost) of a worker: before ``GET /metrics`` reaches the route,
+    """ASGI middleware of a worker (inside the Guard): before ``GET /metrics`` reaches the route,
     fetch the server's merged metrics from the solver process (a call the route, being
     synchronous, cannot make itself); before a ``GET .../stats``, the solver's state with
     its statistics as they are now."""

@@ -153,6 +153,32 @@ def test_a_filling_batch_waits_out_the_burst_and_stops_at_a_gap():
     asyncio.run(main())
 
 
+def test_an_output_without_the_batchs_rows_fails_every_caller_and_hangs_none():
+    """The answers are split by the callers' rows: a solve whose output has another row
+    count is a failed solve (each caller gets SolveFailed), never a caller left waiting."""
+    from service.batcher import Batcher, BatchOutput, SolveFailed
+
+    async def main() -> None:
+        def solve(x: torch.Tensor, key, between) -> BatchOutput:
+            return BatchOutput({"y": 2 * x, "short": x[:-1]})
+
+        batcher = Batcher(
+            "t", solve, max_batch_size=8, max_delay_s=0.05, max_gap_s=0.01, max_queue=100
+        )
+        row = lambda v: torch.full((1, 1), float(v))  # noqa: E731
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                *(batcher.submit(row(i), "k") for i in range(3)), return_exceptions=True
+            ),
+            timeout=30,
+        )
+        assert [type(a) for a in answers] == [SolveFailed] * 3
+        assert "do not have the batch's 3 rows" in str(answers[0])
+        await batcher.close()
+
+    asyncio.run(main())
+
+
 def test_requests_with_different_solver_settings_never_share_a_solve(server, model_repo):
     settings = [
         {"tol": 1e-3},
