@@ -189,9 +189,12 @@ def to_pixels(data: Any, what: str) -> np.ndarray:
             422, f"{what} must hold numbers only, got {kind.get(arr.dtype.kind, arr.dtype.name)}"
         )
     if arr.size:
+        lo, hi = float(arr.min()), float(arr.max())
+        # One test for the common case: NaN fails every comparison and ±Inf the range.
+        if lo >= 0.0 and hi <= 1.0:
+            return arr.astype(np.float32)
         if not bool(np.isfinite(arr).all()):
             raise ApiError(422, f"{what} holds NaN or Inf")
-        lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise ApiError(
                 422,
@@ -390,8 +393,8 @@ def check_output_names(names: list[str]) -> None:
     unknown = [n for n in names if n not in OUTPUT_TYPES]
     if unknown:
         raise ApiError(422, f"unknown outputs {unknown}; choose from {list(OUTPUT_TYPES)}")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
         raise ApiError(422, f"outputs requested more than once: {twice}")
 
 

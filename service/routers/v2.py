@@ -9,10 +9,8 @@ per-model paths relative to a model's prefix; ``create_app`` includes it twice, 
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from model_core import __version__
 
@@ -26,7 +24,14 @@ from ..decoding import (
     v2_pixels,
 )
 from ..deps import ModelVersion, RuntimeDep, Served
-from ..encoding import OUTPUT_TYPES, solver_info, v2_binary_outputs, v2_outputs
+from ..encoding import (
+    OUTPUT_TYPES,
+    AnswerResponse,
+    render_json,
+    solver_info,
+    v2_binary_outputs,
+    v2_outputs,
+)
 from ..errors import ApiError, error_response
 from ..openapi import ERRORS, body_doc
 from ..repository import NotFound, NotReady
@@ -188,15 +193,9 @@ async def infer_answer(
         "parameters": solver_info(ans),
     }
     if not any(binary for _, binary in wanted):
-        return JSONResponse({**head, "outputs": v2_outputs(ans, [n for n, _ in wanted])})
+        return AnswerResponse({**head, "outputs": v2_outputs(ans, [n for n, _ in wanted])})
     outputs, tail = v2_binary_outputs(ans, wanted)
-    # Rendered as JSONResponse renders, so that both answers carry the same JSON.
-    header = json.dumps(
-        {**head, "outputs": outputs},
-        ensure_ascii=False,
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode()
+    header = render_json({**head, "outputs": outputs})  # as the JSON answer renders
     return Response(
         header + tail,
         media_type="application/octet-stream",
