@@ -512,6 +512,25 @@ class Target:
         return f"{self.server.name} | {self.protocol} | {self.load}"
 
 
+def drain(t: Target, reqs: Path, timeout: float = 120.0) -> None:
+    """Wait until the server has answered what the window left queued: one JSON request,
+    answered once those before it are (every server here queues in arrival order).
+
+    A generator that stops leaves up to its connections' worth of requests queued; a server
+    solving one row at a time works them off for seconds after its window, on the cores the
+    next window's server needs (the first slow-arrivals window after the unbatched one read
+    p99 4–9× p50 without this wait, 1.4× for the second).
+    """
+    body = (reqs / "json-0.json").read_bytes()  # every target's path takes it (gRPC's: HTTP's)
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(
+            t.server.url + t.path,
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=timeout,
+        )
+
+
 def measure(t: Target, model: str, reqs: Path, args, py: Path | None) -> dict:
     """One window: a warm-up, then ``args.window`` seconds timed; rate, latency, mean batch
     and the generator's CPU share."""
@@ -538,6 +557,7 @@ def measure(t: Target, model: str, reqs: Path, args, py: Path | None) -> dict:
             before = t.server.batches()
         r = wrk(script, t.server.url, t.path, reqs, conns, args.window, delay, args.nice)
     after = t.server.batches() if t.server.batches else None
+    drain(t, reqs)
     ok = r["requests"] - r["non_2xx"]
     out = {
         "req_per_s": ok / r["seconds"],
