@@ -28,6 +28,11 @@ ADMIN_ERRORS = {
     409: {"model": schemas.ErrorBody, "description": "a search is running, or no data"},
     422: ERRORS[422],
 }
+# A load (admin reload, repository load) that an unload of the same model overtook.
+UNLOADED_WHILE_LOADING = {
+    "model": schemas.ErrorBody,
+    "description": "the model was unloaded while it loaded; it stays unloaded",
+}
 VERSIONED_SUMMARY = " (one version)"  # appended to the summaries of the versioned V2 paths
 
 

@@ -225,8 +225,7 @@ class Repository:
         self.initial_load_done = False
         self.closing = False
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task] = set()
-        self._retiring = 0  # retired versions still answering their queues
+        self._tasks: set[asyncio.Task] = set()  # retired versions still answering their queues
         self._settle_due = False  # a settle_heap() waits for them (:meth:`_settle`)
         self._poller: asyncio.Task | None = None
         self._initial: asyncio.Task | None = None
@@ -619,8 +618,7 @@ class Repository:
         task = asyncio.create_task(entry.served.close(), name=f"retire-{entry.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._retiring += 1
-        task.add_done_callback(self._retired)
+        task.add_done_callback(self._retired)  # after the discard: _tasks holds the others
 
     def _settle(self) -> None:
         """:func:`settle_heap` now, or, while retired versions still answer their queues,
@@ -628,15 +626,14 @@ class Repository:
         and their reference cycles (the model, its weights) would then wait for a later
         change of the loaded models, which after an unload may never come. One settle (one
         pause of the event loop) serves a reload's new version and its old one."""
-        if self._retiring:
+        if self._tasks:
             self._settle_due = True
             return
         self._settle_due = False
         settle_heap()
 
     def _retired(self, _task: asyncio.Future) -> None:
-        self._retiring -= 1
-        if self._retiring or self.closing:  # the process ends: nothing to keep settled
+        if self._tasks or self.closing:  # the process ends: nothing to keep settled
             return
         self._settle_due = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending

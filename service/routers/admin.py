@@ -12,7 +12,7 @@ from ..decoding import optional_json_body
 from ..deps import Admin, RuntimeDep
 from ..encoding import finite
 from ..errors import ApiError
-from ..openapi import ADMIN_ERRORS, ERRORS, body_doc
+from ..openapi import ADMIN_ERRORS, ERRORS, UNLOADED_WHILE_LOADING, body_doc
 from ..repository import NotFound, Unloaded
 
 router = APIRouter(tags=["admin"])
@@ -48,13 +48,7 @@ async def tune(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
 @router.post(
     "/v1/models/{name}/reload",
     name="v1_reload",
-    responses={
-        **RESPONSES,
-        409: {
-            "model": schemas.ErrorBody,
-            "description": "the model was unloaded while it loaded; it stays unloaded",
-        },
-    },
+    responses={**RESPONSES, 409: UNLOADED_WHILE_LOADING},
     openapi_extra=body_doc(schemas.ReloadRequest, required=False),
 )
 async def reload(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):

@@ -24,16 +24,12 @@ from .. import schemas
 from ..decoding import optional_json_body
 from ..deps import Admin, RuntimeDep
 from ..errors import ApiError
-from ..openapi import ADMIN_ERRORS, ERRORS, body_doc
+from ..openapi import ADMIN_ERRORS, ERRORS, UNLOADED_WHILE_LOADING, body_doc
 from ..repository import NotFound, NotReady, Repository, Unloaded, scan
 from ..stats import empty_snapshot
 
 router = APIRouter(tags=["v2 extensions"])
 ADMIN_RESPONSES = {**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415], 503: ERRORS[503]}
-UNLOADED_WHILE_LOADING = {
-    "model": schemas.ErrorBody,
-    "description": "the model was unloaded while it loaded; it stays unloaded",
-}
 # A version's load state as the repository extension names it.
 STATES = {"ready": "READY", "loading": "LOADING", "pending": "LOADING", "failed": "UNAVAILABLE"}
 

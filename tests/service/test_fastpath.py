@@ -17,7 +17,7 @@ import torch
 from service_support import ADMIN_TOKEN, LiveServer, metric, metric_samples, v2_body
 
 import service.fastpath as fastpath
-from service.fastpath import route_path
+from service.middleware import route_path
 
 HEADER = "Inference-Header-Content-Length"
 # Per-request timings in the answer's parameters: the only fields allowed to differ.
