@@ -241,7 +241,12 @@ def test_new_versions_are_picked_up_without_dropping_requests(server, model_repo
             r = await c.post("/v1/models/evolving/reload", headers=AUTH)
         assert r.status_code == 200, r.text
         assert "evolving/3" in r.json()["loaded"] and r.json()["default_version"] == "3"
-        await asyncio.sleep(0.3)
+        # Until the traffic has met it: a fixed pause could pass wholly inside the heap
+        # settle after the reload (a full collection of this test process's heap, which
+        # stops its threads too).
+        deadline = time.monotonic() + 30
+        while "3" not in versions_seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         # 3. Version 3 removed: version 2 serves. Its file replaced by a broken one: the
         #    loaded version 2 keeps serving. Version 2 removed: version 1 serves.
         shutil.rmtree(folder / "3")
