@@ -398,6 +398,23 @@ def check_output_names(names: list[str]) -> None:
         raise ApiError(422, f"outputs requested more than once: {twice}")
 
 
+def refuse_classification(name: str, params) -> None:
+    """Refuse an output's ``classification`` parameter (Triton's classification extension),
+    over HTTP or gRPC alike: it asks for top-k class strings in place of the tensor, which
+    this server does not produce, so answering the plain tensor would be answering another
+    question.
+
+    Raises:
+        ApiError: 422 when ``params`` (the output's parameters, a mapping) names it.
+    """
+    if "classification" in params:
+        raise ApiError(
+            422,
+            f"output {name!r}: the classification extension is not served; ask for "
+            "'label' or 'probabilities'",
+        )
+
+
 def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
     """The outputs a V2 request asks for, each with whether it goes back as binary data.
 
@@ -421,12 +438,7 @@ def requested_outputs(body: schemas.InferRequest) -> list[tuple[str, bool]]:
     wanted = []
     for o in body.outputs:
         params = o.parameters or {}
-        if "classification" in params:
-            raise ApiError(
-                422,
-                f"output {o.name!r}: the classification extension is not served; ask for "
-                "'label' or 'probabilities'",
-            )
+        refuse_classification(o.name, params)
         binary = params.get("binary_data", every)
         if not isinstance(binary, bool):
             raise ApiError(

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from .. import schemas
 from ..batcher import Answer
-from ..decoding import check_output_names, input_pixels, solve_key
+from ..decoding import check_output_names, input_pixels, refuse_classification, solve_key
 from ..encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES, output_bytes, solver_info
 from ..errors import ApiError, summarise_validation
 from ..repository import NotFound, NotReady
@@ -110,12 +110,15 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     """The output names a request asks for (none: :data:`DEFAULT_OUTPUTS`).
 
     Raises:
-        ApiError: 422 as :func:`service.decoding.check_output_names` (HTTP's words).
+        ApiError: 422 as :func:`service.decoding.check_output_names` and
+            :func:`service.decoding.refuse_classification` (HTTP's words).
     """
     if not request.outputs:
         return list(DEFAULT_OUTPUTS)
     wanted = [o.name for o in request.outputs]
     check_output_names(wanted)
+    for o in request.outputs:
+        refuse_classification(o.name, o.parameters)
     return wanted
 
 

@@ -350,6 +350,24 @@ def test_bad_input_gets_the_http_message_and_its_grpc_code(served, triton):
     assert code == "StatusCode.RESOURCE_EXHAUSTED"
 
 
+def test_classification_output_parameter_is_refused_as_over_http(served, triton):
+    """Triton's classification extension (``class_count`` sets the output's
+    ``classification`` parameter) asks for top-k class strings: gRPC refused nothing and
+    answered the plain INT64 label instead; now INVALID_ARGUMENT with HTTP's 422 words."""
+    x = pixels(1)
+    asked = [grpcclient.InferRequestedOutput("label", class_count=3)]
+    code, message = rpc_error(triton, "fc", [raw_input(x)], outputs=asked)
+    body = v2_body(
+        torch.from_numpy(x), outputs=[{"name": "label", "parameters": {"classification": 3}}]
+    )
+    assert http_error(served.url, "/v2/models/fc/infer", body) == (422, message)
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert message == (
+        "output 'label': the classification extension is not served; ask for 'label' or "
+        "'probabilities'"
+    )
+
+
 def test_raw_contents_that_do_not_frame_the_input(served):
     """Raw bytes of the wrong length, raw beside typed contents, a raw entry per input
     missing, FP32 values in the wrong typed field, another datatype: INVALID_ARGUMENT."""
