@@ -19,6 +19,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_core import __version__
@@ -113,17 +115,17 @@ def create_app(
     app.state.runtime = runtime
     install_exception_handlers(app)
 
-    app.include_router(v2.router)
-    app.include_router(extensions.router)  # before /v2/models/{name}: /v2/models/stats
-    app.include_router(v2.model_router, prefix="/v2/models/{name}")
-    app.include_router(
-        v2.model_router,
-        prefix="/v2/models/{name}/versions/{version}",
-        dependencies=[Depends(declare_version)],
-    )
-    app.include_router(v1.router)
-    app.include_router(admin.router)
-    app.include_router(ops.router)
+    included = [  # (router, prefix, dependencies), in the router's order
+        (v2.router, "", []),
+        (extensions.router, "", []),  # before /v2/models/{name}: /v2/models/stats
+        (v2.model_router, "/v2/models/{name}", []),
+        (v2.model_router, "/v2/models/{name}/versions/{version}", [Depends(declare_version)]),
+        (v1.router, "", []),
+        (admin.router, "", []),
+        (ops.router, "", []),
+    ]
+    for router, prefix, dependencies in included:
+        app.include_router(router, prefix=prefix, dependencies=dependencies)
     infer_route = next(r for r in v2.model_router.routes if getattr(r, "name", None) == "v2_infer")
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
 
@@ -135,6 +137,12 @@ def create_app(
             metrics=runtime.metrics,
             names=runtime.names,
             docs_paths=[p for p in docs if p],
+            routes=[
+                (compile_path(prefix + r.path)[0], r.name)
+                for router, prefix, _ in included
+                for r in router.routes
+                if isinstance(r, APIRoute)
+            ],
         )
 
     app.front = front

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Collection
+from types import SimpleNamespace
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,6 +55,7 @@ class Guard:
         metrics: Metrics,
         names: Callable[[], Collection[str]],
         docs_paths: Collection[str],
+        routes: Collection[tuple[re.Pattern, str]] = (),
     ):
         """Args:
         app: the ASGI app to guard.
@@ -62,9 +65,13 @@ class Guard:
             ``"unknown"``, so that the labels stay bounded).
         docs_paths: the OpenAPI document's and documentation pages' paths, counted as
             ``endpoint="docs"``.
+        routes: ``(path regex, route name)`` of the app's routes, in its router's order, to
+            label a request refused here, before any router saw it, with the endpoint and
+            model it was sent to.
         """
         self.app, self.max_body, self.metrics, self.names = app, max_body, metrics, names
         self.docs_paths = frozenset(docs_paths)
+        self.routes = tuple(routes)
         # (model, endpoint, code) → its request counter and duration histogram. Bounded as the
         # labels are: models of the repository (or "unknown"), ENDPOINTS, HTTP statuses.
         self._series: dict[tuple[str, str, int], tuple] = {}
@@ -94,6 +101,7 @@ class Guard:
         try:
             body = await self._read_body(scope, receive)
             if isinstance(body, JSONResponse):
+                self._name_route(scope)
                 await body(scope, receive, send_wrapper)
                 return
             replayed = False
@@ -164,6 +172,19 @@ class Guard:
                 None if complete else CLOSE,
             )
         return b"".join(chunks)
+
+    def _name_route(self, scope: Scope) -> None:
+        """Put in ``scope`` the route (and path parameters) the router would have given a
+        request refused before routing (413, 415, a bad ``Content-Length``): without it an
+        oversized or compressed inference body was counted as ``endpoint="other"`` with no
+        model, out of sight of the endpoint's error rate."""
+        path = route_path(scope)
+        for regex, name in self.routes:
+            match = regex.fullmatch(path)
+            if match:
+                scope["route"] = SimpleNamespace(name=name)
+                scope["path_params"] = match.groupdict()
+                return
 
     def _observe(self, scope: Scope, path: str, code: int, seconds: float) -> None:
         # The docs pages are Starlette routes whose endpoint names are FastAPI's business:

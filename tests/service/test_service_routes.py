@@ -129,3 +129,33 @@ def test_each_request_counts_once_under_its_endpoint(client, method, path, body,
     added = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
     # The first scrape counts itself once it has answered.
     assert added == {label: 1.0, ("", "metrics", "200"): 1.0}
+
+
+REFUSED_BEFORE_ROUTING = [  # (path, headers, body, label): the Guard answers, no router runs
+    ("/v2/models/fc/infer", {"content-encoding": "gzip"}, b"{}", ("fc", "v2_infer", "415")),
+    (
+        "/v2/models/fc/versions/1/infer",
+        {"content-encoding": "deflate"},
+        b"{}",
+        ("fc", "v2_infer", "415"),
+    ),
+    ("/v1/models/fc:classify", {"content-encoding": "br"}, b"{}", ("fc", "v1_classify", "415")),
+    ("/v2/models/fc/infer", {}, b"0" * (256 * 1024 + 1), ("fc", "v2_infer", "413")),
+    ("/v2/models/nope/infer", {"content-encoding": "gzip"}, b"{}", ("unknown", "v2_infer", "415")),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "label"), REFUSED_BEFORE_ROUTING, ids=lambda c: str(c)[:40]
+)
+def test_a_body_refused_before_routing_counts_under_its_endpoint(
+    client, path, headers, body, label
+):
+    """A compressed or oversized body is refused before any router sees it; it used to be
+    counted as endpoint="other" with no model, so the endpoint's error rate missed it."""
+    before = _requests_total(client)
+    r = client.post(path, content=body, headers={"content-type": "application/json", **headers})
+    assert r.status_code == int(label[2]), r.text
+    after = _requests_total(client)
+    added = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert added == {label: 1.0, ("", "metrics", "200"): 1.0}
