@@ -238,6 +238,9 @@ class Repository:
         # :meth:`load` names them again.
         self.unloaded: set[str] = set()
         self._unloads: dict[str, int] = {}  # name -> how many times it was unloaded
+        # name -> loads of it in flight (:meth:`load`): until its scan puts its versions in
+        # ``entries``, its requests are told it is loading, not that it is unknown.
+        self._loading: dict[str, int] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}  # name -> held while it loads
         # name -> set by its next unload: a load of it in flight stops waiting (its result
         # is dropped when the search thread ends) and its caller is answered at once.
@@ -342,6 +345,8 @@ class Repository:
         versions = self.entries.get(name)
         if not versions and name in self.unloaded:
             raise NotFound(f"model {name!r} is unloaded; load it to serve it again")
+        if not versions and name in self._loading:
+            raise NotReady(f"model {name!r} is loading (no version of it serves yet)")
         if not versions:
             raise NotFound(f"unknown model {name!r}; available: {self.names()}")
         if version is None:
@@ -691,7 +696,8 @@ class Repository:
         """Load ``name`` from its folder, as :meth:`refresh` of it alone: new versions load,
         changed ones reload, removed ones go, and with ``force`` (the admin reload) every
         version is reread from disk even if unchanged. A model unloaded by :meth:`unload` is
-        polled again from now on.
+        polled again from now on. While the load runs, :meth:`entry` says the model is
+        loading (503), not unknown, until its scan lists its versions.
 
         Returns:
             :meth:`refresh`'s report.
@@ -705,9 +711,16 @@ class Repository:
             name in self.entries or (self.settings.model_dir / name).is_dir()
         ):
             raise NotFound(f"unknown model {name!r}; available: {self.names()}")
-        self.unloaded.discard(name)
-        unloads = self._unloads.get(name, 0)
-        report = await self.refresh(only=name, force=force)
+        self._loading[name] = self._loading.get(name, 0) + 1
+        try:
+            self.unloaded.discard(name)
+            unloads = self._unloads.get(name, 0)
+            report = await self.refresh(only=name, force=force)
+        finally:
+            if self._loading[name] == 1:
+                del self._loading[name]
+            else:
+                self._loading[name] -= 1
         if self._unloads.get(name, 0) != unloads:
             raise Unloaded(f"model {name!r} was unloaded while loading; it stays unloaded")
         return report
