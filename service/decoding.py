@@ -199,9 +199,18 @@ def to_pixels(data: Any, what: str) -> np.ndarray:
             raise ApiError(
                 422,
                 f"{what} must hold pixel intensities in [0, 1] (found values in "
-                f"[{lo:g}, {hi:g}]); the server applies the model's normalisation",
+                f"[{_shortest(lo)}, {_shortest(hi)}]); the server applies the model's "
+                "normalisation",
             )
     return arr.astype(np.float32)
+
+
+def _shortest(v: float) -> str:
+    """``v`` as the shortest text that reads back as it (``repr``), without a trailing
+    ``.0``: ``2.0`` → ``2``, ``1.0000001`` → ``1.0000001`` (``:g`` wrote it ``1``, so a
+    message said values in ``[1, 1]`` lay outside [0, 1])."""
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
 
 
 def input_pixels(

@@ -264,6 +264,9 @@ def _input(**kw) -> dict:
         (_input(data=[]), ["0 values"]),
         (_input(data=[1.5] * 64), ["[0, 1]"]),
         (_input(data=[-0.1] * 64), ["[0, 1]"]),
+        # just past 1: the message names the value (it said "found values in [1, 1]")
+        (_input(data=[1.0000001] * 64), ["found values in [1.0000001, 1.0000001]"]),
+        (_input(data=[0.0] * 63 + [1e-50 - 2e-50]), ["found values in [-1e-50, 0]"]),
         (_input(data=["0.5"] * 64), ["numbers only"]),
         (_input(data=[True] * 64), ["numbers only"]),
         (_input(data=[[0.5] * 8, [0.5] * 7]), ["rectangular"]),
