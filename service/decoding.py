@@ -485,7 +485,14 @@ async def infer_body(request: Request) -> tuple[schemas.InferRequest, list[bytes
     if ctype is not None and media != "application/octet-stream":
         require_json(ctype, f"with {HEADER_LENGTH}, send application/octet-stream or JSON")
     head, tail = split_body(await request.body(), header)
-    body = parse_json(head, schemas.InferRequest)
+    try:
+        body = parse_json(head, schemas.InferRequest)
+    except ApiError as e:  # most often a header off by some bytes: say which bytes were read
+        raise ApiError(
+            e.status,
+            f"{e.message}: the JSON is read from the body's first {len(head)} bytes, as "
+            f"{HEADER_LENGTH} says; it must be the JSON's exact length",
+        ) from None
     return body, binary_inputs(body.inputs, tail)
 
 

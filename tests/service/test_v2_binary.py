@@ -333,7 +333,15 @@ MALFORMED = {
     ),
     "header cuts the JSON": (
         header_body("20"),
-        "malformed JSON body (Invalid JSON: EOF while parsing a value at line 1 column 20)",
+        "malformed JSON body (Invalid JSON: EOF while parsing a value at line 1 column 20): the "
+        "JSON is read from the body's first 20 bytes, as Inference-Header-Content-Length says; "
+        "it must be the JSON's exact length",
+    ),
+    "header past the JSON's end": (  # was a bare "malformed JSON body (trailing characters)"
+        header_body("128"),
+        "malformed JSON body (Invalid JSON: trailing characters at line 1 column 119): the "
+        "JSON is read from the body's first 128 bytes, as Inference-Header-Content-Length "
+        "says; it must be the JSON's exact length",
     ),
     "size does not fit the shape": (
         framed(100, RAW[:100]),
