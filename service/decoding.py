@@ -506,6 +506,7 @@ def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tens
         ApiError: 422 for another shape, or values :func:`to_pixels` refuses.
     """
     arr = to_pixels(data, "inputs")
+    sent = list(arr.shape)  # the message names it, not the shape it was lifted to
     c, h, w = served.shape
     if arr.ndim == 2 and c == 1:
         arr = arr[None, None]
@@ -513,9 +514,7 @@ def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tens
         arr = arr[None]
     if arr.ndim != 4 or list(arr.shape[1:]) != [c, h, w]:
         accepted = ([f"[{h}, {w}]"] if c == 1 else []) + [f"[{c}, {h}, {w}]", f"[B, {c}, {h}, {w}]"]
-        raise ApiError(
-            422, f"inputs have shape {list(arr.shape)}; expected {' or '.join(accepted)}"
-        )
+        raise ApiError(422, f"inputs have shape {sent}; expected {' or '.join(accepted)}")
     if not 1 <= arr.shape[0] <= max_rows:
         raise ApiError(422, f"batch size must lie in [1, {max_rows}], got {arr.shape[0]}")
     return torch.from_numpy(np.ascontiguousarray(arr))

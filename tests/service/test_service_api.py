@@ -491,6 +491,12 @@ def test_bad_uploads_and_classify_requests(client):
     assert_error(
         client.post("/v1/models/fc:classify", json={"inputs": [[0.2] * 7] * 8}), 422, "[8, 8]"
     )
+    # the shape as sent (it was named as lifted to four dimensions: [1, 1, 8, 7])
+    assert_error(
+        client.post("/v1/models/fc:classify", json={"inputs": [[0.2] * 7] * 8}),
+        422,
+        "inputs have shape [8, 7]; expected [8, 8] or [1, 8, 8] or [B, 1, 8, 8]",
+    )
     assert_error(
         client.post("/v1/models/conv:classify", json={"inputs": [[0.2] * 8] * 8}), 422, "[3, 8, 8]"
     )
