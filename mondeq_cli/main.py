@@ -14,6 +14,8 @@ import or its handler does.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 import warnings
@@ -23,9 +25,6 @@ from importlib.metadata import PackageNotFoundError, distribution, entry_points
 # training and serving extras); no torch-only command converts tensors to numpy. Set before
 # the first torch import, and only in the command line: the library leaves warnings alone.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
-
-from model_core import __version__  # noqa: E402
-from model_core.runtime import tune_allocator  # noqa: E402
 
 from .args import Parser  # noqa: E402
 
@@ -95,6 +94,8 @@ def _builtin_commands():
 
 def build_parser() -> CommandLine:
     """``mondeq`` with every command the installed entry points offer."""
+    from model_core import __version__
+
     parser = CommandLine(
         prog="mondeq",
         description="Monotone operator equilibrium networks: solve, train, serve.",
@@ -123,12 +124,32 @@ def _command_word(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mondeq ARGV``; returns the exit status (0 done, 2 refused, 130 interrupted).
+    """Run ``mondeq ARGV``; returns the exit status (0 done, 2 refused, 130 interrupted, 141
+    when the reader of its output went away, as ``mondeq eval … | head`` does).
+
+    Torch and the commands are imported in here, not at module level, so that a Ctrl-C
+    during that second of imports is "interrupted" and 130, not a traceback from inside
+    torch's import machinery.
 
     Raises:
         ModuleNotFoundError: a missing module that no extra provides (a bug, not set-up).
         SystemExit: from ``--help``, ``--version`` or a usage error (status 2), as argparse.
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The pipe's reader closed; Python would report the flush at exit as a second error.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
+    from model_core.runtime import tune_allocator
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if (word := _command_word(argv)) in parser.unavailable:
@@ -147,6 +168,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(hint, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
