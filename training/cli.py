@@ -149,15 +149,26 @@ def _run_train(args) -> int:
         if args.resume is not None and args.config is not None:
             raise ValueError("--config does not apply with --resume: the run keeps its options")
         if args.resume is not None:
+            if args.resume.is_file():  # was "DIR/last.pt/last.pt: no such file"
+                raise ValueError(
+                    f"--resume takes the run folder, not a file: pass --resume {args.resume.parent}"
+                )
             try:
                 last = args.resume / "last.pt"
                 saved = _resume_state(load_checkpoint(last), last)
             except CheckpointError as e:
                 raise ValueError(f"cannot resume: {e}") from None
             changeable = {"epochs", "device", "progress", "data_dir", "eval_limit"}
-            fixed = sorted(set(given) - changeable - {"out"})
+            # The run's own value given again (its command line repeated with --resume added)
+            # changes nothing and is accepted; only another value is refused.
+            kept = saved["options"]
+            fixed = sorted(k for k in set(given) - changeable - {"out"} if given[k] != kept.get(k))
             if fixed:
-                raise ValueError(f"--resume keeps the run's options; cannot change {fixed}")
+                was = ", ".join(
+                    f"{flag(k)} {_shown(kept.get(k))} in the run, {_shown(given[k])} given"
+                    for k in fixed
+                )
+                raise ValueError(f"--resume keeps the run's options; cannot change {fixed} ({was})")
             if "out" in given and Path(given["out"]).resolve() != args.resume.resolve():
                 raise ValueError(
                     f"--resume {args.resume} continues the run in that folder; --out "
@@ -210,6 +221,42 @@ def _run_train(args) -> int:
     if metrics and _rank() == 0:
         print(json.dumps(metrics))
     return 0
+
+
+def _check_same_task(path, model, data) -> None:
+    """Refuse test data of another dataset than the checkpoint was trained on.
+
+    Fashion-MNIST and MNIST share shape and class count, so a Fashion-MNIST model scored on
+    digits printed an accuracy near 10% as if it were the model's. The dataset is the one
+    ``mondeq train`` recorded (``metadata["dataset"]``); without it, the classes are compared
+    unless the checkpoint names them ``"0"`` … ``"K-1"`` (an import that named none).
+    ``--dataset synthetic`` (a smoke test of the command) is let through.
+
+    Raises:
+        ValueError: one line naming both datasets.
+    """
+    from .data import DATASETS
+
+    if data.name == "synthetic":
+        return
+    trained = model.metadata.get("dataset")
+    if isinstance(trained, str) and trained in DATASETS and trained != data.name:
+        raise ValueError(
+            f"{path} was trained on {trained}, not {data.name}: pass --dataset {trained}"
+        )
+    names = tuple(model.input_spec.class_names)
+    if names != tuple(str(i) for i in range(len(names))) and names != tuple(data.class_names):
+        raise ValueError(
+            f"{path} classifies {', '.join(names[:3])}, …; {data.name}'s classes are "
+            f"{', '.join(data.class_names[:3])}, …: evaluate it on the dataset it was trained on"
+        )
+
+
+def _shown(value) -> str:
+    """An option value as a user would write it (``None``: the preset's default)."""
+    if value is None:
+        return "the preset's default"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _resume_state(model, path: Path) -> dict:
@@ -462,6 +509,7 @@ def _run_eval(args) -> int:
                 f"{args.checkpoint} has {len(spec.class_names)} classes, {data.name} has "
                 f"{len(data.class_names)}"
             )
+        _check_same_task(args.checkpoint, model, data)
         x, y = data.test_x, data.test_y
         if args.eval_limit is not None:
             if args.eval_limit > len(x):

@@ -4,7 +4,9 @@ Every dataset is small enough to hold in memory (CIFAR-10's 50,000 training imag
 150 MB as uint8), which makes batches a tensor gather instead of a DataLoader of PIL images:
 that is most of the per-epoch overhead for models this small.
 
-* ``mnist``, ``svhn``, ``cifar10``: torchvision, from ``--data-dir`` (``--download`` to fetch).
+* ``mnist``: IDX files (gzipped or not) under ``--data-dir``/MNIST/raw, else torchvision
+  (``--download`` to fetch).
+* ``svhn``, ``cifar10``: torchvision, from ``--data-dir`` (``--download`` to fetch).
 * ``fashion-mnist``: torchvision's layout under ``--data-dir`` or plain IDX files there, else
   Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
 * ``synthetic``: class-conditional random patterns of any shape, for smoke tests only.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +90,8 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
+        # zlib.error (not an OSError) is a gzip stream damaged inside its compressed data.
         raise DataError(f"cannot read {path}: {e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
@@ -106,19 +110,29 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_folder_candidates(data_dir: Path | None) -> list[Path]:
+# Folders under --data-dir searched for the IDX files of the datasets read without
+# torchvision. torchvision's MNIST finds only unpacked files (``…-ubyte``) and, offline, answers
+# the ``.gz`` files that its own layout names with "Dataset not found".
+_IDX_FOLDERS = {
+    "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist", "."),
+    "mnist": ("MNIST/raw",),
+}
+
+
+def _idx_folder_candidates(name: str, data_dir: Path | None) -> list[Path]:
     # A folder the user names is the only place looked: falling back to Debian's copy would
     # train on other data than the one asked for.
     if data_dir is not None:
-        return [data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir]
-    return [DEBIAN_FASHION_MNIST]
+        return [data_dir / sub for sub in _IDX_FOLDERS[name]]
+    return [DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []
 
 
 def check_data(data: Data) -> Data:
     """Refuse a dataset whose files disagree with each other or with what it is.
 
     Images must be ``(N, C, H, W)`` with the dataset's ``(C, H, W)`` (:data:`DATASETS`) in both
-    splits, labels ``(N,)`` with one per image and each in ``[0, classes)``. A label out of
+    splits, at least one image in each, labels ``(N,)`` with one per image and each in
+    ``[0, classes)``. A label out of
     range fails only when a batch draws it (the cross-entropy's index error, mid-run or at
     the end-of-epoch evaluation); a shorter label file pairs the wrong labels with images;
     images of another size build a model the served dataset cannot feed.
@@ -136,6 +150,10 @@ def check_data(data: Data) -> Data:
             raise DataError(
                 f"{where}: images are {got}, {data.name} has {'x'.join(map(str, want))}"
             )
+        if len(x) == 0:
+            # An empty test split was met only by the end-of-epoch evaluation, after a
+            # whole epoch of training ("evaluation set is empty").
+            raise DataError(f"{where}: holds no images")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(
                 f"{where}: {len(x):,} images but labels of shape {list(y.shape)} (one per image)"
@@ -146,10 +164,10 @@ def check_data(data: Data) -> Data:
     return data
 
 
-def _load_fashion_idx(data_dir: Path | None) -> Data | None:
+def _load_idx(name: str, data_dir: Path | None) -> Data | None:
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]  # fmt: skip
-    for folder in _idx_folder_candidates(data_dir):
+    for folder in _idx_folder_candidates(name, data_dir):
         files = [_find_idx(folder, s) for s in stems]
         if all(files):
             xtr, ytr, xte, yte = (read_idx(f) for f in files)
@@ -158,12 +176,12 @@ def _load_fashion_idx(data_dir: Path | None) -> Data | None:
                     what = "images (N, H, W)" if ndim == 3 else "labels (N,)"
                     raise DataError(f"{f} holds a {a.ndim}-d array, not {what}")
             return Data(
-                "fashion-mnist",
+                name,
                 torch.from_numpy(xtr.copy()).unsqueeze(1),
                 torch.from_numpy(ytr.astype(np.int64)),
                 torch.from_numpy(xte.copy()).unsqueeze(1),
                 torch.from_numpy(yte.astype(np.int64)),
-                FASHION_CLASSES,
+                DATASETS[name][1],
                 str(folder),
             )
     return None
@@ -242,8 +260,8 @@ def load_dataset(
     if root is not None and not download and not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DataError(f"--data-dir {root} {what} (--download creates it and fetches {name})")
-    if name == "fashion-mnist" and not download:
-        found = _load_fashion_idx(root)
+    if name in _IDX_FOLDERS and not download:
+        found = _load_idx(name, root)
         if found is not None:
             return check_data(found)
     if root is None and not download:
