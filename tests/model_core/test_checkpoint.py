@@ -227,9 +227,13 @@ V1_FILES = {
 
 # The first 64 Fashion-MNIST test images through the default models, computed by the code of
 # commit 253a686 (before schema 2) on one CPU thread: sha256 of the normalised float32 input
-# and of the float32 logits, and the total forward iterations.
+# and of the float32 logits, and the total forward iterations. fmnist-fc's were re-pinned when
+# the residual began to count its own rounding (docs/math.md §2): image 30 had stopped at a
+# computed residual of 0.0099993, inside that rounding term of tol 1e-2, and now takes an
+# 11th iteration; the other 63 rows of logits are still the old code's, bit for bit (was
+# 5e20e777…, 663 iterations).
 DEFAULT_MODEL_REFERENCE = {
-    "fc": ("5e20e777d577a49fe404c4ced6adfaddc48cf7f275ea98e8036c52838d6b9f9c", 663),
+    "fc": ("60abd02c546608d4f6d27d2e6728625dda258ac71f0e0be7be2072702e6c758c", 664),
     "conv": ("a6d428275eb07e19b9c17e8900b89f97abf88b0f31e8699f09726303261d4132", 546),
 }
 NORMALISED_INPUT_SHA256 = "4f29db5c706da7d3704279fb1bc5d4b8d8f932bbcb6dd46da75d2e9b166fd88a"
@@ -326,11 +330,26 @@ def test_version_1_fixture_loads_with_its_training_state_and_logits(arch, tmp_pa
     assert model.metadata["train"] is model.training_state
     assert model.metadata["calibration"] is model.calibration
     x = model.input_spec.normalize(meta["probe_pixels"])
+    # The fixture's tol, 1e-6, is below what float32 can certify: the residual counts its own
+    # rounding (docs/math.md §2), a few times 1e-6 here, so no sample converges and every one
+    # runs to the cap. The old code stopped them at 16 to 19 iterations on a float32 residual
+    # that rounding decided.
     out = model.infer(x)
+    cap = model.solver_settings.max_iter
+    assert not out.stats.converged.any() and bool((out.stats.residual > 1e-6).all())
+    assert out.stats.iterations.tolist() == [cap] * x.shape[0]
     z, _, pre = model.deq.solve(x)  # the old code read the logits at z, now at the centre
-    assert torch.equal(model.head(model.features(z)), meta["expected_logits"])
     assert torch.equal(out.logits, _logits_at_the_centre(model, z, pre))
-    assert torch.equal(out.stats.iterations, meta["expected_iterations"])
+    # Capped at each sample's old iteration count, the loaded model computes the old logits.
+    # One sample at a time rounds differently from the fixture's batch of four (the GEMMs
+    # sum in another order): equal to float32 rounding of these logits (|l| < 1).
+    old = torch.cat(
+        [
+            model.head(model.features(model.deq.solve(x[i : i + 1], max_iter=int(n))[0]))
+            for i, n in enumerate(meta["expected_iterations"])
+        ]
+    )
+    assert torch.allclose(old, meta["expected_logits"], rtol=0, atol=1e-6)
     # Upgraded on save: one copy of the solver settings, named fields, nothing in metadata.
     again = save_checkpoint(
         model, tmp_path / "v2.pt", calibration=model.calibration,

@@ -227,7 +227,10 @@ def test_solver_settings_outside_the_bounds_are_refused(client, params, words):
 
 def test_unconverged_solve_still_answers_and_is_counted(client, server):
     before = metric(
-        metric_samples(client.get("/metrics").text), "mondeq_solver_unconverged_total", model="fc"
+        metric_samples(client.get("/metrics").text),
+        "mondeq_solver_unconverged_total",
+        model="fc",
+        method="peaceman_rachford",
     )
     x = pixels(4, seed=8)
     r = client.post("/v2/models/fc/infer", json=v2_body(x, parameters={"max_iter": 1, "tol": 1e-6}))

@@ -64,7 +64,7 @@ async def post_all(url: str, path: str, bodies: list[dict], concurrency: int) ->
 def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_rows(server, model_repo):
     before = scrape(server.url)
     xs = [pixels(1 + i % 3, seed=100 + i) for i in range(48)]
-    params = {"tol": 1e-6}
+    params = {"tol": 3e-5}  # within what float32 certifies (docs/math.md §2)
     bodies = [v2_body(x, id=f"r{i}", parameters=params) for i, x in enumerate(xs)]
     answers = asyncio.run(post_all(server.url, "/v2/models/fc/infer", bodies, 48))
     assert [a.status_code for a in answers] == [200] * 48
@@ -77,7 +77,7 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_rows(serve
         batch_sizes.append(p["batch_size"])
         out = outputs(body)
         assert out["logits"].shape == (x.shape[0], 10)
-        ref = model.infer(normalise(model, x), alpha=p["alpha"], tol=1e-6, max_iter=p["max_iter"])
+        ref = model.infer(normalise(model, x), alpha=p["alpha"], tol=3e-5, max_iter=p["max_iter"])
         torch.testing.assert_close(out["logits"], ref.logits, atol=1e-5, rtol=0)
         assert (out["iterations"] - ref.stats.iterations).abs().max() <= 1
         assert out["converged"].all()

@@ -46,9 +46,10 @@ _REFERENCE: dict[str, torch.Tensor] = {}
 
 
 def reference_labels(name: str, model, x: torch.Tensor) -> torch.Tensor:
-    """Labels of a PR solve to tol 1e-6 (every sample converges), once per model."""
+    """Labels of a PR solve to tol 3e-5 (every sample converges; float32 certifies no
+    smaller residual on fmnist-fc, docs/math.md §2), once per model."""
     if name not in _REFERENCE:
-        ref = model.infer(x, method="peaceman_rachford", tol=1e-6, max_iter=1000)
+        ref = model.infer(x, method="peaceman_rachford", tol=3e-5, max_iter=1000)
         assert ref.stats.converged.all()
         _REFERENCE[name] = ref.labels
     return _REFERENCE[name]
@@ -71,7 +72,7 @@ CASES = [
 @torch.no_grad()
 def test_converged_samples_are_at_the_equilibrium(pixels, name, method, max_iter, n_converged):
     """Every sample reported converged has a true residual (evaluated here directly from
-    ``W``) within ``tol`` and the label of a tol-1e-6 PR solve. (``infer`` is this solve
+    ``W``) within ``tol`` and the label of a tol-3e-5 PR solve. (``infer`` is this solve
     plus the head; ``test_model`` checks that it withholds the radius of the others.)"""
     model = load_checkpoint(checkpoint(name))
     x = normalise(model, pixels)
@@ -82,7 +83,10 @@ def test_converged_samples_are_at_the_equilibrium(pixels, name, method, max_iter
     assert torch.equal(converged, stats.residual <= tol)
     fz = model.deq.nonlin(model.op.multiply(z) + model.op.bias(x))
     true = (z - fz).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
-    torch.testing.assert_close(stats.residual, true, rtol=1e-4, atol=1e-6)
+    # The reported residual bounds the exact one from above by its rounding term, 16 eps
+    # (‖z‖ + ‖p‖)/‖z‖ (docs/math.md §2): at most 3e-5 on these models.
+    assert (true <= stats.residual * (1 + 1e-4)).all()
+    torch.testing.assert_close(stats.residual, true, rtol=1e-4, atol=3e-5)
     assert (true[converged] <= tol * (1 + 1e-4)).all()
     labels = model.head(model.features(z)).argmax(dim=1)
     want = reference_labels(name, model, x)
@@ -238,12 +242,12 @@ def test_http_unconverged_samples_carry_null_radii(served, pixels):
 def test_http_a_loose_tol_buys_no_certificate(served, pixels, name):
     """``tol: 1`` stops every sample at once (all ``converged``, as the rule says), but such a
     point is no equilibrium: 27 (fmnist-conv) and 10 (fmnist-fc) of these 100 labels differ
-    from the tol-1e-6 solve's, and each carried a certified radius. A radius is given only
+    from the tol-3e-5 solve's, and each carried a certified radius. A radius is given only
     where the label is proven (docs/math.md §9), whatever the request's tol, and a proven
     label is the equilibrium's."""
     x = pixels[:100]
     model = load_checkpoint(checkpoint(name))
-    ref = model.infer(normalise(model, x), tol=1e-6, max_iter=1000)
+    ref = model.infer(normalise(model, x), tol=3e-5, max_iter=1000)
     assert ref.stats.converged.all()
     with served.client() as client:
         r = client.post(f"/v2/models/{name}/infer", json=v2_body(x, parameters={"tol": 1.0}))
