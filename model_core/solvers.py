@@ -811,7 +811,11 @@ def relative_residual(x: Tensor, fx: Tensor, pre: Tensor | None = None) -> Tenso
     ulps = ROUNDING_ULPS * torch.finfo(x.dtype).eps
     rho = ulps * (x_norm + _row_norms(pre))
     # The quotient's own rounding: two norms and a division, each within ``ulps`` relative.
-    return (gap + rho) * (1.0 + 3.0 * ulps) / denom
+    bound = (gap + rho) * (1.0 + 3.0 * ulps) / denom
+    # A zero whose image is computed as zero keeps residual 0 (an FB iterate at z* = 0): its
+    # p is U x + b with nothing from W (W·0 is exactly 0), and a denominator of 0 would turn
+    # any ρ into an infinite residual.
+    return torch.where((x_norm > 0) | (fx_norm > 0), bound, gap / denom)
 
 
 def _timed_sync(device: torch.device) -> float:

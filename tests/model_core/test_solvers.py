@@ -378,3 +378,17 @@ def test_a_non_finite_row_stops_at_once_and_leaves_the_others_alone(method):
     assert st.converged[keep].all()
     assert torch.equal(st.iterations[keep], ref_st.iterations[keep])
     assert torch.allclose(z[keep], ref[keep], rtol=0, atol=1e-12)
+
+
+def test_a_zero_equilibrium_converges_at_once_under_forward_backward():
+    """``U x + b ≤ 0`` everywhere makes ``z* = 0``. FB's first iterate is exactly 0 and its
+    computed image is exactly 0, so the residual is 0 (docs/math.md §2, the zero case), not
+    the rounding term over a zero denominator (which would never converge)."""
+    torch.manual_seed(0)
+    model = build_model({"arch": "fc", "in_channels": 1, "image_size": 4, "hidden": 6})
+    with torch.no_grad():
+        model.op.U.bias.fill_(-100.0)
+    out = model.infer(torch.rand(3, 1, 4, 4), method="forward_backward", tol=1e-4)
+    assert out.stats.iterations.tolist() == [1, 1, 1]
+    assert out.stats.residual.tolist() == [0.0, 0.0, 0.0]
+    assert out.stats.converged.tolist() == [True, True, True]
