@@ -64,9 +64,25 @@ def equilibrium_error_bound(
     z_hat = nonlin(pre)
     half_step = op.multiply(z - z_hat).mul_(0.5 / op.m)  # W r / 2m
     bound = _norms(half_step) * (1.0 + ROUNDING_SLACK)
-    rho = (ROUNDING_ULPS * torch.finfo(z.dtype).eps) * (_norms(z) + _norms(pre))
+    rho = rounding_error(_norms(z), _norms(pre), z.dtype)
     bound = bound + rho * (1.0 + op.weight_norm() / op.m)
     return z_hat - half_step, torch.where(torch.isfinite(bound), bound, math.inf)
+
+
+def rounding_error(z_norm: Tensor, pre_norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """``ρ = ROUNDING_ULPS · eps · (‖z‖ + ‖p‖)``, the bound taken on how far the computed
+    ``p = W z + U x + b`` lies from the exact one (§9, "Rounding"); the error bound here and
+    the residual that decides ``converged`` (:func:`model_core.solvers.relative_residual`)
+    both carry it.
+
+    Args:
+        z_norm, pre_norm: ``(B,)``, ``‖z‖`` and ``‖p‖`` per sample.
+        dtype: the precision ``p`` was computed in (its ``eps``).
+
+    Returns:
+        ``(B,)``, in the units of ``z``.
+    """
+    return (ROUNDING_ULPS * torch.finfo(dtype).eps) * (z_norm + pre_norm)
 
 
 def _norms(x: Tensor) -> Tensor:

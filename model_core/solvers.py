@@ -58,7 +58,7 @@ from typing import ClassVar, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from .bounds import ROUNDING_ULPS
+from .bounds import ROUNDING_ULPS, rounding_error
 from .nonlinearity import Nonlinearity
 from .operators import MonotoneOperator, Resolvent
 from .operators.base import chunk_rows
@@ -808,9 +808,9 @@ def relative_residual(x: Tensor, fx: Tensor, pre: Tensor | None = None) -> Tenso
     gap = _row_norms(x - fx)
     if pre is None:
         return gap / denom
-    ulps = ROUNDING_ULPS * torch.finfo(x.dtype).eps
-    rho = ulps * (x_norm + _row_norms(pre))
+    rho = rounding_error(x_norm, _row_norms(pre), x.dtype)
     # The quotient's own rounding: two norms and a division, each within ``ulps`` relative.
+    ulps = ROUNDING_ULPS * torch.finfo(x.dtype).eps
     bound = (gap + rho) * (1.0 + 3.0 * ulps) / denom
     # A zero whose image is computed as zero keeps residual 0 (an FB iterate at z* = 0): its
     # p is U x + b with nothing from W (W·0 is exactly 0), and a denominator of 0 would turn

@@ -218,7 +218,7 @@ class MultiTierOperator(MonotoneOperator):
             a_hat, b_hat = transfer(a_w[i], s), transfer(b_w[i], s)
             a_hat_h = _adjoint(a_hat)
             eye = torch.eye(c, dtype=a_hat.dtype, device=a_hat.device)
-            kd = self.m * eye + a_hat_h @ a_hat - b_hat + b_hat.mH
+            kd = self.m * eye + a_hat_h @ a_hat - b_hat + _adjoint(b_hat)
             if i == self.tiers - 1:
                 out.append(_TierSpectra(kd, kd, _adjoint(kd), a_hat, a_hat_h))
                 continue
