@@ -228,6 +228,60 @@ def test_from_spectrum_with_padded_columns_inverts_to_spectrum(dtype, monkeypatc
     assert len(calls) == 1 and yg.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 7, 8])
+def test_transforms_in_pieces_equal_the_whole_batch(rows, dtype):
+    """``rows`` samples at a time into one result: every column as in one transform of the
+    batch, up to the last bits a GEMM's row tail may round differently (float64 pieces of 1
+    and 3 rows: 4e-16 here)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(7, 3, 10, 10, generator=g, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    whole = to_spectrum(x)
+    pieces = to_spectrum(x, rows)
+    assert pieces.shape == whole.shape == (10 * 6, 3, 7) and pieces.dtype == whole.dtype
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=8 * eps)
+    back = from_spectrum(whole, 10, rows)
+    assert back.shape == x.shape and back.dtype == x.dtype
+    torch.testing.assert_close(back, from_spectrum(whole, 10), rtol=0, atol=8 * eps)
+    xg = x.clone().requires_grad_()
+    from_spectrum(to_spectrum(xg, rows), 10, rows).sum().backward()  # autograd through slices
+    torch.testing.assert_close(xg.grad, torch.ones_like(x))  # a unitary round trip
+
+
+def test_one_tier_chunks_hold_the_resolvent():
+    """One tier: a solver chunk holds at least the resolvent's bytes of iterate (the
+    81-channel CIFAR resolvent, 32 MB, is 85 samples), with transforms in half-budget
+    pieces; the 32-channel Fashion-MNIST operator keeps the plain budget; several tiers
+    twice the budget."""
+    cifar = MultiTierOperator(3, [81], 32)
+    assert cifar.chunk_scale == pytest.approx(34 * 18 * 81 * 81 * 8 / base.CPU_CHUNK_BYTES)
+    z = torch.zeros(64, 81, 34, 34)
+    assert base.chunk_rows(z, cifar.chunk_scale) == 64  # the batch in one chunk
+    assert base.chunk_rows(torch.zeros(128, 81, 34, 34), cifar.chunk_scale) == 64
+    assert cifar.transform_rows(z) == 8
+    fmnist = MultiTierOperator(1, [32], 28)
+    assert fmnist.chunk_scale == 1.0 and fmnist.transform_rows(torch.zeros(64, 32, 30, 30)) is None
+    assert MultiTierOperator(3, [16, 32, 60], 32).chunk_scale == 2.0
+
+
+@torch.no_grad()
+def test_one_tier_resolvent_and_multiply_are_the_same_in_pieces(monkeypatch):
+    """A chunk larger than the budget transforms in pieces: the resolvent, its transpose and
+    ``W z`` equal the whole-batch transforms (float32, the served dtype)."""
+    torch.manual_seed(0)
+    op = MultiTierOperator(2, [6], 8)  # s = 10: a resolvent of 60·6·6 complex64 = 17 KB
+    z = torch.randn(9, *op.z_shape)
+    monkeypatch.setattr(base, "CPU_CHUNK_BYTES", 4096)  # 2,400 B a sample: pieces of 1 row
+    assert op.chunk_scale > 1 and op.transform_rows(z) == 1
+    res = op.resolvent(0.7, cache=False)
+    got = (res.inverse(z), res.inverse_transpose(z), op.multiply(z), op.multiply_transpose(z))
+    monkeypatch.setattr(MultiTierOperator, "transform_rows", lambda self, z: None)
+    want = (res.inverse(z), res.inverse_transpose(z), op.multiply(z), op.multiply_transpose(z))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dft_matmul", [True, False], ids=["dft-gemm", "fft"])
 @pytest.mark.parametrize("s", [2, 3, 4, 5, 6, 7])
 @torch.no_grad()
