@@ -18,7 +18,10 @@ from torch import Tensor, nn
 # VM's speed drifts), with model_core.runtime's allocator setting: conv 81 ch at batch 64
 # (375 KB a sample) runs fastest in 4 chunks of 16 (6 MB; 8 and 12 MB +3-4%); a fmnist-conv
 # training step (115 KB) in 3 chunks of 43 (64 rows +8%, 128 rows +15%); 3 MB is no
-# better, 1.5 MB +26%. Multi-tier operators set chunk_scale 2 (see there).
+# better, 1.5 MB +26%. Multi-tier operators set chunk_scale 2; a one-tier operator whose
+# resolvent is larger than the budget (81 channels: 32 MB) takes chunks of its resolvent's
+# size and transforms in half-budget pieces, which beat the 4 chunks of 16 (see
+# MultiTierOperator.chunk_scale).
 CPU_CHUNK_BYTES = 6 << 20
 
 
