@@ -262,7 +262,9 @@ def test_one_tier_chunks_hold_the_resolvent():
     assert cifar.transform_rows(z) == 8
     fmnist = MultiTierOperator(1, [32], 28)
     assert fmnist.chunk_scale == 1.0 and fmnist.transform_rows(torch.zeros(64, 32, 30, 30)) is None
-    assert MultiTierOperator(3, [16, 32, 60], 32).chunk_scale == 2.0
+    multi = MultiTierOperator(3, [16, 32, 60], 32)
+    assert multi.chunk_scale == 2.0
+    assert multi.transform_rows(torch.zeros(64, *multi.z_shape)) is None
 
 
 @torch.no_grad()
