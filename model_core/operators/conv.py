@@ -391,17 +391,19 @@ class _KnownProduct(torch.autograd.Function):
         op: MultiTierOperator = ctx.op
         v = v.contiguous()
         wanted = [p for p in ctx.params if p.requires_grad]
-        rows = chunk_rows(z)
+        rows = chunk_rows(z, op.chunk_scale if op.tiers == 1 else 1.0)
+        pieces = op.transform_rows(z)
         with torch.enable_grad():
             # Gradients w.r.t. the per-frequency blocks first, chunk by chunk (the chunks'
-            # transforms stay in cache), then once through the blocks to the weights.
+            # transforms stay in cache; a one-tier chunk as large as the solver's, its
+            # transforms in pieces), then once through the blocks to the weights.
             if op.tiers == 1:
                 # One block: the gradient of Re Σ conj(v̌)·(K̂ ẑ) w.r.t. K̂ is Σ_b v̌ ẑᴴ per
                 # frequency (PyTorch's convention for complex leaves), formed directly,
                 # without the product K̂ ẑ that autograd would compute first.
                 grad_k = None
                 for zc, vc in zip(z.split(rows), v.split(rows), strict=True):
-                    g = from_spectrum_adjoint(vc) @ to_spectrum(zc).mH
+                    g = from_spectrum_adjoint(vc, pieces) @ to_spectrum(zc, pieces).mH
                     grad_k = g if grad_k is None else grad_k.add_(g)
                 blocks, block_grads = _transfer_gradients(op, grad_k.neg_())
             else:

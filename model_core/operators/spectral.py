@@ -220,7 +220,7 @@ def from_spectrum(spec: Tensor, s: int, rows: int | None = None) -> Tensor:
     return torch.fft.irfft2(half, s=(s, s), norm="ortho")
 
 
-def from_spectrum_adjoint(x: Tensor) -> Tensor:
+def from_spectrum_adjoint(x: Tensor, rows: int | None = None) -> Tensor:
     """The adjoint of :func:`from_spectrum` for the real inner product ``Re Σ conj(a)·b``.
 
     ``Σ x · from_spectrum(Y) = Re Σ conj(from_spectrum_adjoint(x)) · Y`` for every half
@@ -230,12 +230,13 @@ def from_spectrum_adjoint(x: Tensor) -> Tensor:
 
     Args:
         x: ``(B, n, s, s)`` real.
+        rows: transform ``rows`` samples at a time (:func:`to_spectrum`).
 
     Returns:
         ``(F, n, B)`` complex half layout.
     """
     s = x.shape[-1]
-    spec = to_spectrum(x)
+    spec = to_spectrum(x, rows)
     twice = _mirror_weights(s, x.dtype, x.device)
     return spec.view(s, s // 2 + 1, -1).mul_(twice).view(spec.shape)
 

@@ -244,6 +244,8 @@ def test_transforms_in_pieces_equal_the_whole_batch(rows, dtype):
     back = from_spectrum(whole, 10, rows)
     assert back.shape == x.shape and back.dtype == x.dtype
     torch.testing.assert_close(back, from_spectrum(whole, 10), rtol=0, atol=8 * eps)
+    adj = from_spectrum_adjoint(x, rows)
+    torch.testing.assert_close(adj, from_spectrum_adjoint(x), rtol=0, atol=16 * eps)
     xg = x.clone().requires_grad_()
     from_spectrum(to_spectrum(xg, rows), 10, rows).sum().backward()  # autograd through slices
     torch.testing.assert_close(xg.grad, torch.ones_like(x))  # a unitary round trip
