@@ -161,8 +161,9 @@ class MultiTierOperator(MonotoneOperator):
         resolvent is 32 MB, 85 samples' worth, and its products ran at 80 GFLOP/s with 16
         columns against 119 with 32; the transforms, which want cache-sized pieces, run
         :meth:`transform_rows` samples at a time instead. Batch 64, alternating within one
-        run against four chunks of 16: inference −7%, train step −6% on two threads, −14%
-        on one. Smaller operators keep the budget: the 32-channel Fashion-MNIST resolvent
+        run against four chunks of 16: inference −7% on two threads, −14% on one; the layer
+        gradient's pass (``_KnownProduct``) in the same chunks, −2% of a train step.
+        Smaller operators keep the budget: the 32-channel Fashion-MNIST resolvent
         (4 MB) stays in cache, and that model's batch-64 inference in one chunk with pieces
         was +6% against two chunks of 32. (16,32,60) in one chunk of 64 with transform
         pieces: +14% inference, +9% train step.
