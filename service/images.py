@@ -9,7 +9,12 @@ answer. :func:`decode_image` decodes with Pillow and applies, in this order:
 1. **Format.** PNG, JPEG (MPO included), GIF, WebP, BMP and TIFF; anything else is 400.
    Width × height over the server's ``max_image_pixels`` (or over Pillow's decompression-bomb
    limit) is 413, decided from the header before any pixel is decoded; so is a PNG text or
-   ICC chunk that inflates past Pillow's ``MAX_TEXT_CHUNK``.
+   ICC chunk that inflates past Pillow's ``MAX_TEXT_CHUNK``. A file that holds fewer pixels
+   than its header declares is 400, "incomplete", never a picture with the rest filled in
+   (black rows, grey blocks, a blur): a file that ends early, a PNG zlib stream that ends
+   before its last scanline (any bit depth, interlaced or not), a JPEG scan cut short by a
+   marker or progressive scans that never code every coefficient, a GIF LZW stream or BMP
+   RLE data that stops early, a TIFF strip or tile missing or short.
 2. **Frames.** An animation (GIF, APNG, WebP) or a multi-page TIFF has no single picture to
    classify: 422. An MPO (a camera JPEG carrying a second view or a depth map) is shown by
    viewers as its first, primary image, which is used.
@@ -65,10 +70,14 @@ import contextlib
 import functools
 import io
 import os
+import re
+import struct
 import threading
+import zlib
 from collections.abc import Callable
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageCms, ImageOps
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG opens MPO files too
@@ -111,7 +120,8 @@ def decode_image(
         mode, profile, alpha and orientation is treated).
 
     Raises:
-        ImageRejected: 400 empty, not a readable format or corrupt; 413 over ``max_pixels``
+        ImageRejected: 400 empty, not a readable format, corrupt, or incomplete (fewer
+            pixels than the header declares); 413 over ``max_pixels``
             or a decompression bomb; 422 animated or multi-page, 32-bit integer pixels, float
             pixels outside [0, 1], or a model that does not take 1 or 3 channels.
     """
@@ -146,14 +156,25 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
                 f"the uploaded {fmt} image has {img.n_frames} frames (animated or multi-page); "
                 "send a single picture",
             )
-        img.load()
+        # Before load: Pillow's own TIFF reader fills strips it cannot find with black.
+        missing = _tiff_data_missing(img, data) if fmt == "TIFF" else None
+        if missing is None:
+            img.load()
+            missing = _data_missing(img, data)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
         raise ImageRejected(413, f"the uploaded image is too large ({e})") from None
     except Exception as e:  # truncated or corrupt image data
         _refuse_chunk_bomb(e)
-        raise ImageRejected(400, f"the uploaded {fmt} image could not be decoded ({e})") from None
+        if "truncated" in str(e) or "not enough image data" in str(e):
+            missing = f"its pixel data ends before the picture does: {e}"
+        else:
+            raise ImageRejected(
+                400, f"the uploaded {fmt} image could not be decoded ({e})"
+            ) from None
+    if missing is not None:
+        raise ImageRejected(400, f"the uploaded {fmt} image is incomplete ({missing})")
     # In place keeps format and info; a malformed EXIF block leaves the picture unturned, as
     # viewers leave it.
     with contextlib.suppress(Exception):
@@ -204,6 +225,246 @@ def _refuse_chunk_bomb(e: Exception) -> None:
         raise ImageRejected(
             413, f"the uploaded image holds metadata too large once decompressed ({e})"
         ) from None
+
+
+# ---- pixel data the file does not hold -------------------------------------------------------
+#
+# Pillow (with ``ImageFile.LOAD_TRUNCATED_IMAGES`` False, as here) refuses a file that ends
+# before its pixels do, but not every way a file can hold fewer pixels than its header
+# declares: its PNG decoder stops without a word when the zlib stream ends on a row boundary,
+# libjpeg turns a scan cut short by a marker into grey blocks (a warning Pillow discards), and
+# its uncompressed-TIFF reader leaves strips it is not given black. Each check below returns
+# what is missing, or ``None``, from the file's bytes: a pixel's value never proves it was
+# decoded (a black row may be in the file), only, for PNG, that it was.
+
+_INFLATE_PIECE = 1 << 20  # bytes of inflated PNG data held at once while counting them
+# (column, row) start and step of the seven Adam7 passes (PNG 2nd edition §8.2).
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type (PNG 2nd edition §11.2.2)
+
+
+def _data_missing(img: Image.Image, data: bytes) -> str | None:
+    """What a loaded picture's file lacks of the pixel data its header declares, or ``None``."""
+    if img.format == "PNG":
+        # Pillow writes rows in order into a zeroed picture: a last row with a non-zero
+        # byte was decoded, and so was every row before it.
+        if not img.info.get("interlace") and img.crop((0, img.height - 1, *img.size)).getbbox():
+            return None
+        return _png_data_missing(data)
+    if img.format in ("JPEG", "MPO"):
+        return _jpeg_data_missing(data)
+    return None
+
+
+def _png_scanline_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of filtered scanlines a PNG's inflated ``IDAT`` data holds: each row of each
+    pass is one filter-type byte and ``ceil(columns × bits_per_pixel / 8)`` bytes; an empty
+    Adam7 pass holds none (PNG 2nd edition §7.2, §8.2)."""
+    total = 0
+    for x0, y0, dx, dy in _ADAM7 if interlaced else ((0, 0, 1, 1),):
+        cols, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if cols and rows:
+            total += rows * (1 + (cols * bits_per_pixel + 7) // 8)
+    return total
+
+
+def _png_data_missing(data: bytes) -> str | None:
+    """A PNG whose zlib stream ends before the scanlines its ``IHDR`` declares: Pillow's
+    decoder stops at the stream's end and leaves the rows it did not get black. The ``IDAT``
+    data is inflated again, ``_INFLATE_PIECE`` bytes at a time, and counted up to the
+    declared length. The ``IHDR`` read is the last before the first ``IDAT``, as Pillow's."""
+    header, expected, got, pos, view = None, None, 0, 8, memoryview(data)
+    inflater = zlib.decompressobj()
+    try:
+        while pos + 8 <= len(data) and not inflater.eof:
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            if kind == b"IEND":
+                break
+            if kind == b"IHDR" and expected is None and length >= 13:
+                header = struct.unpack_from(">IIBBBBB", data, pos + 8)
+            elif kind == b"IDAT":
+                if expected is None:
+                    if header is None or header[3] not in _PNG_CHANNELS:
+                        return None
+                    width, height, depth, colour, _, _, interlace = header
+                    bits = depth * _PNG_CHANNELS[colour]
+                    expected = _png_scanline_bytes(width, height, bits, interlace == 1)
+                pending = view[pos + 8 : pos + 8 + length]
+                while pending and got < expected and not inflater.eof:
+                    got += len(inflater.decompress(pending, min(_INFLATE_PIECE, expected - got)))
+                    pending = inflater.unconsumed_tail
+                if got >= expected:
+                    return None
+            pos += 12 + length
+    except zlib.error:
+        return None  # Pillow read every row; a bad checksum after them is not a missing pixel
+    if header is None or expected is None:
+        return None
+    width, height, _, _, _, _, interlace = header
+    if interlace == 1:
+        return f"its interlaced image data ends after {got} of its {expected} bytes"
+    return f"its image data ends after {got // (expected // height)} of its {height} rows"
+
+
+# The next marker after entropy-coded data: 0xFF 0x00 (a stuffed 0xFF), RSTn and fill bytes
+# (0xFF 0xFF) are not markers (ITU-T T.81 §B.1.1.2, §B.1.1.5).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_JPEG_NO_LENGTH = frozenset((0x01, 0xD8))  # TEM, SOI: markers without a segment
+_JPEG_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn, not DHT/JPG/DAC
+# libjpeg's warnings that the entropy-coded data stops short or is broken: it then decodes
+# the rest of the segment as zero coefficients, flat grey blocks (jerror.h: JWRN_HIT_MARKER,
+# JWRN_JPEG_EOF, JWRN_MUST_RESYNC, JWRN_HUFF_BAD_CODE, JWRN_ARITH_BAD_CODE,
+# JWRN_BOGUS_PROGRESSION, JWRN_EXTRANEOUS_DATA).
+_JPEG_DATA_WARNINGS = (
+    "premature end of data segment",
+    "Premature end of JPEG file",
+    "found marker",
+    "bad Huffman code",
+    "bad arithmetic code",
+    "Inconsistent progression sequence",
+    "extraneous bytes before marker",
+)
+
+
+def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
+    """A JPEG (or an MPO's primary image) whose scans do not code every block: a scan cut
+    short by a marker (an ``EOI`` inserted mid-scan, a resync that skips data), or
+    progressive scans that stop before every coefficient of every component is coded.
+    Pillow shows both, grey or blurred, without a word.
+
+    The marker segments are walked (ITU-T T.81 Annex B) to find each scan's components,
+    spectral band and successive-approximation bit; the entropy-coded data is then decoded
+    by libjpeg-turbo (simplejpeg, at 1/8 scale: every coefficient is still read, few are
+    transformed) with its warnings raised. ``APPn`` and ``COM`` segments are left out of
+    that decode, so that a warning about metadata cannot hide one about the pixels.
+
+    ``whole_file`` False: ``data`` is a JPEG-compressed TIFF strip, which libtiff decodes
+    even without its ``EOI`` marker (a whole file without one, Pillow refuses)."""
+    keep, frame, scans, sos, pos = [data[:2]], None, [], None, 2
+    while (m := _JPEG_MARKER.search(data, pos)) is not None:
+        code, start, pos = data[m.start() + 1], m.start(), m.end()
+        if code == 0xD9:
+            break
+        if code in _JPEG_NO_LENGTH:
+            continue
+        if pos + 2 > len(data):
+            return None
+        end = pos + struct.unpack_from(">H", data, pos)[0]
+        segment = data[pos + 2 : end]
+        if code in _JPEG_FRAMES and len(segment) >= 6:
+            frame = (code in _JPEG_PROGRESSIVE, segment[6 : 6 + 3 * segment[5] : 3])
+        elif code == 0xDA and segment:
+            n = segment[0]
+            tail = segment[1 + 2 * n : 4 + 2 * n]
+            if len(tail) == 3:
+                scans.append(
+                    (segment[1 : 1 + 2 * n : 2], tail[0], tail[1], tail[2] >> 4, tail[2] & 15)
+                )
+            sos = start if sos is None else sos
+        if sos is None and not (0xE0 <= code <= 0xEF or code == 0xFE):
+            keep.append(data[start:end])
+        pos = end
+    else:
+        if whole_file:
+            return None  # no EOI: Pillow has already refused the file
+    if frame is None or not scans:
+        return None
+    uncoded = _jpeg_uncoded_components(*frame, scans)
+    if uncoded:
+        return f"its scans never code all of component {uncoded[0]}'s coefficients"
+    try:
+        simplejpeg.decode_jpeg(
+            b"".join(keep) + data[sos : m.end() if m else len(data)],
+            colorspace="CMYK" if len(frame[1]) == 4 else "GRAY",
+            min_factor=8,
+            strict=True,
+        )
+    except ValueError as e:
+        warning = str(e)
+        if "before marker 0xd9" in warning:
+            return None  # padding after the last scan: every block was decoded
+        if any(w in warning for w in _JPEG_DATA_WARNINGS):
+            return f"libjpeg: {warning}"
+        # Anything else is a setting libjpeg-turbo refuses where Pillow decoded: its call.
+    return None
+
+
+def _jpeg_uncoded_components(
+    progressive: bool, components: bytes, scans: list[tuple[bytes, int, int, int, int]]
+) -> list[int]:
+    """The frame's component ids whose 64 DCT coefficients are not all coded down to bit 0.
+
+    A sequential scan codes all of its components' coefficients; a progressive scan codes
+    coefficients ``Ss..Se`` from bit ``Al`` up (``Ah`` 0, the first scan of the band) or
+    refines bit ``Al`` (ITU-T T.81 §G.1.1.1)."""
+    lowest = np.full((256, 64), 99, dtype=np.int8)  # by component id; 99: never coded
+    for ids, ss, se, _, al in scans:
+        rows = np.frombuffer(ids, dtype=np.uint8)
+        if progressive:
+            lowest[rows, ss : se + 1] = np.minimum(lowest[rows, ss : se + 1], al)
+        else:
+            lowest[rows] = 0
+    return [c for c in components if lowest[c].any()]
+
+
+def _tiff_data_missing(img: Image.Image, data: bytes) -> str | None:
+    """A TIFF whose strips or tiles do not hold every row its header declares: fewer
+    offsets than the image needs, an offset of 0 (a "sparse" file), or, uncompressed, a
+    strip whose byte count or the file's end leaves rows out (Pillow reads on past it into
+    whatever follows, or leaves it black); JPEG-compressed strips are checked as JPEGs
+    (libtiff, like Pillow, decodes a scan cut short as grey). Other compressions are
+    libtiff's to refuse, and it does."""
+    tags = img.tag_v2
+    width, height = tags.get(256), tags.get(257)
+    if not isinstance(width, int) or not isinstance(height, int):
+        return None
+    planes = tags.get(277, 1) if tags.get(284, 1) == 2 else 1
+    if 324 in tags:
+        kind, offsets, counts = "tile", tags[324], tags.get(325, ())
+        tile_w, tile_h = tags.get(322), tags.get(323)
+    else:
+        kind, offsets, counts = "strip", tags.get(273, ()), tags.get(279, ())
+        tile_w, tile_h = width, tags.get(278, height)
+    if not isinstance(tile_w, int) or not isinstance(tile_h, int) or tile_w <= 0 or tile_h <= 0:
+        return None
+    across, down = -(-width // tile_w), -(-height // tile_h)
+    needed = across * down * planes
+    if len(offsets) < needed:
+        return f"it lists {len(offsets)} of the {needed} {kind}s its {width}×{height} pixels need"
+    compression = tags.get(259, 1)
+    bits = tags.get(258, (1,))
+    bits = (bits,) if isinstance(bits, int) else tuple(bits)
+    tables = tags.get(347, b"")
+    for i in range(needed):
+        offset = offsets[i]
+        # No byte counts at all (a required tag, yet libtiff copes): the file's end decides.
+        count = (counts[i] if i < len(counts) else 0) if counts else len(data)
+        if offset == 0 or count == 0:
+            return f"{kind} {i} is missing (offset {offset}, {count} bytes)"
+        if compression == 1 and tags.get(262) != 6:  # uncompressed, not subsampled YCbCr
+            plane, row = divmod(i, across * down)
+            rows = tile_h if kind == "tile" else min(tile_h, height - (row // across) * tile_h)
+            per_pixel = bits[plane] if planes > 1 and plane < len(bits) else sum(bits)
+            need = rows * ((tile_w * per_pixel + 7) // 8)
+            have = min(count, len(data) - offset)
+            if have < need:
+                return f"{kind} {i} holds {max(have, 0)} of the {need} bytes its rows need"
+        elif compression == 7:
+            chunk = data[offset : offset + count]
+            stream = tables[:-2] + chunk[2:] if len(tables) > 4 else chunk
+            missing = _jpeg_data_missing(stream, whole_file=False)
+            if missing is not None:
+                return f"{kind} {i}: {missing}"
+    return None
 
 
 Band = Callable[[], np.ndarray]

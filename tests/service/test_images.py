@@ -565,7 +565,7 @@ TEXT_BOMB = zlib.compress(b"a" * (200 << 20), 9)
         (b"", 400, "empty"),
         (b"hello, not an image", 400, "not a PNG, JPEG, GIF, WebP, BMP or TIFF"),
         (save(Image.new("L", (8, 8)), "PCX"), 400, "not a PNG"),
-        (NOISE_PNG[: len(NOISE_PNG) // 2], 400, "could not be decoded"),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], 400, "the uploaded PNG image is incomplete"),
         (save(Image.new("L", (5000, 4000)), "PNG"), 413, "exceeds the limit"),
         (png_with_chunk(b"zTXt", b"k\x00\x00" + TEXT_BOMB), 413, "metadata too large"),
         (png_with_chunk(b"iCCP", b"p\x00\x00" + TEXT_BOMB), 413, "metadata too large"),
