@@ -120,6 +120,14 @@ def train(sub) -> None:
                    help="replace the run already in --out (refused without it)")  # fmt: skip
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes for DistributedDataParallel on this machine")  # fmt: skip
+    p.add_argument(
+        "--dist-timeout",
+        type=_dist_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="with --nproc or torchrun: how long a rank waits for a hung peer before the run "
+        "stops (default 300)",
+    )
     p.set_defaults(handler=_run_train)
 
 
@@ -132,6 +140,8 @@ def _run_train(args) -> int:
     from model_core import CheckpointError, load_checkpoint
 
     from .data import DataError
+    from .distributed import DEFAULT_TIMEOUT_S, PeerLost
+    from .launch import EXIT_PEER_LOST, launched, report, resume_hint
     from .loop import Diverged
     from .loop import train as run
     from .options import TrainOptions, check_consistent, check_options, command_line, flag
@@ -194,8 +204,19 @@ def _run_train(args) -> int:
         check_run_folder(Path(options.out), resume=resume, overwrite=args.overwrite)
         if args.nproc > 1:
             _check_world(options, args.nproc)
-            return _launch(args)
-        metrics = run(options, resume=resume, overwrite=args.overwrite)
+            return _launch(args, Path(options.out))
+        timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+        metrics = run(options, resume=resume, overwrite=args.overwrite, dist_timeout_s=timeout)
+    except PeerLost as e:
+        # Under --nproc the launcher names the rank that failed, once; under torchrun each
+        # surviving rank says what it saw.
+        if not launched():
+            print(
+                f"mondeq train: {e}: another process of the run failed or stopped answering; "
+                f"the run stopped; {resume_hint(Path(options.out))}",
+                file=sys.stderr,
+            )
+        return EXIT_PEER_LOST
     except RunFolderError as e:
         if _rank() == 0:  # rank 0's refusal, raised on every rank: say it once
             print(f"mondeq train: {e}", file=sys.stderr)
@@ -215,7 +236,9 @@ def _run_train(args) -> int:
             print(f"mondeq train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except (DataError, ValueError) as e:
-        if _rank() == 0:  # every rank checks the same inputs: say it once
+        if launched():  # the launcher says it once, naming the rank if only this one failed
+            report(str(e))
+        elif _rank() == 0:  # every rank checks the same inputs: say it once
             print(f"mondeq train: {e}", file=sys.stderr)
         return 2
     if metrics and _rank() == 0:
@@ -323,6 +346,14 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _dist_timeout(text: str) -> float:
+    """argparse type: seconds in (0, 604800]; a week is beyond any healthy wait between ranks."""
+    value = positive_float(text)
+    if value > 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be at most 604800 (a week), got {text!r}")
+    return value
+
+
 def _rank() -> int:
     """This process's rank under ``--nproc`` / torchrun, else 0."""
     return int(os.environ.get("RANK", "0"))
@@ -360,7 +391,7 @@ def _check_world(options, nproc: int) -> None:
         )
 
 
-def _launch(args) -> int:
+def _launch(args, out: Path) -> int:
     """Re-run this command as ``--nproc`` ranks (:func:`training.launch.launch`)."""
     from .launch import launch
 
@@ -380,7 +411,9 @@ def _launch(args) -> int:
         argv += ["--resume", str(args.resume)]
     if args.overwrite:
         argv.append("--overwrite")
-    return launch(argv, args.nproc)
+    if args.dist_timeout is not None:
+        argv += ["--dist-timeout", repr(args.dist_timeout)]
+    return launch(argv, args.nproc, out=out, timeout_s=args.dist_timeout)
 
 
 # ---- eval ---------------------------------------------------------------------------------

@@ -3,16 +3,56 @@
 Under ``mondeq train --nproc`` (:mod:`training.launch`) or ``torchrun`` (``WORLD_SIZE`` > 1)
 :func:`setup` joins the process group; otherwise every helper here is the single-process
 identity, so the training loop has one code path.
+
+A rank that dies closes its sockets, so the others' next collective fails at once; one that
+hangs (stopped, swapping, deadlocked) is noticed when a collective has waited ``timeout_s``
+(``--dist-timeout``, default :data:`DEFAULT_TIMEOUT_S`). Either way a surviving rank raises
+:class:`PeerLost` instead of the backend's traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# How long a collective waits for the slowest rank. Healthy ranks meet at every step, and the
+# longest wait is the others' while rank 0 writes an epoch's checkpoints and curves (seconds);
+# 5 minutes leaves room for a slow disk and still bounds the wait for a hung rank.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class PeerLost(Exception):
+    """A collective failed: another rank of the run died, exited early or stopped answering
+    within the collective timeout. Nothing of the current epoch is written."""
+
+    def __init__(self, rank: int, world: int, cause: BaseException):
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        # gloo: "[…/pair.cc:561] Connection closed by peer [127.0.0.1]:44464. This is
+        # typically caused by …": the first sentence, without the source location.
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0] or type(cause).__name__
+        super().__init__(f"rank {rank} of {world} lost its peers ({detail})")
+        self.rank, self.world, self.detail = rank, world, detail
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True if ``e`` is a collective's failure (gloo, nccl or the rendezvous store), not a bug.
+
+    gloo raises a plain RuntimeError ("[…/gloo/transport/tcp/pair.cc:…] Connection closed by
+    peer", "Timed out waiting 3000ms for recv operation to complete"); nccl and the store raise
+    ``torch.distributed.DistError`` subclasses.
+    """
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        mark in text for mark in ("gloo", "NCCL", "Connection closed by peer")
+    )
 
 
 @dataclass(frozen=True)
@@ -98,15 +138,21 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device: str) -> Dist:
-    """Join the process group if launched by torchrun; pick this rank's device."""
+def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
+    """Join the process group if launched by ``--nproc`` or torchrun; pick this rank's device.
+
+    ``timeout_s``: seconds any collective (and the rendezvous) waits for the other ranks
+    before it fails, which :func:`training.loop.train` turns into :class:`PeerLost`.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world <= 1:
         return Dist(0, 1, dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 

@@ -65,11 +65,18 @@ class Diverged(Exception):
         self.where, self.what, self.kept = where, what, kept
 
 
-def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False) -> dict:
+def train(
+    opts: TrainOptions,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> dict:
     """Run (or resume) a training run; returns the final epoch's metrics.
 
     Rank 0 holds the run folder's lock (:mod:`training.runfolder`) from before its first
     write until it returns; a fresh run onto a folder that holds one needs ``overwrite``.
+    ``dist_timeout_s``: how long a collective of a distributed run waits for the other ranks.
 
     Raises:
         Interrupted: after SIGINT, SIGTERM or SIGHUP, once ``last.pt`` is written.
@@ -78,18 +85,30 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False) 
             set, or another run holds its lock (nothing is written).
         DataError, ValueError: bad data or options (before any file is written).
         Diverged: a non-finite loss, gradient or weight (nothing of that epoch is written).
+        PeerLost: another rank died or stopped answering (nothing of that epoch is written;
+            ``last.pt`` keeps the last finished epoch).
     """
-    dist = distributed.setup(opts.device)
+    try:
+        dist = distributed.setup(opts.device, dist_timeout_s)
+    except RuntimeError as e:  # the rendezvous: another rank never came
+        if distributed.is_peer_failure(e):
+            rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
+            raise distributed.PeerLost(rank, world, e) from None
+        raise
     try:
         # From here on a signal stops cleanly, at a step boundary; the lock goes last.
         with contextlib.ExitStack() as held, StopFlag() as stop:
             st = build(opts, dist, resume=resume, overwrite=overwrite)
             if dist.any(stop.stopped):  # stopped while loading: leave the folder as it is
-                raise Interrupted(stop.which(), None)
+                raise _interrupted(dist, stop, None)
             st.files.claim(dist, held, resume=resume)
             if dist.is_main:
                 _log(_start_line(st))
             return _train_epochs(st, stop)
+    except RuntimeError as e:
+        if dist.enabled and distributed.is_peer_failure(e):
+            raise distributed.PeerLost(dist.rank, dist.world, e) from None
+        raise
     finally:
         distributed.teardown(dist)
 
@@ -105,7 +124,7 @@ def _train_epochs(st: Setup, stop: StopFlag) -> dict:
             if dist.is_main:
                 _save_last(st, last_metrics)
             dist.barrier()
-            raise Interrupted(stop.which(), st.files.last)
+            raise _interrupted(dist, stop, st.files.last)
         model.eval()
         t0 = time.perf_counter()
         test = evaluate(model, st.test_x, st.test_y, dist=dist)
@@ -139,7 +158,7 @@ def _train_epochs(st: Setup, stop: StopFlag) -> dict:
         dist.barrier()
         # Every rank must agree, or the ones that go on wait on the others' collectives.
         if dist.any(stop.stopped) and epoch + 1 < st.epochs:
-            raise Interrupted(stop.which(), st.files.last)
+            raise _interrupted(dist, stop, st.files.last)
     return last_metrics
 
 
@@ -308,6 +327,18 @@ def _retune(model, x: torch.Tensor, y: torch.Tensor, agree) -> None:
             max_iter=min(TUNE_MAX_ITER, model.solver_settings.max_iter),
         )
         model.set_solver(**{key: agree(result.alpha)})
+
+
+def _interrupted(dist: distributed.Dist, stop: StopFlag, path: Path | None) -> Interrupted:
+    """The stop every rank agreed on, naming the ranks the signal reached when not all did
+    (a ``kill`` of one rank's pid, rather than of the launcher)."""
+    got = dist.gather_cat(torch.tensor([stop.signum or 0])).tolist()
+    hit = [r for r, signum in enumerate(got) if signum]
+    if not hit or len(hit) == dist.world:
+        return Interrupted(stop.which(), path)
+    names = ", ".join(map(str, hit))
+    to = f" to rank{'s' if len(hit) > 1 else ''} {names} of {dist.world}"
+    return Interrupted(got[hit[0]], path, to)
 
 
 def _aug_generator(seed: int, epoch: int, step: int) -> torch.Generator:

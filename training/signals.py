@@ -19,8 +19,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Interrupted(Exception):
     """Raised out of :func:`training.train` after a signal, once ``last.pt`` is written."""
 
-    def __init__(self, signum: int, path: Path | None):
-        name = signal.Signals(signum).name
+    def __init__(self, signum: int, path: Path | None, to: str = ""):
+        """``to``: whom the signal reached when not every rank got it, e.g. ``" to rank 1 of
+        2"`` (the others stop because one did)."""
+        name = signal.Signals(signum).name + to
         super().__init__(
             f"interrupted by {name}; resume from {path}"
             if path is not None
