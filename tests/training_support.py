@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -37,3 +38,19 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
         if time.monotonic() - t0 > timeout:
             raise AssertionError("timed out")
         time.sleep(0.02)
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Pids of live processes whose command line mentions ``path`` (zombies excluded)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            pids.append(int(d.name))
+    return pids

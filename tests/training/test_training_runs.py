@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_support import MONDEQ, ROOT, mondeq, wait_for
+from training_support import MONDEQ, ROOT, mondeq, processes_naming, wait_for
 
 from model_core import load_checkpoint
 
@@ -41,22 +41,6 @@ def start(*args, **kw) -> subprocess.Popen:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too), by relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def processes_naming(path: Path) -> list[int]:
-    """Pids of live processes whose command line mentions ``path`` (zombies excluded)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(path) in cmdline and state != "Z":
-            pids.append(int(d.name))
-    return pids
 
 
 def lock_held_by(out: Path, pid: int) -> bool:
