@@ -82,3 +82,16 @@ def randomize_(op: MultiTierOperator, seed: int = 0) -> MultiTierOperator:
         if op.log_gn is not None:
             op.log_gn.copy_(torch.randn(op.log_gn.shape, generator=gen))
     return op
+
+
+def reference_state_dict(seed: int = 0, hidden: int = 9, features: int = 36) -> dict:
+    """A state dict in the reference code's layout (SingleFcNet / MONSingleFc)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "mon.linear_module.U.weight": torch.randn(hidden, features, generator=g) * 0.3,
+        "mon.linear_module.U.bias": torch.randn(hidden, generator=g) * 0.1,
+        "mon.linear_module.A.weight": torch.randn(hidden, hidden, generator=g) * 0.3,
+        "mon.linear_module.B.weight": torch.randn(hidden, hidden, generator=g) * 0.3,
+        "Wout.weight": torch.randn(10, hidden, generator=g),
+        "Wout.bias": torch.randn(10, generator=g),
+    }

@@ -7,24 +7,12 @@ import sys
 
 import pytest
 import torch
+from problems import reference_state_dict
 
 from model_core import load_checkpoint
 from model_core.locuslab import import_locuslab
 
 HIDDEN, M = 9, 1.0
-
-
-def reference_state_dict(seed: int = 0, hidden: int = HIDDEN, features: int = 36) -> dict:
-    """A state dict in the reference code's layout (SingleFcNet / MONSingleFc)."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "mon.linear_module.U.weight": torch.randn(hidden, features, generator=g) * 0.3,
-        "mon.linear_module.U.bias": torch.randn(hidden, generator=g) * 0.1,
-        "mon.linear_module.A.weight": torch.randn(hidden, hidden, generator=g) * 0.3,
-        "mon.linear_module.B.weight": torch.randn(hidden, hidden, generator=g) * 0.3,
-        "Wout.weight": torch.randn(10, hidden, generator=g),
-        "Wout.bias": torch.randn(10, generator=g),
-    }
 
 
 def dense_logits(sd: dict, x: torch.Tensor, m: float) -> torch.Tensor:

@@ -480,7 +480,7 @@ def test_model_core_commands_check_their_flags(capsys, args, message):
 
 
 def test_import_locuslab_checks_normalisation_against_the_shape(tmp_path, capsys):
-    from test_locuslab import reference_state_dict
+    from problems import reference_state_dict
 
     src = tmp_path / "sd.pt"
     torch.save(reference_state_dict(), src)
