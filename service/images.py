@@ -323,7 +323,7 @@ _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn, not DH
 # libjpeg's warnings that the entropy-coded data stops short or is broken: it then decodes
 # the rest of the segment as zero coefficients, flat grey blocks (jerror.h: JWRN_HIT_MARKER,
 # JWRN_JPEG_EOF, JWRN_MUST_RESYNC, JWRN_HUFF_BAD_CODE, JWRN_ARITH_BAD_CODE,
-# JWRN_BOGUS_PROGRESSION, JWRN_EXTRANEOUS_DATA).
+# JWRN_BOGUS_PROGRESSION).
 _JPEG_DATA_WARNINGS = (
     "premature end of data segment",
     "Premature end of JPEG file",
@@ -331,7 +331,6 @@ _JPEG_DATA_WARNINGS = (
     "bad Huffman code",
     "bad arithmetic code",
     "Inconsistent progression sequence",
-    "extraneous bytes before marker",
 )
 
 
@@ -381,20 +380,29 @@ def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
     uncoded = _jpeg_uncoded_components(*frame, scans)
     if uncoded:
         return f"its scans never code all of component {uncoded[0]}'s coefficients"
+    warning = _libjpeg_warning(
+        b"".join(keep) + data[sos : m.end() if m else len(data)], len(frame[1])
+    )
+    if warning is None or "extraneous bytes before marker" in warning:
+        # Padding between a scan's (or restart interval's) last block and the next marker:
+        # the blocks before it were all decoded (webcams pad before RSTn, encoders before
+        # EOI). libjpeg stops at this first warning and reports it at a later marker than
+        # the padding's, so the rest of the file is left to Pillow's decode.
+        return None
+    if any(w in warning for w in _JPEG_DATA_WARNINGS):
+        return f"libjpeg: {warning}"
+    # Anything else is a setting libjpeg-turbo refuses where Pillow decoded: its call.
+    return None
+
+
+def _libjpeg_warning(stream: bytes, components: int) -> str | None:
+    """libjpeg-turbo's first warning (or error) decoding ``stream`` at 1/8 scale, or ``None``."""
     try:
         simplejpeg.decode_jpeg(
-            b"".join(keep) + data[sos : m.end() if m else len(data)],
-            colorspace="CMYK" if len(frame[1]) == 4 else "GRAY",
-            min_factor=8,
-            strict=True,
+            stream, colorspace="CMYK" if components == 4 else "GRAY", min_factor=8, strict=True
         )
     except ValueError as e:
-        warning = str(e)
-        if "before marker 0xd9" in warning:
-            return None  # padding after the last scan: every block was decoded
-        if any(w in warning for w in _JPEG_DATA_WARNINGS):
-            return f"libjpeg: {warning}"
-        # Anything else is a setting libjpeg-turbo refuses where Pillow decoded: its call.
+        return str(e)
     return None
 
 

@@ -132,6 +132,16 @@ def jfif_v2(jpeg: bytes) -> bytes:
     return jpeg[:at] + b"\x02" + jpeg[at + 1 :]
 
 
+def padded(jpeg: bytes, nth: int) -> bytes:
+    """``jpeg`` with two zero bytes before the ``nth`` marker after the first scan's header
+    (an RSTn, or the segment after the scan): padding that some webcams and encoders leave
+    after a restart interval's or a scan's last block, every block decoded."""
+    sos = scans(jpeg)[0]
+    at = sos + 2 + struct.unpack_from(">H", jpeg, sos + 2)[0]
+    found = [i for i in range(at, len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] not in (0, 255)]
+    return jpeg[: found[nth]] + b"\0\0" + jpeg[found[nth] :]
+
+
 BASELINE = save(G, "JPEG", quality=90)
 BASELINE_RGB = save(G.convert("RGB"), "JPEG", quality=90)
 RESTARTS = save(G.convert("RGB"), "JPEG", quality=90, restart_marker_blocks=1)
@@ -382,6 +392,8 @@ COMPLETE = {
     "jpeg-baseline": (BASELINE, jpeg_twin(BASELINE)),
     "jpeg-rgb": (BASELINE_RGB, jpeg_twin(BASELINE_RGB)),
     "jpeg-restart-markers": (RESTARTS, jpeg_twin(RESTARTS)),
+    "jpeg-padding-before-rst1": (padded(RESTARTS, 1), jpeg_twin(RESTARTS)),
+    "jpeg-padding-before-progressive-sos": (padded(PROGRESSIVE, 1), jpeg_twin(PROGRESSIVE)),
     "jpeg-progressive": (PROGRESSIVE, jpeg_twin(PROGRESSIVE)),
     "jpeg-jfif-v2": (jfif_v2(BASELINE), jpeg_twin(BASELINE)),
     "jpeg-cmyk": (CMYK, None),
