@@ -211,7 +211,7 @@ def mondeq_in_floor(floor, env, *args) -> subprocess.CompletedProcess:
             ["serve", "--model-dir", "{tmp}/models"],
             "mondeq serve needs the serving extra: pip install 'mondeq[serving]' (missing: "
             "numpy, fastapi, uvicorn, pydantic, pydantic-settings, orjson, prometheus-client, "
-            "python-multipart, pillow, grpcio, protobuf)",
+            "python-multipart, pillow, simplejpeg, grpcio, protobuf)",
         ),
     ],
 )
@@ -252,7 +252,7 @@ def test_a_command_module_that_needs_its_extra_at_import_is_refused_too(floor, c
     line = (
         "mondeq serve needs the serving extra: pip install 'mondeq[serving]' (missing: numpy, "
         "fastapi, uvicorn, pydantic, pydantic-settings, orjson, prometheus-client, "
-        "python-multipart, pillow, grpcio, protobuf)"
+        "python-multipart, pillow, simplejpeg, grpcio, protobuf)"
     )
     run = mondeq_in_floor(floor, env, "serve", "--port", "8000")
     assert (run.returncode, run.stdout, run.stderr) == (2, "", line + "\n")
