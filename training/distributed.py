@@ -141,8 +141,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
     """Join the process group if launched by ``--nproc`` or torchrun; pick this rank's device.
 
-    ``timeout_s``: seconds any collective (and the rendezvous) waits for the other ranks
-    before it fails, which :func:`training.loop.train` turns into :class:`PeerLost`.
+    ``timeout_s``: seconds any collective of the training steps waits for the other ranks
+    before it fails, which :func:`training.loop.train` turns into :class:`PeerLost`. It takes
+    effect at :func:`watch`; until then (the rendezvous, loading the data, claiming the run
+    folder) the wait is at least :data:`DEFAULT_TIMEOUT_S`, since ranks reach it seconds
+    apart on a busy machine (importing torch, reading the data) without any being hung.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -151,9 +154,18 @@ def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
         return Dist(0, 1, dev)
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+            "nccl" if dev.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=max(timeout_s, DEFAULT_TIMEOUT_S)),
         )
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def watch(d: Dist, timeout_s: float) -> None:
+    """From now on a collective fails after ``timeout_s`` seconds without the other ranks
+    (:func:`torch.distributed.set_timeout`): every rank has started and loaded its data,
+    and the ranks meet at every step."""
+    if d.enabled and dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=timeout_s))
 
 
 def teardown(d: Dist) -> None:

@@ -76,7 +76,8 @@ def train(
 
     Rank 0 holds the run folder's lock (:mod:`training.runfolder`) from before its first
     write until it returns; a fresh run onto a folder that holds one needs ``overwrite``.
-    ``dist_timeout_s``: how long a collective of a distributed run waits for the other ranks.
+    ``dist_timeout_s``: how long a collective of a distributed run waits for the other ranks
+    once the run folder is claimed (before, at least :data:`distributed.DEFAULT_TIMEOUT_S`).
 
     Raises:
         Interrupted: after SIGINT, SIGTERM or SIGHUP, once ``last.pt`` is written.
@@ -102,6 +103,7 @@ def train(
             if dist.any(stop.stopped):  # stopped while loading: leave the folder as it is
                 raise _interrupted(dist, stop, None)
             st.files.claim(dist, held, resume=resume)
+            distributed.watch(dist, dist_timeout_s)
             if dist.is_main:
                 _log(_start_line(st))
             return _train_epochs(st, stop)

@@ -37,7 +37,10 @@ import os, signal
 fault = os.environ.get("MONDEQ_TEST_FAULT", "")
 if fault and os.environ.get("RANK") == "1":
     kind, _, at = fault.partition("@")
-    if kind == "unreadable":
+    if kind == "late":  # a rank that starts seconds after the others, as on a busy machine
+        import time
+        time.sleep(float(at))
+    elif kind == "unreadable":
         import training.data, training.setup
         def load_dataset(*args, **kwargs):
             message = "cannot read train-images-idx3-ubyte.gz: Permission denied"
@@ -165,6 +168,17 @@ def test_a_hung_rank_times_out_is_killed_and_named(tmp_path, fault_path, uninter
     ]
     check_stopped_cleanly(out, {"epoch": 1, "step": 0})
     check_resumes_to_the_whole_run(out, uninterrupted)
+
+
+def test_a_rank_that_starts_late_is_not_taken_for_hung(tmp_path, fault_path):
+    # Was: with --dist-timeout 2, rank 0 gave up on the rendezvous before rank 1 (3 s late)
+    # arrived: exit 4, "the 2 ranks lost contact with each other" after 32 lines of c10d
+    # stack. The timeout watches the training steps, where the ranks meet in lockstep.
+    out = tmp_path / "run"
+    code, err = run_with_fault(out, "late@3", fault_path, "--dist-timeout", "2")
+    assert code == 0, err
+    assert [line.split(":")[0] for line in lines(err)] == ["fmnist-fc", "epoch 1/2", "epoch 2/2"]
+    assert processes_naming(out) == []
 
 
 def test_a_sigterm_to_one_rank_stops_every_rank_at_a_step(tmp_path, fault_path, uninterrupted):
