@@ -133,6 +133,7 @@ class _Ranks:
     def __init__(self, n: int):
         self.codes: list[int | None] = [None] * n
         self.hung: dict[int, bool] = {}  # rank -> was stopped
+        self.killed: set[int] = set()  # still running FAILURE_GRACE_S after a rank failed
         self.order: list[int] = []  # ranks in the order their exit was seen
 
     def failed_alone(self) -> bool:
@@ -141,16 +142,21 @@ class _Ranks:
         codes = [c for c in self.codes if c is not None]
         return bool(self.hung) or EXIT_PEER_LOST in codes or any(c < 0 for c in codes)
 
+    def causes(self) -> list[int]:
+        """The ranks that failed on their own (not by losing a peer, not killed by the
+        launcher as hung or after the grace), in the order their exit was seen."""
+        return [
+            r
+            for r in self.order
+            if self.codes[r] not in (0, EXIT_PEER_LOST)
+            and r not in self.hung
+            and r not in self.killed
+        ]
+
     def cause(self) -> int | None:
-        """The first rank to fail on its own (not by losing a peer, not killed as hung)."""
-        return next(
-            (
-                r
-                for r in self.order
-                if self.codes[r] not in (0, EXIT_PEER_LOST) and r not in self.hung
-            ),
-            None,
-        )
+        """The first rank to fail on its own, whose status the launcher exits with."""
+        causes = self.causes()
+        return causes[0] if causes else None
 
     def status(self) -> int:
         cause = self.cause()
@@ -185,6 +191,8 @@ def _wait(procs: list[subprocess.Popen], received: list[int]) -> _Ranks:
         ):
             if ranks.cause() is None:  # a peer's collective timed out on these
                 ranks.hung = {r: _stopped(procs[r].pid) for r in running}
+            else:
+                ranks.killed = set(running)
             _send(procs, signal.SIGKILL)
             kill_at = float("inf")
         time.sleep(_POLL_S)
@@ -200,7 +208,9 @@ def _stopped(pid: int) -> bool:
 
 
 def _failure_line(ranks: _Ranks, reports: Path, timeout_s: float | None) -> str:
-    """What happened to the rank that brought the run down, in one clause."""
+    """What happened to the ranks that brought the run down, in one clause per outcome:
+    ranks that failed alike (the same signal, or the same status and message) are named
+    together, e.g. ``ranks 1, 2 of 3 were killed by SIGKILL``."""
     world = len(ranks.codes)
     cause = ranks.cause()
     if cause is None and ranks.hung:
@@ -214,19 +224,26 @@ def _failure_line(ranks: _Ranks, reports: Path, timeout_s: float | None) -> str:
         )
     if cause is None:
         return f"the {world} ranks lost contact with each other"
-    code = ranks.codes[cause]
+    alike: dict[tuple[int, str | None], list[int]] = {}
+    for r in ranks.causes():
+        code = ranks.codes[r]
+        alike.setdefault((code, None if code < 0 else _read_report(reports, r)), []).append(r)
+    return "; ".join(_outcome(rs, world, code, message) for (code, message), rs in alike.items())
+
+
+def _outcome(rs: list[int], world: int, code: int, message: str | None) -> str:
+    """``rank 1 of 2 was killed by SIGKILL``, ``ranks 1, 2 of 3 crashed (exit 1, …): …``."""
+    which = f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} of {world}"
     if code < 0:
         name = signal.Signals(-code).name
         hint = (
             " (another process or the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
         )
-        return f"rank {cause} of {world} was killed by {name}{hint}"
-    message = _read_report(reports, cause)
+        return f"{which} {'were' if len(rs) > 1 else 'was'} killed by {name}{hint}"
+    said = f": {message}" if message else ""
     if code == 1:
-        return f"rank {cause} of {world} crashed (exit 1, traceback above)" + (
-            f": {message}" if message else ""
-        )
-    return f"rank {cause} of {world} failed (exit {code})" + (f": {message}" if message else "")
+        return f"{which} crashed (exit 1, traceback above){said}"
+    return f"{which} failed (exit {code}){said}"
 
 
 def _default_timeout() -> float:

@@ -31,11 +31,12 @@ RUN = ["--preset", "fmnist-fc", "--batch-size", "64", "--steps-per-epoch", "20",
 FAULT_STEP = 25
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# Rank 1 only: at its FAULT_STEP-th Adam step, before the update, do MONDEQ_TEST_FAULT.
+# Rank 1 only (or the ranks in MONDEQ_TEST_RANKS): at its FAULT_STEP-th Adam step, before the
+# update, do MONDEQ_TEST_FAULT.
 SITECUSTOMIZE = """
 import os, signal
 fault = os.environ.get("MONDEQ_TEST_FAULT", "")
-if fault and os.environ.get("RANK") == "1":
+if fault and os.environ.get("RANK") in os.environ.get("MONDEQ_TEST_RANKS", "1").split(","):
     kind, _, at = fault.partition("@")
     if kind == "late":  # a rank that starts seconds after the others, as on a busy machine
         import time
@@ -78,9 +79,12 @@ def uninterrupted(tmp_path_factory) -> dict:
     return load_checkpoint(out / "last.pt").state_dict()
 
 
-def run_with_fault(out: Path, fault: str, fault_path: Path, *extra) -> tuple[int, str]:
-    """``mondeq train RUN`` with ``fault`` planted in rank 1; (exit status, stderr)."""
-    env = {**ENV, "MONDEQ_TEST_FAULT": fault, "PYTHONPATH": str(fault_path)}
+def run_with_fault(
+    out: Path, fault: str, fault_path: Path, *extra, ranks: str = "1"
+) -> tuple[int, str]:
+    """``mondeq train RUN`` with ``fault`` planted in ``ranks``; (exit status, stderr)."""
+    env = {**ENV, "MONDEQ_TEST_FAULT": fault, "MONDEQ_TEST_RANKS": ranks,
+           "PYTHONPATH": str(fault_path)}  # fmt: skip
     proc = subprocess.run(
         [*MONDEQ, "train", *RUN, "--out", str(out), *extra], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=300,
@@ -124,6 +128,20 @@ def test_a_rank_killed_mid_epoch_is_named_in_one_line(tmp_path, fault_path, unin
     assert lines(err)[1].startswith("epoch 1/2: ")
     check_stopped_cleanly(out, {"epoch": 1, "step": 0})
     check_resumes_to_the_whole_run(out, uninterrupted)
+
+
+def test_two_of_three_ranks_killed_are_both_named(tmp_path, fault_path):
+    # Was: "rank 1 of 3 was killed by SIGKILL …", as if rank 2 had only lost its peer.
+    out = tmp_path / "run"
+    three = ["--nproc", "3", "--batch-size", "96"]  # the later flags win
+    code, err = run_with_fault(out, f"SIGKILL@{FAULT_STEP}", fault_path, *three, ranks="1,2")
+    assert code == 128 + signal.SIGKILL, err
+    assert lines(err)[2:] == [
+        "mondeq train: ranks 1, 2 of 3 were killed by SIGKILL (another process or the kernel's "
+        f"out-of-memory killer); the run stopped; --resume {out} continues from the end of "
+        "epoch 1"
+    ]
+    check_stopped_cleanly(out, {"epoch": 1, "step": 0})
 
 
 def test_a_rank_that_raises_is_named_after_its_own_traceback(tmp_path, fault_path, uninterrupted):
