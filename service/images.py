@@ -317,6 +317,7 @@ def _png_data_missing(data: bytes) -> str | None:
 # The next marker after entropy-coded data: 0xFF 0x00 (a stuffed 0xFF), RSTn and fill bytes
 # (0xFF 0xFF) are not markers (ITU-T T.81 §B.1.1.2, §B.1.1.5).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_JPEG_RST = re.compile(rb"\xff[\xd0-\xd7]")  # never inside entropy-coded data (stuffing)
 _JPEG_NO_LENGTH = frozenset((0x01, 0xD8))  # TEM, SOI: markers without a segment
 _JPEG_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn, not DHT/JPG/DAC
@@ -349,8 +350,12 @@ def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
     ``whole_file`` False: ``data`` is a JPEG-compressed TIFF strip, which libtiff decodes
     even without its ``EOI`` marker (a whole file without one, Pillow refuses)."""
     keep, frame, scans, sos, pos = [data[:2]], None, [], None, 2
+    sof, interval, runs, scan_data = b"", 0, [], None  # runs: (ids, Ri, RSTn count) by scan
     while (m := _JPEG_MARKER.search(data, pos)) is not None:
         code, start, pos = data[m.start() + 1], m.start(), m.end()
+        if scan_data is not None:  # the last scan's entropy-coded data ends at this marker
+            runs[-1] = (*runs[-1][:2], len(_JPEG_RST.findall(data, scan_data, start)))
+            scan_data = None
         if code == 0xD9:
             break
         if code in _JPEG_NO_LENGTH:
@@ -361,6 +366,9 @@ def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
         segment = data[pos + 2 : end]
         if code in _JPEG_FRAMES and len(segment) >= 6:
             frame = (code in _JPEG_PROGRESSIVE, segment[6 : 6 + 3 * segment[5] : 3])
+            sof = segment
+        elif code == 0xDD and len(segment) >= 2:
+            interval = struct.unpack_from(">H", segment)[0]
         elif code == 0xDA and segment:
             n = segment[0]
             tail = segment[1 + 2 * n : 4 + 2 * n]
@@ -369,6 +377,8 @@ def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
                     (segment[1 : 1 + 2 * n : 2], tail[0], tail[1], tail[2] >> 4, tail[2] & 15)
                 )
             sos = start if sos is None else sos
+            runs.append((segment[1 : 1 + 2 * n : 2], interval, -1))
+            scan_data = end
         if sos is None and not (0xE0 <= code <= 0xEF or code == 0xFE):
             keep.append(data[start:end])
         pos = end
@@ -380,18 +390,85 @@ def _jpeg_data_missing(data: bytes, *, whole_file: bool = True) -> str | None:
     uncoded = _jpeg_uncoded_components(*frame, scans)
     if uncoded:
         return f"its scans never code all of component {uncoded[0]}'s coefficients"
-    warning = _libjpeg_warning(
-        b"".join(keep) + data[sos : m.end() if m else len(data)], len(frame[1])
-    )
-    if warning is None or "extraneous bytes before marker" in warning:
-        # Padding between a scan's (or restart interval's) last block and the next marker:
-        # the blocks before it were all decoded (webcams pad before RSTn, encoders before
-        # EOI). libjpeg stops at this first warning and reports it at a later marker than
-        # the padding's, so the rest of the file is left to Pillow's decode.
+    stream = b"".join(keep) + data[sos : m.end() if m else len(data)]
+    warning = _libjpeg_warning(stream, len(frame[1]))
+    if warning is not None and "extraneous bytes before marker" in warning:
+        return _jpeg_restarts_missing(sof, runs) or _jpeg_ends_early(stream, len(frame[1]))
+    if warning is None:
         return None
     if any(w in warning for w in _JPEG_DATA_WARNINGS):
         return f"libjpeg: {warning}"
     # Anything else is a setting libjpeg-turbo refuses where Pillow decoded: its call.
+    return None
+
+
+# Two streams of made-up entropy-coded data (no 0xFF byte, so no marker): fed to libjpeg
+# after a file's last byte, they change its picture only if it wanted more data.
+_JPEG_PROBES = tuple(
+    bytes(np.random.default_rng(seed).integers(0, 255, 256, dtype=np.uint8)) for seed in (1, 2)
+)
+
+
+def _jpeg_restarts_missing(sof: bytes, runs: list[tuple[bytes, int, int]]) -> str | None:
+    """A scan with restart intervals that holds fewer RSTn markers than its MCUs need, or
+    ``None``: a scan of M MCUs in intervals of Ri has ceil(M / Ri) − 1 of them (ITU-T T.81
+    §B.2.1, §A.2: an interleaved scan's MCU covers Hmax × Vmax blocks' area, a
+    one-component scan's one block of that component). A cut at an interval's end leaves
+    no block half-coded for the probe of :func:`_jpeg_ends_early` to fill."""
+    if len(sof) < 6 + 3 * sof[5]:
+        return None
+    height, width = struct.unpack_from(">HH", sof, 1)
+    sampling = {sof[6 + 3 * i]: (sof[7 + 3 * i] >> 4, sof[7 + 3 * i] & 15) for i in range(sof[5])}
+    if not sampling or min(min(hv) for hv in sampling.values()) < 1:
+        return None
+    hmax = max(h for h, _ in sampling.values())
+    vmax = max(v for _, v in sampling.values())
+    for i, (ids, interval, restarts) in enumerate(runs):
+        if not interval or restarts < 0 or any(c not in sampling for c in ids):
+            continue
+        if len(ids) == 1:
+            h, v = sampling[ids[0]]
+            cols, rows = _ceil_div(width * h, hmax), _ceil_div(height * v, vmax)
+            mcus = _ceil_div(cols, 8) * _ceil_div(rows, 8)
+        else:
+            mcus = _ceil_div(width, 8 * hmax) * _ceil_div(height, 8 * vmax)
+        needed = _ceil_div(mcus, interval) - 1
+        if restarts < needed:
+            return f"scan {i} holds {restarts + 1} of its {needed + 1} restart intervals"
+    return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _jpeg_ends_early(stream: bytes, components: int) -> str | None:
+    """What a JPEG ``stream`` with padding before a marker lacks, or ``None``.
+
+    Padding between a scan's (or a restart interval's) last block and the next marker
+    ("N extraneous bytes before marker 0xXX": webcams pad before RSTn, encoders before SOS
+    or EOI) is not missing data: every block before it was decoded, and Pillow decodes the
+    file whole. libjpeg, strict, stops at that warning (and may report it at a later marker
+    than the padding's, its count summed over several), so what follows it, a scan cut
+    short later in the file, is checked another way: the stream is decoded twice (not
+    strict, padding skipped as Pillow skips it) with a different probe of made-up data
+    before its final EOI. A stream that codes every block ignores the probe, as padding;
+    one cut short decodes the probe as its missing blocks, and the two pictures differ."""
+    body = stream[:-2] if stream.endswith(b"\xff\xd9") else stream
+    pictures = []
+    for probe in _JPEG_PROBES:
+        try:
+            pictures.append(
+                simplejpeg.decode_jpeg(
+                    body + probe + b"\xff\xd9",
+                    colorspace="CMYK" if components == 4 else "RGB" if components > 1 else "GRAY",
+                    strict=False,
+                )
+            )
+        except ValueError:
+            return None  # libjpeg-turbo refuses what Pillow decoded: its call
+    if not np.array_equal(*pictures):
+        return "its scan data stops before its last block, after padding before a marker"
     return None
 
 

@@ -142,6 +142,31 @@ def padded(jpeg: bytes, nth: int) -> bytes:
     return jpeg[: found[nth]] + b"\0\0" + jpeg[found[nth] :]
 
 
+def padded_everywhere(jpeg: bytes, pad: bytes = b"\0") -> bytes:
+    """``jpeg`` with ``pad`` before every marker after the first scan's header but its EOI,
+    as a webcam that pads each restart interval writes it."""
+    sos = scans(jpeg)[0]
+    at = sos + 2 + struct.unpack_from(">H", jpeg, sos + 2)[0]
+    found = [i for i in range(at, len(jpeg) - 3) if jpeg[i] == 0xFF and jpeg[i + 1] not in (0, 255)]
+    for i in reversed(found):
+        jpeg = jpeg[:i] + pad + jpeg[i:]
+    return jpeg
+
+
+def eoi_mid_last_interval(jpeg: bytes) -> bytes:
+    """``jpeg`` cut halfway through its last restart interval, with an EOI appended."""
+    rst = [i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and 0xD0 <= jpeg[i + 1] <= 0xD7]
+    cut = (rst[-1] + len(jpeg) - 2) // 2
+    cut += jpeg[cut - 1] == 0xFF  # never split a stuffed 0xFF 0x00
+    return jpeg[:cut] + b"\xff\xd9"
+
+
+def cut_at_restart(jpeg: bytes, nth: int) -> bytes:
+    """``jpeg`` ended by an EOI in place of its ``nth`` RSTn marker: whole intervals lost."""
+    rst = [i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and 0xD0 <= jpeg[i + 1] <= 0xD7]
+    return jpeg[: rst[nth]] + b"\xff\xd9"
+
+
 BASELINE = save(G, "JPEG", quality=90)
 BASELINE_RGB = save(G.convert("RGB"), "JPEG", quality=90)
 RESTARTS = save(G.convert("RGB"), "JPEG", quality=90, restart_marker_blocks=1)
@@ -289,6 +314,27 @@ INCOMPLETE = {
         "never code all of component",
     ),
     "jpeg-file-cut": (BASELINE[:400], "JPEG", "its pixel data ends before the picture does"),
+    # Padding before an earlier marker: libjpeg stops at it, the cut after it is still found
+    "jpeg-padding-before-rst1-then-eoi-mid-interval": (
+        eoi_mid_last_interval(padded(RESTARTS, 1)),
+        "JPEG",
+        "its scan data stops before its last block, after padding before a marker",
+    ),
+    "jpeg-padding-before-rst1-then-eoi-for-rst": (
+        cut_at_restart(padded(RESTARTS, 1), 2),
+        "JPEG",
+        "scan 0 holds 3 of its 4 restart intervals",
+    ),
+    "jpeg-padding-before-every-rst-then-eoi-mid-interval": (
+        eoi_mid_last_interval(padded_everywhere(RESTARTS, b"\0\0")),
+        "JPEG",
+        "its scan data stops before its last block, after padding before a marker",
+    ),
+    "jpeg-padding-before-progressive-sos-then-last-scan-cut": (
+        eoi_mid_scan(padded(PROGRESSIVE, 1), len(scans(PROGRESSIVE)) - 1),
+        "JPEG",
+        "its scan data stops before its last block, after padding before a marker",
+    ),
     # GIF: Pillow's LZW decoder already wants the missing pixels
     "gif-lzw-10-of-28-rows": (gif_rows(10), "GIF", "its pixel data ends before the picture"),
     # BMP
@@ -394,6 +440,15 @@ COMPLETE = {
     "jpeg-restart-markers": (RESTARTS, jpeg_twin(RESTARTS)),
     "jpeg-padding-before-rst1": (padded(RESTARTS, 1), jpeg_twin(RESTARTS)),
     "jpeg-padding-before-progressive-sos": (padded(PROGRESSIVE, 1), jpeg_twin(PROGRESSIVE)),
+    "jpeg-padding-before-every-rst": (padded_everywhere(RESTARTS), jpeg_twin(RESTARTS)),
+    "jpeg-0xff-fill-before-every-rst": (
+        padded_everywhere(RESTARTS, b"\xff\xff"),
+        jpeg_twin(RESTARTS),
+    ),
+    "jpeg-padding-before-every-progressive-marker": (
+        padded_everywhere(PROGRESSIVE, b"\0\0"),
+        jpeg_twin(PROGRESSIVE),
+    ),
     "jpeg-progressive": (PROGRESSIVE, jpeg_twin(PROGRESSIVE)),
     "jpeg-jfif-v2": (jfif_v2(BASELINE), jpeg_twin(BASELINE)),
     "jpeg-cmyk": (CMYK, None),
@@ -434,3 +489,42 @@ def test_incomplete_upload_over_http(client):
     assert metric(after, "mondeq_requests_total", **key) == (
         metric(before, "mondeq_requests_total", **key) + 1
     )
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            eoi_mid_last_interval(padded(RESTARTS, 1)),
+            "the uploaded JPEG image is incomplete (its scan data stops before its last block, "
+            "after padding before a marker)",
+        ),
+        (
+            cut_at_restart(padded(RESTARTS, 1), 2),
+            "the uploaded JPEG image is incomplete (scan 0 holds 3 of its 4 restart intervals)",
+        ),
+    ],
+    ids=["mid-interval", "at-an-interval-end"],
+)
+def test_cut_after_jpeg_padding_exact_answer(data, message):
+    """Padding before RST1 once made libjpeg's check stop there: the cut after it went
+    unseen (200, the lost blocks grey). Status and message, exactly."""
+    with pytest.raises(ImageRejected) as e:
+        decode(data)
+    assert (e.value.status, str(e.value)) == (400, message)
+
+
+def test_cut_after_jpeg_padding_over_http(client):
+    """The same upload through the live server: 400 with the exact reason; its complete,
+    padded twin is answered."""
+    r = client.post(
+        "/v1/models/fc:classify",
+        files={"file": ("x.jpg", eoi_mid_last_interval(padded(RESTARTS, 1)))},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "the uploaded JPEG image is incomplete (its scan data stops before its last block, "
+        "after padding before a marker)"
+    )
+    r = client.post("/v1/models/fc:classify", files={"file": ("x.jpg", padded(RESTARTS, 1))})
+    assert r.status_code == 200
