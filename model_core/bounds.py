@@ -104,7 +104,24 @@ def logit_error_bounds(weight: Tensor, pool_norm: float, bound: Tensor) -> Tenso
     return bound[:, None] * (w_norms * pool_norm)[None, :]
 
 
-def rival_slack(logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor) -> Tensor:
+def pairwise_distances(weight: Tensor) -> Tensor:
+    """``(K, K)``: ``‖w_i − w_j‖`` between the rows of the head's ``W_out`` ``(K, D)``.
+
+    Each from the difference itself. ``torch.cdist``'s default switches above 25 rows to
+    ``√(‖w_i‖² + ‖w_j‖² − 2 w_i·w_j)``, whose cancellation loses about half the digits
+    for close rows; an underestimated distance would shrink a rival's slack (eq. 16) and
+    could prove a label that is not proven.
+    """
+    return torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def rival_slack(
+    logits: Tensor,
+    weight: Tensor,
+    pool_norm: float,
+    bound: Tensor,
+    distances: Tensor | None = None,
+) -> Tensor:
     """How much each rival's margin may differ from the exact equilibrium's (§9, eq. 16).
 
     For the predicted class ``y`` and each class ``j``:
@@ -113,29 +130,37 @@ def rival_slack(logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor)
     Args:
         logits: ``(B, K)`` at the point the bound is about.
         weight, pool_norm, bound: as in :func:`logit_error_bounds`.
+        distances: ``(K, K)`` :func:`pairwise_distances` of ``weight`` when the caller
+            keeps them (``None``: computed here).
 
     Returns:
         ``(B, K)``, 0 in the predicted class's column.
     """
     pred = logits.argmax(dim=1)
-    diff_norm = torch.cdist(weight, weight)[pred]  # (B, K): ‖w_y − w_j‖
-    return diff_norm * (pool_norm * bound)[:, None]
+    if distances is None:
+        distances = pairwise_distances(weight)
+    return distances[pred] * (pool_norm * bound)[:, None]  # (B, K): ‖w_y − w_j‖ · …
 
 
 def proven_labels(
-    logits: Tensor, weight: Tensor, pool_norm: float, bound: Tensor, slack: Tensor | None = None
+    logits: Tensor,
+    weight: Tensor,
+    pool_norm: float,
+    bound: Tensor,
+    slack: Tensor | None = None,
+    distances: Tensor | None = None,
 ) -> Tensor:
     """``(B,)`` bool: the predicted label is the exact equilibrium's (§9, eq. 17).
 
     True when the top class leads every rival ``j`` by more than
     ``‖w_y − w_j‖ · ‖pool‖ · bound``. Never true for a non-finite bound or a tie.
     ``slack``: that product, ``(B, K)``, when the caller has it already
-    (:func:`rival_slack`).
+    (:func:`rival_slack`); ``distances``: as in :func:`rival_slack`.
     """
     pred = logits.argmax(dim=1)
     margins = logits.gather(1, pred[:, None]) - logits
     if slack is None:
-        slack = rival_slack(logits, weight, pool_norm, bound)
+        slack = rival_slack(logits, weight, pool_norm, bound, distances)
     clear = margins > slack
     clear.scatter_(1, pred[:, None], True)
     return clear.all(dim=1) & torch.isfinite(bound)

@@ -60,6 +60,12 @@ def _bits(t: Tensor) -> Tensor:
     return t
 
 
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold identical values bit for bit (NaN equal to itself, ``-0.0``
+    not equal to ``0.0``): how every cache kept per weights checks that they still hold."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
 class Resolvent:
     """``V = (I + α(I − W))⁻¹`` and ``Vᵀ``, prepared once for one (weights, α).
 
@@ -268,7 +274,7 @@ class MonotoneOperator(nn.Module):
         if (
             snap is not None
             and snap[1] == ident
-            and all(torch.equal(_bits(p), _bits(c)) for p, c in zip(params, snap[2], strict=True))
+            and all(same_values(p, c) for p, c in zip(params, snap[2], strict=True))
         ):
             return snap[0]
         copies = [p.clone() for p in params]
@@ -284,11 +290,17 @@ class MonotoneOperator(nn.Module):
         at entry and skip the comparison on every cache lookup inside, which would otherwise
         run once per iteration (conv operators look up their spectra on every application).
 
+        Scopes nest: one opened inside another (``infer`` around its solve) takes the
+        enclosing scope's key without comparing the weights again.
+
         Yields:
             the weights key. Writing weights inside the scope is a race, as it would be
             for the solve itself.
         """
-        key = self._check_weights()
+        with _CACHE_LOCK:
+            key = self._fixed_key if self._fixed else None
+        if key is None:
+            key = self._check_weights()
         with _CACHE_LOCK:
             self._fixed += 1
             self._fixed_key = key

@@ -17,7 +17,12 @@ import torch
 from problems import dense_w_fc, dense_w_multitier, randomize_
 
 from model_core import build_model
-from model_core.bounds import equilibrium_error_bound, proven_labels
+from model_core.bounds import (
+    equilibrium_error_bound,
+    pairwise_distances,
+    proven_labels,
+    rival_slack,
+)
 from model_core.solvers import solve_forward
 
 CONFIGS = {
@@ -161,3 +166,27 @@ def test_a_diverged_sample_has_an_infinite_bound_and_no_proof():
     assert r.error_bound[1] == math.inf
     assert r.label_proven.tolist() == [True, False, True]
     assert math.isnan(r.certified_radius[1])
+
+
+def test_rival_distances_keep_their_digits_with_many_classes():
+    """``‖w_y − w_j‖`` from the differences themselves. With more than 25 classes
+    ``torch.cdist`` by default takes ``√(‖w_i‖² + ‖w_j‖² − 2 w_i·w_j)``: for two rows 1e-4
+    apart at norm 1 that loses every digit in float32 (it read 0 or about 5e-4 here), and a
+    distance read too small shrinks the slack of eq. (16): a label "proven" on a margin
+    thinner than the bound allows."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 64, generator=gen)
+    w = w / w.norm(dim=1, keepdim=True)
+    w[1] = w[0] + 1e-4 * torch.randn(64, generator=gen) / 8.0
+    exact = torch.cdist(w.double(), w.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    got = pairwise_distances(w)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+    assert got[0, 1] > 0 and torch.equal(got.diagonal(), torch.zeros(30))
+    # The slack of the rival class 1 for a sample predicted 0, at bound 1 and ‖pool‖ 1.
+    logits = torch.zeros(1, 30)
+    logits[0, 0] = 1.0
+    slack = rival_slack(logits, w, 1.0, torch.ones(1))
+    assert slack[0, 1].item() == pytest.approx(exact[0, 1].item(), rel=1e-5)
+    # A margin 10% below that slack proves nothing.
+    logits[0, 1] = 1.0 - 0.9 * exact[0, 1].item()
+    assert not proven_labels(logits, w, 1.0, torch.ones(1)).item()

@@ -325,3 +325,72 @@ def test_infer_moves_input_to_the_model_device_and_dtype():
     model = build_model(FC).double()
     out = model.infer(torch.randn(2, 1, 6, 6))  # float32 in, float64 model
     assert out.logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("config", [FC, CONV], ids=["fc", "conv"])
+def test_head_norms_are_kept_and_follow_the_head_weights(config):
+    """``‖W_out‖₂`` and the rival distances are kept per the head's weight values: every write
+    (in place, through ``.data``, ``load_state_dict``) reaches the bound and the radius."""
+    torch.manual_seed(4)
+    model = build_model(config)
+    x = torch.randn(3, config["in_channels"], 6, 6)
+
+    def expected_lipschitz():
+        w = torch.linalg.matrix_norm(model.head.weight.detach(), 2).item()
+        return w * model.pool_norm() * model.op.injection_norm() / model.op.m
+
+    first = model.lipschitz_bound()
+    assert first == pytest.approx(expected_lipschitz(), rel=1e-6)
+    held = model._head_cache
+    assert model.lipschitz_bound() == first and model._head_cache is held  # a hit
+    model.head.weight.data.mul_(3.0)  # bypasses the version counter
+    assert model.lipschitz_bound() == pytest.approx(3.0 * first, rel=1e-6)
+    with torch.no_grad():
+        model.head.weight[0, 0] += 1.0  # in place
+    assert model.lipschitz_bound() == pytest.approx(expected_lipschitz(), rel=1e-6)
+    other = build_model(config)
+    model.head.load_state_dict(other.head.state_dict())
+    assert model.lipschitz_bound() == pytest.approx(expected_lipschitz(), rel=1e-6)
+    # The radius of infer reads the current rows: the same as a model built with them.
+    twin = build_model(config)
+    twin.load_state_dict(model.state_dict())
+    got, want = model.infer(x), twin.infer(x)
+    assert torch.equal(got.logits, want.logits)
+    torch.testing.assert_close(got.certified_radius, want.certified_radius, equal_nan=True)
+
+
+def test_infer_checks_the_weights_once():
+    """``infer`` opens one weights scope around its solve; the solve's own scope inside it
+    takes that key instead of comparing every parameter again."""
+    model = build_model(FC)
+    calls = []
+    check = model.op._check_weights
+    model.op._check_weights = lambda: calls.append(1) or check()
+    model.infer(torch.randn(2, 1, 6, 6))
+    assert len(calls) == 1
+    # Outside any scope every lookup checks; a scope's key is the validated one.
+    with model.op.fixed_weights() as key, model.op.fixed_weights() as inner:
+        assert inner == key and len(calls) == 2
+    model.op.A.weight.data.mul_(2.0)
+    with model.op.fixed_weights() as after:
+        assert after != key
+
+
+@torch.no_grad()
+def test_fc_product_follows_writes_through_data():
+    """The fc operator keeps ``I − W`` per weights: a write through ``.data`` (no version
+    bump) reaches the next ``W z``."""
+    torch.manual_seed(5)
+    model = build_model(FC)
+    op = model.op
+    z = torch.randn(4, *op.z_shape, dtype=torch.float32)
+
+    def dense():
+        eye = torch.eye(op.z_shape[0])
+        return z @ (eye - op.k_matrix()).T
+
+    torch.testing.assert_close(op.multiply(z), dense())
+    op.B.weight.data.mul_(-2.0)
+    torch.testing.assert_close(op.multiply(z), dense())
+    op.A.weight.data.copy_(torch.randn_like(op.A.weight))
+    torch.testing.assert_close(op.multiply(z), dense())
