@@ -14,7 +14,8 @@ answer. :func:`decode_image` decodes with Pillow and applies, in this order:
    (black rows, grey blocks, a blur): a file that ends early, a PNG zlib stream that ends
    before its last scanline (any bit depth, interlaced or not), a JPEG scan cut short by a
    marker or progressive scans that never code every coefficient, a GIF LZW stream or BMP
-   RLE data that stops early, a TIFF strip or tile missing or short.
+   RLE data that stops early, a TIFF strip or tile missing or short, a WebP shorter than
+   its RIFF sizes declare, a GIF or BMP cut in its headers or colour table.
 2. **Frames.** An animation (GIF, APNG, WebP) or a multi-page TIFF has no single picture to
    classify: 422. An MPO (a camera JPEG carrying a second view or a depth map) is shown by
    viewers as its first, primary image, which is used.
@@ -143,6 +144,7 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
         raise ImageRejected(413, f"the uploaded image is too large ({e})") from None
     except Exception as e:  # Pillow raises many types for foreign bytes
         _refuse_chunk_bomb(e)
+        _refuse_cut_short(data)
         raise ImageRejected(400, f"the uploaded file is not a {FORMAT_NAMES} image") from None
     fmt = img.format
     if img.width * img.height > max_pixels:
@@ -170,6 +172,7 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
         if "truncated" in str(e) or "not enough image data" in str(e):
             missing = f"its pixel data ends before the picture does: {e}"
         else:
+            _refuse_cut_short(data)  # e.g. an animated GIF cut in a later frame's header
             raise ImageRejected(
                 400, f"the uploaded {fmt} image could not be decoded ({e})"
             ) from None
@@ -225,6 +228,103 @@ def _refuse_chunk_bomb(e: Exception) -> None:
         raise ImageRejected(
             413, f"the uploaded image holds metadata too large once decompressed ({e})"
         ) from None
+
+
+# ---- a file whose own structure goes on past its end ----------------------------------------
+#
+# Pillow opens a GIF or BMP cut in its header or colour table, and any WebP cut short, as
+# foreign bytes ("not a PNG, JPEG, ... image"), and an animated GIF cut in a later frame's
+# header as "index out of range". These are read only once Pillow has refused a file: a file
+# it decodes never reaches them, so they change a refusal's words, never whether it refuses.
+
+
+def _refuse_cut_short(data: bytes) -> None:
+    """Refuses, 400 "incomplete", a GIF, BMP or WebP (by its signature) whose own headers or
+    block lengths go on past the file's last byte; otherwise returns.
+
+    Raises:
+        ImageRejected: 400 naming the format and where the file ends.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt, missing = "WEBP", _webp_cut_short(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        fmt, missing = "GIF", _gif_cut_short(data)
+    elif data[:2] == b"BM":
+        fmt, missing = "BMP", _bmp_cut_short(data)
+    else:
+        return
+    if missing is not None:
+        raise ImageRejected(400, f"the uploaded {fmt} image is incomplete ({missing})")
+
+
+def _webp_cut_short(data: bytes) -> str | None:
+    """A WebP shorter than its RIFF header's size, or one of whose chunks declares more bytes
+    than follow it (RIFF: a chunk is a 4-byte kind, a little-endian 32-bit size, the data
+    and a pad byte to an even length; WebP container specification, RFC 9649 §2.4)."""
+    declared = struct.unpack_from("<I", data, 4)[0] + 8
+    if len(data) < declared:
+        return f"the file ends after {len(data)} of the {declared} bytes its RIFF header declares"
+    pos = 12
+    while pos < declared:
+        if pos + 8 > declared:
+            return f"it ends {declared - pos} bytes into a chunk's 8-byte header"
+        kind, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if pos + 8 + size > declared:
+            name = kind.decode("latin-1").strip()
+            return f"its {name} chunk declares {size} bytes; the file holds {declared - pos - 8}"
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _gif_cut_short(data: bytes) -> str | None:
+    """A GIF that ends inside its header, a colour table, an extension or an image (its
+    descriptor or its data sub-blocks) before the trailer (GIF89a specification §17-27).
+    A byte where a block must start that starts none is corruption, not a cut: ``None``."""
+    end = len(data)
+    if end < 13:
+        return f"the file ends after {end} bytes, inside its 13-byte header"
+    pos = 13 + (3 * (2 << (data[10] & 7)) if data[10] & 0x80 else 0)
+    frame = 0
+    while True:
+        if pos > end:
+            return f"the file ends after {end} bytes, inside its global colour table"
+        if pos == end:
+            return None if frame else f"the file ends after {end} bytes, before any image"
+        kind = data[pos]
+        if kind == 0x3B:
+            return None
+        if kind == 0x2C:
+            frame += 1
+            if pos + 10 > end:
+                return f"the file ends after {end} bytes, inside image {frame}'s descriptor"
+            flags = data[pos + 9]
+            pos += 10 + (3 * (2 << (flags & 7)) if flags & 0x80 else 0) + 1  # + LZW code size
+            what = f"image {frame}'s data"
+        elif kind == 0x21:
+            pos += 2
+            what = "an extension block"
+        else:
+            return None
+        while pos < end and data[pos]:
+            pos += 1 + data[pos]
+        if pos >= end:
+            return f"the file ends after {end} bytes, inside {what}"
+        pos += 1
+
+
+def _bmp_cut_short(data: bytes) -> str | None:
+    """A BMP that ends before its pixel data starts: inside its file header, its info header
+    (its first 4 bytes give its size) or the colour table between them and the offset the
+    file header gives the pixels (Microsoft BITMAPFILEHEADER, BITMAPINFOHEADER)."""
+    end = len(data)
+    if end < 18:
+        return f"the file ends after {end} bytes, inside its headers"
+    offset, header = struct.unpack_from("<I", data, 10)[0], struct.unpack_from("<I", data, 14)[0]
+    if end < 14 + header:
+        return f"the file ends after {end} bytes, inside its headers"
+    if end < offset:
+        return f"the file ends after {end} bytes, before its pixel data at byte {offset}"
+    return None
 
 
 # ---- pixel data the file does not hold -------------------------------------------------------

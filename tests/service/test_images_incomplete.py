@@ -528,3 +528,151 @@ def test_cut_after_jpeg_padding_over_http(client):
     )
     r = client.post("/v1/models/fc:classify", files={"file": ("x.jpg", padded(RESTARTS, 1))})
     assert r.status_code == 200
+
+
+# ---- GIF, BMP, WebP cut in their headers: "incomplete", not "not an image" ------------------
+#
+# Pillow takes a WebP cut anywhere, and a GIF or BMP cut before its pixel data, for foreign
+# bytes; an animated GIF cut in a later frame's header made it raise "index out of range".
+# Each was 400 with words that blamed the format, not the cut.
+
+WEBP_LOSSY = save(G, "WEBP", quality=90)
+WEBP_LOSSLESS = save(G, "WEBP", lossless=True)
+WEBP_ALPHA = save(G.convert("RGBA"), "WEBP", quality=90)  # VP8X, ALPH, VP8
+GIF = save(G, "GIF")
+GIF_INTERLACED = save(G, "GIF", interlace=True)
+BMP_GREY = save(G, "BMP")  # 256-entry colour table, pixels at byte 1078
+FRAMES = [Image.fromarray(np.roll(A, 5 * i, axis=1)) for i in range(3)]
+ANIMATED_GIF = save(FRAMES[0], "GIF", save_all=True, append_images=FRAMES[1:], duration=100)
+
+
+def webp_chunk_cut(data: bytes, keep: int) -> bytes:
+    """``data`` cut ``keep`` bytes into its first chunk's data, its RIFF size made to fit (a
+    tool that rewrites the size it sees) but not the chunk's own."""
+    return b"RIFF" + struct.pack("<I", 12 + keep) + data[8 : 20 + keep]
+
+
+def second_descriptor(gif: bytes) -> int:
+    """Offset of an animated GIF's second image descriptor (0x2C after frame 1's data)."""
+    at = gif.index(b"\x2c", 13 + 3 * 256)  # Pillow writes a 256-entry colour table
+    at += 10 + 1  # descriptor, LZW code size (no local table)
+    while gif[at]:
+        at += 1 + gif[at]
+    at += 1
+    while gif[at] == 0x21:  # the second frame's graphic control extension
+        at += 2
+        while gif[at]:
+            at += 1 + gif[at]
+        at += 1
+    assert gif[at] == 0x2C
+    return at
+
+
+CUT_SHORT = {
+    "webp-lossy-cut": (
+        WEBP_LOSSY[:100],
+        f"the uploaded WEBP image is incomplete (the file ends after 100 of the "
+        f"{len(WEBP_LOSSY)} bytes its RIFF header declares)",
+    ),
+    "webp-lossless-cut": (
+        WEBP_LOSSLESS[:-1],
+        f"the uploaded WEBP image is incomplete (the file ends after {len(WEBP_LOSSLESS) - 1} "
+        f"of the {len(WEBP_LOSSLESS)} bytes its RIFF header declares)",
+    ),
+    "webp-alpha-cut-in-alph": (
+        WEBP_ALPHA[:60],
+        f"the uploaded WEBP image is incomplete (the file ends after 60 of the "
+        f"{len(WEBP_ALPHA)} bytes its RIFF header declares)",
+    ),
+    "webp-riff-size-rewritten-chunk-cut": (
+        webp_chunk_cut(WEBP_LOSSY, 50),
+        "the uploaded WEBP image is incomplete (its VP8 chunk declares "
+        f"{struct.unpack_from('<I', WEBP_LOSSY, 16)[0]} bytes; the file holds 50)",
+    ),
+    "gif-cut-in-colour-table": (
+        GIF[:100],
+        "the uploaded GIF image is incomplete (the file ends after 100 bytes, inside its "
+        "global colour table)",
+    ),
+    "gif-cut-before-any-image": (
+        GIF[: 13 + 3 * 256],
+        "the uploaded GIF image is incomplete (the file ends after 781 bytes, before any image)",
+    ),
+    "animated-gif-cut-in-frame-2-descriptor": (
+        ANIMATED_GIF[: second_descriptor(ANIMATED_GIF) + 5],
+        f"the uploaded GIF image is incomplete (the file ends after "
+        f"{second_descriptor(ANIMATED_GIF) + 5} bytes, inside image 2's descriptor)",
+    ),
+    "bmp-cut-in-info-header": (
+        BMP_GREY[:40],
+        "the uploaded BMP image is incomplete (the file ends after 40 bytes, inside its headers)",
+    ),
+}
+
+
+@pytest.mark.parametrize("data,message", CUT_SHORT.values(), ids=CUT_SHORT.keys())
+def test_cut_in_header_is_incomplete(data, message):
+    """Status and message, exactly."""
+    with pytest.raises(ImageRejected) as e:
+        decode(data)
+    assert (e.value.status, str(e.value)) == (400, message)
+
+
+@pytest.mark.parametrize(
+    "data,fmt,signature",
+    [
+        (GIF, "GIF", 6),
+        (GIF_INTERLACED, "GIF", 6),
+        (save(G, "GIF", transparency=0), "GIF", 6),
+        (BMP_GREY, "BMP", 2),
+        (save(G.convert("RGB"), "BMP"), "BMP", 2),
+        (save(G.convert("1"), "BMP"), "BMP", 2),
+        (bmp_rle8(ROWS), "BMP", 2),
+        (WEBP_LOSSY, "WEBP", 12),
+        (WEBP_LOSSLESS, "WEBP", 12),
+        (WEBP_ALPHA, "WEBP", 12),
+    ],
+    ids=[
+        "gif",
+        "gif-interlaced",
+        "gif-transparency",
+        "bmp-grey",
+        "bmp-rgb",
+        "bmp-1bit",
+        "bmp-rle8",
+        "webp-lossy",
+        "webp-lossless",
+        "webp-lossy-alpha",
+    ],
+)
+def test_every_cut_is_refused_as_incomplete_or_changes_nothing(data, fmt, signature):
+    """Each prefix of a valid file, from its whole signature on (a shorter one names no
+    format), is 400 "incomplete" or, cut only after its last pixel (a GIF's trailer, a
+    BMP's last row padding, bytes a VP8 stream never reads), the complete file's answer:
+    never a picture with pixels filled in, never "not an image"."""
+    whole = decode(data)
+    answers = set()
+    for cut in range(signature, len(data)):
+        try:
+            got = decode(data[:cut])
+        except ImageRejected as e:
+            assert e.status == 400, (cut, str(e))
+            assert str(e).startswith(f"the uploaded {fmt} image is incomplete ("), (cut, str(e))
+            answers.add(400)
+        else:
+            np.testing.assert_array_equal(got, whole, err_msg=f"cut at {cut}")
+            answers.add(200)
+    assert 400 in answers
+
+
+def test_cut_webp_over_http(client):
+    """A WebP upload cut short through the live server: 400 with the exact reason (it had
+    been "not a PNG, JPEG, GIF, WebP, BMP or TIFF image"); the whole file is answered."""
+    r = client.post("/v1/models/fc:classify", files={"file": ("x.webp", WEBP_LOSSY[:100])})
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        f"the uploaded WEBP image is incomplete (the file ends after 100 of the "
+        f"{len(WEBP_LOSSY)} bytes its RIFF header declares)"
+    )
+    r = client.post("/v1/models/fc:classify", files={"file": ("x.webp", WEBP_LOSSY)})
+    assert r.status_code == 200
