@@ -37,7 +37,9 @@ from .settings import Settings
 log = logging.getLogger("mondeq.service")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^[0-9]{1,9}$")
+# A version is named one way only: 1, not 01 or 001 (two folders "1" and "01" would both be
+# version 1, one silently hidden, and an answer would echo a spelling no folder has).
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 CHECKPOINT = "model.pt"
 CARD = "card.json"
 # Model folders being written under a temporary name (dotfiles never match NAME_RE).
@@ -128,7 +130,7 @@ def scan(
         ignored: if given, receives ``(path, why)`` for every folder (and stray
             ``model.pt``) skipped for its name: a model folder whose name is not a model
             name, a folder under a model that is not a version number (``latest/``,
-            ``0/``), a ``model.pt`` outside a version folder. Work in progress
+            ``0/``, ``01/``), a ``model.pt`` outside a version folder. Work in progress
             (:func:`in_progress`) is not reported.
     """
     found: dict[str, dict[int, tuple[Path, Stamp]]] = {}
@@ -162,7 +164,7 @@ def scan(
             if v.name == CHECKPOINT:
                 report.append((v, f"not in a version folder: move it to {d / '1' / CHECKPOINT}"))
                 continue
-            if not VERSION_RE.match(v.name) or int(v.name) < 1:
+            if not VERSION_RE.match(v.name):
                 if v.is_dir():
                     report.append(
                         (v, "not a version number (versions are folders named 1, 2, 3, ...)")

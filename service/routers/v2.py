@@ -103,7 +103,7 @@ async def model_metadata(name: str, version: ModelVersion, served: Served, runti
     datatypes and shapes (``[-1, K]`` for logits, probabilities and logit_error_bound,
     ``[-1]`` per sample)."""
     if version:
-        versions = [version]
+        versions = [str(served.version)]  # the version's one spelling, as answers give it
     else:
         entries = runtime.repository().versions(name)
         versions = [str(e.version) for e in entries if e.status == "ready"]
