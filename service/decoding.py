@@ -13,6 +13,7 @@ front end shares). Images are decoded by
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -109,13 +110,18 @@ def parse_json(raw: bytes, model: type[Body]) -> Body:
         RequestValidationError: 422 for JSON of the wrong shape.
     """
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
         bad = next((err for err in errors if err.get("type") == "json_invalid"), None)
         if bad is not None:
             raise ApiError(400, f"malformed JSON body ({bad.get('msg')})") from None
         raise body_errors(e) from None
+    if "_json_bools" in model.__private_attributes__:
+        # A bare true/false token outside strings is the only way a boolean gets in; two
+        # byte searches spare a good body the per-value scan of to_pixels.
+        body._json_bools = b"true" in raw or b"false" in raw
+    return body
 
 
 async def json_body(request: Request, model: type[Body], what: str) -> Body:
@@ -172,22 +178,44 @@ def solve_key(served: ServedModel, params: Any) -> SolveKey:
 # ---- tensors ----------------------------------------------------------------------------------
 
 
-def to_pixels(data: Any, what: str) -> np.ndarray:
+def to_pixels(data: Any, what: str, *, may_hold_bools: bool = True) -> np.ndarray:
     """A JSON array of numbers in [0, 1] → float32 numpy array of the same shape.
 
+    Args:
+        may_hold_bools: whether ``data`` may hold JSON ``true``/``false`` among its numbers
+            (numpy reads them as 1 and 0, so they are looked for one by one: about a
+            quarter of the conversion's time). False when the caller knows it cannot:
+            the body had no such token (:func:`parse_json`), or the values are typed
+            (raw bytes, gRPC's ``fp32_contents``).
+
     Raises:
-        ApiError: 422 for a ragged array, non-numbers, NaN/Inf or values outside [0, 1]
-            (``what`` names the field in the message).
+        ApiError: 422 for a ragged array, non-numbers (``true`` among numbers too), NaN/Inf
+            or values outside [0, 1] (``what`` names the field in the message).
     """
     try:
         arr = np.asarray(data)
-    except (ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise ApiError(422, f"{what} is not a rectangular array of numbers ({e})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        arr = None  # ragged, or nested in a way numpy cannot hold: located below
+    if arr is None or arr.dtype.kind == "O":
+        # numpy's own words ("inhomogeneous shape after 1 dimensions", "object") say
+        # nothing a client can act on: name the first value at fault and where it is.
+        fault = array_fault(data, what)
+        if fault is not None:
+            raise ApiError(422, fault)
+        try:  # numbers only, rectangular: integers past 64 bits are what numpy kept as objects
+            arr = np.asarray(data, dtype=np.float64)
+        except OverflowError:
+            raise ApiError(
+                422, f"{what} holds an integer too large for a number; pixels lie in [0, 1]"
+            ) from None
     if arr.dtype.kind not in "iuf":
-        kind = {"b": "booleans", "U": "strings", "S": "strings", "O": "mixed or nested values"}
+        kind = {"b": "booleans", "U": "strings", "S": "strings"}
         raise ApiError(
             422, f"{what} must hold numbers only, got {kind.get(arr.dtype.kind, arr.dtype.name)}"
         )
+    if may_hold_bools and not isinstance(data, np.ndarray) and _holds_bools(data, arr.ndim):
+        # [true, 0.5] is float64 [1.0, 0.5] to numpy: a pixel the client never sent.
+        raise ApiError(422, array_fault(data, what) or f"{what} must hold numbers only")
     if arr.size:
         lo, hi = float(arr.min()), float(arr.max())
         # One test for the common case: NaN fails every comparison and ±Inf the range.
@@ -205,6 +233,77 @@ def to_pixels(data: Any, what: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _holds_bools(data: Any, ndim: int) -> bool:
+    """Whether the rectangular nested list ``data`` (``ndim`` levels) holds a ``bool``."""
+    if ndim == 0:
+        return isinstance(data, bool)
+    flat = data
+    for _ in range(ndim - 1):
+        flat = itertools.chain.from_iterable(flat)
+    return bool in set(map(type, flat))
+
+
+def _json_kind(v: Any) -> str:
+    """What a JSON value is, in the JSON's words (``null``, ``true``, a string, an object)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f"the string {v[:20]!r}" if len(v) <= 20 else f"the string {v[:20]!r}..."
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def array_fault(data: Any, what: str) -> str | None:
+    """Why the JSON value ``data`` is not a rectangular array of numbers, naming the first
+    place at fault in reading order (``input data[3][0]``), or ``None`` when it is one.
+
+    The expected shape is read along the first elements (``data[0]``, ``data[0][0]``, ...);
+    every array at a depth must hold as many values as the first one there, and numbers
+    sit only at the deepest level. Only called on a body numpy refused, so its cost is
+    never paid by a good request.
+    """
+
+    def loc(path: tuple[int, ...]) -> str:
+        return what + "".join(f"[{i}]" for i in path)
+
+    shape: list[int] = []
+    node = data
+    while isinstance(node, list):
+        shape.append(len(node))
+        if not node:
+            break
+        node = node[0]
+    first = [(0,) * d for d in range(len(shape) + 1)]
+    stack: list[tuple[Any, tuple[int, ...]]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        depth = len(path)
+        if isinstance(node, list):
+            if depth >= len(shape):
+                return (
+                    f"{what} is not a rectangular array: {loc(path)} is an array, where "
+                    f"{loc(first[depth])} is a number"
+                )
+            if len(node) != shape[depth]:
+                return (
+                    f"{what} is not a rectangular array: {loc(path)} holds {len(node)} "
+                    f"value{'s' * (len(node) != 1)}, {loc(first[depth])} holds {shape[depth]}"
+                )
+            stack.extend((node[i], (*path, i)) for i in reversed(range(len(node))))
+            continue
+        if isinstance(node, bool) or not isinstance(node, int | float):
+            return f"{what} must hold numbers only, got {_json_kind(node)} at {loc(path)}"
+        if depth < len(shape):
+            return (
+                f"{what} is not a rectangular array: {loc(path)} is a number, where "
+                f"{loc(first[depth])} is an array"
+            )
+    return None
+
+
 def _shortest(v: float) -> str:
     """``v`` as the shortest text that reads back as it (``repr``), without a trailing
     ``.0``: ``2.0`` → ``2``, ``1.0000001`` → ``1.0000001`` (``:g`` wrote it ``1``, so a
@@ -220,6 +319,8 @@ def input_pixels(
     shape: list[int],
     data: list[Any] | bytes | None,
     max_rows: int,
+    *,
+    may_hold_bools: bool = True,
 ) -> torch.Tensor:
     """One V2 input tensor → ``(B, C, H, W)`` float32 pixels, whichever way it came: a JSON
     ``data`` array (flat row-major, or nested in exactly ``shape``) or raw bytes (the binary
@@ -235,6 +336,7 @@ def input_pixels(
         datatype, shape: as the request declares them.
         data: the JSON values, the raw bytes, or ``None`` (no data sent).
         max_rows: the largest batch one request may send.
+        may_hold_bools: JSON ``data`` may hold booleans (:func:`to_pixels`).
 
     Raises:
         ApiError: 422 for a name other than :data:`INPUT_NAME` (the model metadata's), a
@@ -270,7 +372,7 @@ def input_pixels(
             )
         arr = to_pixels(np.frombuffer(data, dtype="<f4"), "input data")
         return torch.from_numpy(arr.reshape(shape))
-    arr = to_pixels(data, "input data")
+    arr = to_pixels(data, "input data", may_hold_bools=may_hold_bools)
     if arr.size != need:
         raise ApiError(422, f"input data holds {arr.size} values; shape {shape} needs {need}")
     if arr.ndim != 1 and list(arr.shape) != shape:
@@ -285,6 +387,8 @@ def v2_pixels(
     inputs: list[schemas.InferInput],
     max_rows: int,
     raw: list[bytes | None] | None = None,
+    *,
+    may_hold_bools: bool = True,
 ) -> torch.Tensor:
     """The V2 request's single input tensor → ``(B, C, H, W)`` float32 pixels
     (:func:`input_pixels`).
@@ -300,7 +404,9 @@ def v2_pixels(
         raise ApiError(422, f"expected exactly one input tensor, got {len(inputs)}")
     inp = inputs[0]
     data = raw[0] if raw is not None and raw[0] is not None else inp.data
-    return input_pixels(served, inp.name, inp.datatype, inp.shape, data, max_rows)
+    return input_pixels(
+        served, inp.name, inp.datatype, inp.shape, data, max_rows, may_hold_bools=may_hold_bools
+    )
 
 
 # ---- the binary tensor data extension ---------------------------------------------------------
@@ -496,7 +602,9 @@ async def infer_body(request: Request) -> tuple[schemas.InferRequest, list[bytes
     return body, binary_inputs(body.inputs, tail)
 
 
-def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tensor:
+def classify_pixels(
+    served: ServedModel, data: Any, max_rows: int, *, may_hold_bools: bool = True
+) -> torch.Tensor:
     """The friendly API's nested ``inputs`` → ``(B, C, H, W)`` float32 pixels.
 
     Accepts ``[H, W]`` (one-channel models), ``[C, H, W]`` or ``[B, C, H, W]`` with
@@ -505,7 +613,7 @@ def classify_pixels(served: ServedModel, data: Any, max_rows: int) -> torch.Tens
     Raises:
         ApiError: 422 for another shape, or values :func:`to_pixels` refuses.
     """
-    arr = to_pixels(data, "inputs")
+    arr = to_pixels(data, "inputs", may_hold_bools=may_hold_bools)
     sent = list(arr.shape)  # the message names it, not the shape it was lifted to
     c, h, w = served.shape
     if arr.ndim == 2 and c == 1:
@@ -561,8 +669,9 @@ async def upload_pixels(
     ``max_iter``) is 422 as in the JSON body, with the same message.
 
     Raises:
-        ApiError: 422 without a ``file`` or for a field that is not a plain value; the
-            image's own status (400, 413, 415, 422) when it cannot be decoded.
+        ApiError: 422 without a ``file``, for a field that is not a plain value or one
+            given more than once; the image's own status (400, 413, 415, 422) when it
+            cannot be decoded.
         RequestValidationError: 422 for a field the JSON body would refuse.
     """
     form = await request.form(max_files=1, max_fields=16)
@@ -571,8 +680,16 @@ async def upload_pixels(
         raise ApiError(422, "multipart body needs a 'file' field holding an image")
     data = await upload.read()
     fields: dict[str, Any] = {}
+    seen: set[str] = set()
     for k, raw in form.multi_items():
-        if k == "file" or raw == "":
+        if k == "file":
+            continue
+        if k in seen:
+            # Which one did the client mean? A form read as a dict keeps the last and the
+            # client never learns that its first top_k or tol was dropped.
+            raise ApiError(422, f"form field {k!r} is given more than once: send it once")
+        seen.add(k)
+        if raw == "":
             continue
         if not isinstance(raw, str):
             raise ApiError(422, f"form field {k!r} must be a plain value")

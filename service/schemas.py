@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt
 
 from model_core import SOLVERS, SolverSettings
 
@@ -41,9 +41,15 @@ class SolverOverrides(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     # Strict: JSON ``true`` or ``"3"`` is refused, not read as 1 or 3 (a value is honoured
-    # as sent or refused, never guessed at).
+    # as sent or refused, never guessed at). Finite: a NaN would otherwise be refused as
+    # "less than or equal to 1", which sends the client after the wrong fault.
     tol: float | None = Field(
-        None, gt=0, le=1, strict=True, description="bound on the true fixed-point residual"
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        strict=True,
+        description="bound on the true fixed-point residual",
     )
     max_iter: int | None = Field(None, ge=1, strict=True, description="iteration cap")
     method: str | None = Field(
@@ -96,6 +102,9 @@ class InferRequest(BaseModel):
     parameters: SolverOverrides | None = None
     inputs: list[InferInput] = Field(min_length=1, description="exactly one input tensor")
     outputs: list[RequestedOutput] | None = Field(None, description="subset to return")
+    # Whether the JSON held a true/false token (set by decoding.parse_json): only then can
+    # pixel data hold a boolean that numpy would read as 1 or 0.
+    _json_bools: bool = PrivateAttr(True)
 
 
 class InferOutput(BaseModel):
@@ -160,13 +169,14 @@ class ClassifyRequest(BaseModel):
 
     inputs: list[Any] = Field(description="nested array of pixel intensities in [0, 1]")
     top_k: int = Field(3, ge=1, strict=True, description="classes to return per sample")
-    tol: float | None = Field(None, gt=0, le=1, strict=True)
+    tol: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, strict=True)
     max_iter: int | None = Field(None, ge=1, strict=True)
     method: str | None = None
     stop: Stop | None = Field(None, description=STOP_DESCRIPTION)
     logit_tol: float | None = Field(
         None, gt=0, allow_inf_nan=False, strict=True, description=LOGIT_TOL_DESCRIPTION
     )
+    _json_bools: bool = PrivateAttr(True)  # as InferRequest's
 
 
 class ClassScore(BaseModel):
@@ -213,8 +223,11 @@ class TuneRequest(BaseModel):
     source: Literal["auto", "recent", "calibration"] = Field(
         "auto", description="auto: recent traffic if any, else the calibration batch"
     )
-    apply: bool = Field(True, description="switch the model to the α found")
-    version: int | None = Field(None, ge=1, description="default: the default version")
+    # Strict, as every value a client sends: ``"false"``, ``0`` or ``"off"`` are refused, not
+    # read as false (a guess that switches α in production when it is wrong), and
+    # ``"2"``, ``2.0`` or ``true`` for a version are refused, not read as 2 or 1.
+    apply: bool = Field(True, strict=True, description="switch the model to the α found")
+    version: int | None = Field(None, ge=1, strict=True, description="default: the default version")
 
 
 # ---- Open Inference Protocol extensions: statistics, model repository -------------------------

@@ -164,7 +164,10 @@ def request_pixels(
                     "FP32 values go in contents.fp32_contents",
                 )
         data = list(c.fp32_contents)
-    x = input_pixels(served, inp.name, inp.datatype, list(inp.shape), data, max_rows)
+    # fp32_contents holds floats only (protobuf's typed field): no boolean to look for
+    x = input_pixels(
+        served, inp.name, inp.datatype, list(inp.shape), data, max_rows, may_hold_bools=False
+    )
     return x, bool(raw)
 
 

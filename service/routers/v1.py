@@ -50,7 +50,9 @@ async def classify(
     elif ctype == "application/json" or ctype.endswith("+json"):
         req = await json_body(request, schemas.ClassifyRequest, "")
         key = solve_key(served, req)
-        x = classify_pixels(served, req.inputs, settings.max_request_batch)
+        x = classify_pixels(
+            served, req.inputs, settings.max_request_batch, may_hold_bools=req._json_bools
+        )
         top_k = req.top_k
     else:
         raise ApiError(

@@ -184,7 +184,13 @@ async def infer_answer(
     body, raw = await infer_body(request)
     key = solve_key(served, body.parameters)
     wanted = requested_outputs(body)
-    x = v2_pixels(served, body.inputs, runtime.settings.max_request_batch, raw)
+    x = v2_pixels(
+        served,
+        body.inputs,
+        runtime.settings.max_request_batch,
+        raw,
+        may_hold_bools=body._json_bools,
+    )
     ans = await solve(served, x, key)
     head = {
         "model_name": name,
