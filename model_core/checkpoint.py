@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,18 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def reader_failure(e: BaseException) -> str:
+    """``e`` named for a person: its module-qualified class (``struct.error``, not ``error``)
+    and the first line of its message, for what torch's legacy reader raised on bytes that
+    are no checkpoint."""
+    cls = type(e)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    text = str(e).strip()
+    return f"{name}: {text.splitlines()[0]}" if text else name
+
+
 def _refusal(e: pickle.UnpicklingError) -> str:
     """What the safe loader refused. torch's message opens with advice to load the file with
     ``weights_only=False`` (which runs whatever code it holds) and names the cause later, after
@@ -297,7 +310,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a file")
     _check_crc(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Garbage whose first bytes read as a pickle protocol number makes torch warn
+            # about that protocol before failing; the refusal below says what is wrong.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: unreadable: the safe (weights_only) loader refused it; it is corrupt or "
@@ -312,7 +329,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         # garbage with whatever its opcode interpreter trips on (a text file: KeyError 101,
         # random bytes: IndexError).
         raise CheckpointError(
-            f"{path}: not a checkpoint file (the reader failed with {type(e).__name__})"
+            f"{path}: not a checkpoint file (the reader failed with {reader_failure(e)})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, reader_failure
 from .config import InputSpec
 from .models import MonDEQClassifier, build_model
 
@@ -53,8 +53,9 @@ def read_locuslab_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch state dict ({e})") from None
     except Exception as e:  # garbage reaches torch's legacy pickle reader: KeyError, IndexError
+        failure = reader_failure(e)
         raise CheckpointError(
-            f"{path}: not a readable PyTorch state dict (the reader failed with {type(e).__name__})"
+            f"{path}: not a readable PyTorch state dict (the reader failed with {failure})"
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

@@ -470,3 +470,17 @@ def test_named_fields_of_the_wrong_type_are_refused_on_load(tmp_path, field, val
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert str(err.value) == f"{path}: {message}"
+
+
+def test_garbage_names_the_readers_error_by_its_module(tmp_path, recwarn):
+    """Bytes the legacy pickle reader trips on with ``struct.error`` are named so (the class's
+    bare name is ``error``), with its message, and torch's protocol warning is not shown."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"GK(\xe8/")
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    assert str(raised.value) == (
+        f"{path}: not a checkpoint file (the reader failed with struct.error: unpack "
+        "requires a buffer of 8 bytes)"
+    )
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

@@ -108,5 +108,5 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert (run.returncode, run.stderr) == (
         2,
         f"mondeq import-locuslab: {text}: not a readable PyTorch state dict (the reader failed "
-        "with KeyError)\n",
+        "with KeyError: 101)\n",
     )
