@@ -165,6 +165,14 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("mondeq serve: --device cuda, but torch sees no CUDA device", file=sys.stderr)
             return 2
+    if settings.model_dir.exists() and not settings.model_dir.is_dir():
+        # A missing folder may still appear (a volume mounted late); a file never serves.
+        print(
+            f"mondeq serve: --model-dir {settings.model_dir}: a file, not a folder of models "
+            "(<name>/<version>/model.pt)",
+            file=sys.stderr,
+        )
+        return 2
     if not settings.model_dir.is_dir():
         print(
             f"mondeq serve: warning: {settings.model_dir} is not a folder (yet); serving "

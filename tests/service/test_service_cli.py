@@ -182,6 +182,11 @@ def serve(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
             "mondeq serve: --logit-tol: input should be greater than 0, got 0.0",
         ),
         (
+            ["--model-dir", "empty-token"],
+            "mondeq serve: --model-dir empty-token: a file, not a folder of models "
+            "(<name>/<version>/model.pt)",
+        ),
+        (
             ["--stop", "proof"],
             "python -m service: error: argument --stop: invalid choice: 'proof' "
             "(choose from 'tol', 'label', 'logits')",
