@@ -73,6 +73,15 @@ def cases() -> list[tuple[str, str, str, dict]]:
         ),
         ("wrong shape of JSON", "POST", "/v2/models/fc/infer", {"json": {"inputs": 3}}),
         (
+            "duplicate key",
+            "POST",
+            "/v2/models/fc/infer",
+            {
+                "content": b'{"inputs": [], "inputs": []}',
+                "headers": {"Content-Type": "application/json"},
+            },
+        ),
+        (
             "content type",
             "POST",
             "/v2/models/fc/infer",
@@ -183,6 +192,7 @@ def test_answers_have_the_right_values(servers):
         "broken model": 503,
         "malformed JSON": 400,
         "wrong shape of JSON": 422,
+        "duplicate key": 400,
         "content type": 415,
         "pixel out of range": 422,
         "unknown output": 422,
@@ -225,7 +235,7 @@ def test_request_metrics_are_labelled_as_the_route(servers):
     assert counts[0] == {
         ("fc", "200"): 5.0,
         ("fc", "422"): 4.0,
-        ("fc", "400"): 2.0,
+        ("fc", "400"): 3.0,
         ("unknown", "404"): 1.0,
         ("broken", "503"): 1.0,
     }
