@@ -27,12 +27,13 @@ from model_core import __version__
 from model_core.runtime import tune_allocator
 
 from . import schemas
-from .deps import declare_version
+from .deps import declare_version, require_admin
 from .errors import install_exception_handlers
 from .fastpath import InferRoute
 from .metrics import Metrics
 from .middleware import Guard
 from .openapi import customise
+from .query import strict_query
 from .repository import Repository
 from .routers import admin, extensions, ops, v1, v2
 from .runtime import Runtime
@@ -115,14 +116,22 @@ def create_app(
     app.state.runtime = runtime
     install_exception_handlers(app)
 
+    # Every route refuses query parameters it does not declare (service.query); the admin
+    # routes check the token first, so an unauthenticated request is 401 whatever it carries.
+    query, admin_first = [Depends(strict_query)], [Depends(require_admin), Depends(strict_query)]
     included = [  # (router, prefix, dependencies), in the router's order
-        (v2.router, "", []),
-        (extensions.router, "", []),  # before /v2/models/{name}: /v2/models/stats
-        (v2.model_router, "/v2/models/{name}", []),
-        (v2.model_router, "/v2/models/{name}/versions/{version}", [Depends(declare_version)]),
-        (v1.router, "", []),
-        (admin.router, "", []),
-        (ops.router, "", []),
+        (v2.router, "", query),
+        (extensions.router, "", query),  # before /v2/models/{name}: /v2/models/stats
+        (extensions.repository_router, "", admin_first),
+        (v2.model_router, "/v2/models/{name}", query),
+        (
+            v2.model_router,
+            "/v2/models/{name}/versions/{version}",
+            [Depends(declare_version), *query],
+        ),
+        (v1.router, "", query),
+        (admin.router, "", admin_first),
+        (ops.router, "", query),
     ]
     for router, prefix, dependencies in included:
         app.include_router(router, prefix=prefix, dependencies=dependencies)

@@ -25,12 +25,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError, error_response, internal_error, validation_error
 from .middleware import route_path
+from .query import refuse_unknown_query
 from .routers.v2 import infer_answer
 from .runtime import Runtime
 
 # The two inference paths of the Open Inference Protocol, as Starlette's ``{param}`` converter
 # matches them: a segment is anything but "/" (the ASGI path is already percent-decoded).
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+NO_QUERY: frozenset[str] = frozenset()  # the query parameters V2 inference takes
 
 
 class InferRoute:
@@ -67,6 +69,9 @@ class InferRoute:
         scope["path_params"] = {"name": name} if version is None else match.groupdict()
         request = Request(scope, receive)
         try:
+            query = scope.get("query_string")
+            if query:  # as the route's strict_query dependency, before all the route does
+                refuse_unknown_query(query, "v2_infer", "POST", request.url.path, NO_QUERY)
             response = await infer_answer(name, version, request, self.runtime)
         except ApiError as e:
             response = error_response(e.status, e.message, e.headers)

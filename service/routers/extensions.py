@@ -9,8 +9,9 @@ defines them: statistics and the model repository.
   disk with its state), ``POST /v2/repository/models/{name}/load`` (the admin reload:
   :meth:`Repository.load`) and ``.../unload`` (:meth:`Repository.unload`).
 
-``create_app`` includes :data:`router` before the per-model V2 paths, so that
-``/v2/models/stats`` is not read as the metadata of a model named ``stats``.
+``create_app`` includes :data:`router` (statistics) before the per-model V2 paths, so that
+``/v2/models/stats`` is not read as the metadata of a model named ``stats``, and
+:data:`repository_router` (the model repository) with the admin token check first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..repository import NotFound, NotReady, Repository, Unloaded, scan
 from ..stats import empty_snapshot
 
 router = APIRouter(tags=["v2 extensions"])
+repository_router = APIRouter(tags=["v2 extensions"])
 ADMIN_RESPONSES = {**ADMIN_ERRORS, 400: ERRORS[400], 415: ERRORS[415], 503: ERRORS[503]}
 # A version's load state as the repository extension names it.
 STATES = {"ready": "READY", "loading": "LOADING", "pending": "LOADING", "failed": "UNAVAILABLE"}
@@ -126,7 +128,7 @@ async def repository_index(repo: Repository, ready_only: bool) -> list[dict]:
     ]
 
 
-@router.post(
+@repository_router.post(
     "/v2/repository/index",
     name="v2_repository_index",
     response_model=list[schemas.RepositoryModel],
@@ -141,7 +143,7 @@ async def index(request: Request, _admin: Admin, runtime: RuntimeDep):
     return JSONResponse(await repository_index(runtime.repository(), body.ready))
 
 
-@router.post(
+@repository_router.post(
     "/v2/repository/models/{name}/load",
     name="v2_repository_load",
     responses={**ADMIN_RESPONSES, 409: UNLOADED_WHILE_LOADING},
@@ -185,7 +187,7 @@ async def load(name: str, request: Request, _admin: Admin, runtime: RuntimeDep):
     return JSONResponse({"model": name, **report})
 
 
-@router.post(
+@repository_router.post(
     "/v2/repository/models/{name}/unload",
     name="v2_repository_unload",
     responses=ADMIN_RESPONSES,

@@ -106,6 +106,7 @@ def cases() -> list[tuple[str, str, str, dict]]:
             "/v2/models/fc/infer",
             {"content": short_body, "headers": short_headers},
         ),
+        ("query parameter", "POST", "/v2/models/fc/infer?tol=1e-4", {"json": v2_body(x)}),
         ("GET on the inference path", "GET", "/v2/models/fc/infer", {}),
         ("trailing slash", "POST", "/v2/models/fc/infer/", {"json": v2_body(x)}),
         ("extra segment", "POST", "/v2/models/fc/x/infer", {"json": v2_body(x)}),
@@ -198,6 +199,7 @@ def test_answers_have_the_right_values(servers):
         "unknown output": 422,
         "bad parameter": 422,
         "binary framing": 400,
+        "query parameter": 422,
         "GET on the inference path": 405,
         "trailing slash": 307,  # Starlette's redirect to the path without it
         "extra segment": 404,
@@ -234,7 +236,7 @@ def test_request_metrics_are_labelled_as_the_route(servers):
     assert counts[0] == counts[1]
     assert counts[0] == {
         ("fc", "200"): 5.0,
-        ("fc", "422"): 4.0,
+        ("fc", "422"): 5.0,
         ("fc", "400"): 3.0,
         ("unknown", "404"): 1.0,
         ("broken", "503"): 1.0,
