@@ -191,7 +191,9 @@ def from_spectrum(spec: Tensor, s: int, rows: int | None = None) -> Tensor:
     if rows is not None and b > rows and spec.device.type == "cpu":
         out = spec.new_empty((b, n, s, s), dtype=spec.real.dtype)
         for i in range(0, b, rows):
-            out[i : i + rows] = from_spectrum(spec[:, :, i : i + rows], s)
+            # A piece of the sample axis is strided; its transforms need it contiguous
+            # (the padded row transform views it as (s, n_half, n·rows)).
+            out[i : i + rows] = from_spectrum(spec[:, :, i : i + rows].contiguous(), s)
         return out
     n_half = s // 2 + 1
     if spec.device.type == "cpu" and USE_DFT_MATMUL_ON_CPU:

@@ -353,3 +353,22 @@ def test_cuda_matches_cpu():
         got = (op.multiply(zc), op.multiply_transpose(zc), op.resolvent(0.9).inverse(zc))
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.cpu(), w, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pieces_on_the_padded_transform_equal_the_whole_batch(dtype, monkeypatch):
+    """A piece of ``rows`` samples whose ``n · rows`` complex values span a multiple of 4 KiB
+    takes the padded row transform of :func:`from_spectrum`, which views the piece as one
+    block: the piece is strided in the whole batch's spectrum (float64 multiplies of the
+    fmnist-conv operator at batch 300 raised 'view size is not compatible')."""
+    monkeypatch.setattr(spectral, "USE_DFT_MATMUL_ON_CPU", True)
+    monkeypatch.setattr(spectral, "PAD_ALIASED_ROWS", True)
+    rows = 256 // torch.empty((), dtype=dtype).element_size()  # 32 (float64), 64 (float32)
+    n = 8  # n · rows · complex size = 4 KiB
+    x = torch.randn(2 * rows + 3, n, 6, 6, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    whole = to_spectrum(x)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        from_spectrum(whole, 6, rows), from_spectrum(whole, 6), rtol=0, atol=8 * eps
+    )
+    torch.testing.assert_close(from_spectrum(whole, 6, rows), x, rtol=0, atol=64 * eps)
