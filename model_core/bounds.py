@@ -40,7 +40,11 @@ ROUNDING_ULPS = 16.0
 
 
 def equilibrium_error_bound(
-    op: MonotoneOperator, nonlin: Nonlinearity, z: Tensor, pre: Tensor
+    op: MonotoneOperator,
+    nonlin: Nonlinearity,
+    z: Tensor,
+    pre: Tensor,
+    pre_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The point ``ĉ = ẑ − W r / 2m`` and a per-sample bound on ``‖ĉ − z*‖`` (§9, eq. 15).
 
@@ -54,6 +58,9 @@ def equilibrium_error_bound(
         z: ``(B, *op.z_shape)``, any point (an iterate of any solver).
         pre: ``(B, *op.z_shape)``, ``W z + U x + b`` at that point (every solver has it:
             :func:`~model_core.solvers.solve_forward` with ``preactivation=True``).
+        pre_scale: ``(B,)``, the scale of the sums that formed ``pre``
+            (:func:`rounding_error`; ``stats.pre_scale`` of that solve). ``None``: 0, right
+            only where ``pre`` was formed without cancellation.
 
     Returns:
         ``(ĉ, bound)``: ``ĉ`` shaped like ``z``, and ``bound`` ``(B,)`` in the units of
@@ -64,55 +71,126 @@ def equilibrium_error_bound(
     z_hat = nonlin(pre)
     half_step = op.multiply(z - z_hat).mul_(0.5 / op.m)  # W r / 2m
     bound = _norms(half_step) * (1.0 + ROUNDING_SLACK)
-    rho = rounding_error(_norms(z), _norms(pre), z.dtype)
+    rho = rounding_error(_norms(z), _norms(pre), z.dtype, pre_scale)
     bound = bound + rho * (1.0 + op.weight_norm() / op.m)
     return z_hat - half_step, torch.where(torch.isfinite(bound), bound, math.inf)
 
 
-def rounding_error(z_norm: Tensor, pre_norm: Tensor, dtype: torch.dtype) -> Tensor:
-    """``ρ = ROUNDING_ULPS · eps · (‖z‖ + ‖p‖)``, the bound taken on how far the computed
+def rounding_error(
+    z_norm: Tensor, pre_norm: Tensor, dtype: torch.dtype, pre_scale: Tensor | None = None
+) -> Tensor:
+    """``ρ = ROUNDING_ULPS · eps · (‖z‖ + ‖p‖ + S)``, the bound taken on how far the computed
     ``p = W z + U x + b`` lies from the exact one (§9, "Rounding"); the error bound here and
     the residual that decides ``converged`` (:func:`model_core.solvers.relative_residual`)
     both carry it.
 
+    ``S`` is the scale of the sums that formed ``p`` (``pre_scale``), which can be far
+    larger than ``‖p‖`` when they cancel: ``‖W‖ ‖z‖`` for a product ``W z``, ``‖|U||x| +
+    |b|‖`` for the injection, and Peaceman–Rachford's ``p`` from its resolvent identity
+    carries the resolvent's rounding times ``(1 + α‖I − W‖)/α``
+    (:meth:`~model_core.solvers.SplittingMethod.pre_scale_forward`). Measured in float32
+    against float64 on the four default architectures, the resolvent's application was off
+    by at most 2.3 ``eps`` times its argument, ``W z`` by 1.2 ``eps ‖W‖ ‖z‖`` and ``U x + b``
+    by 0.14 ``eps ‖|U||x| + |b|‖``: ``ROUNDING_ULPS`` is seven times the largest.
+
     Args:
         z_norm, pre_norm: ``(B,)``, ``‖z‖`` and ``‖p‖`` per sample.
         dtype: the precision ``p`` was computed in (its ``eps``).
+        pre_scale: ``(B,)``, ``S``; ``None``: 0.
 
     Returns:
         ``(B,)``, in the units of ``z``.
     """
-    return (ROUNDING_ULPS * torch.finfo(dtype).eps) * (z_norm + pre_norm)
+    scale = z_norm + pre_norm if pre_scale is None else z_norm + pre_norm + pre_scale
+    return (ROUNDING_ULPS * torch.finfo(dtype).eps) * scale
 
 
 def _norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 
-def logit_error_bounds(weight: Tensor, pool_norm: float, bound: Tensor) -> Tensor:
-    """Per-class bound on ``|l_i − l*_i|``: ``‖w_i‖ · ‖pool‖ · bound`` (§9, eq. 16).
+def logit_error_bounds(
+    weight: Tensor, pool_norm: float, bound: Tensor, rounding: Tensor | None = None
+) -> Tensor:
+    """Per-class bound on ``|l_i − l*_i|``: ``‖w_i‖ · ‖pool‖ · bound`` (§9, eq. 16), plus
+    the head's own rounding.
 
     Args:
         weight: ``(K, D)``, the head's ``W_out``.
         pool_norm: ℓ2 operator norm of the map from ``z`` to the head's input.
         bound: ``(B,)``, from :func:`equilibrium_error_bound`.
+        rounding: ``(B, K)``, :func:`head_rounding` (``None``: exact arithmetic).
 
     Returns:
         ``(B, K)``, in logit units.
     """
-    w_norms = torch.linalg.vector_norm(weight, dim=1)  # (K,)
-    return bound[:, None] * (w_norms * pool_norm)[None, :]
+    out = bound[:, None] * (row_norms(weight) * pool_norm)[None, :]
+    return out if rounding is None else out + rounding
+
+
+def _up(value: Tensor, like: Tensor) -> Tensor:
+    """A float64 ``value`` in ``like``'s dtype, never below it: the cast rounds to nearest,
+    so it is raised by two units in the last place first."""
+    return (value * (1.0 + 2.0 * torch.finfo(like.dtype).eps)).to(like.dtype)
+
+
+def row_norms(weight: Tensor) -> Tensor:
+    """``(K,)``: ``‖w_i‖`` of the head's ``W_out`` ``(K, D)``, in float64 and rounded up into
+    its dtype (an upper bound, as every bound here needs)."""
+    return _up(torch.linalg.vector_norm(weight.double(), dim=1), weight)
 
 
 def pairwise_distances(weight: Tensor) -> Tensor:
     """``(K, K)``: ``‖w_i − w_j‖`` between the rows of the head's ``W_out`` ``(K, D)``.
 
-    Each from the difference itself. ``torch.cdist``'s default switches above 25 rows to
-    ``√(‖w_i‖² + ‖w_j‖² − 2 w_i·w_j)``, whose cancellation loses about half the digits
-    for close rows; an underestimated distance would shrink a rival's slack (eq. 16) and
-    could prove a label that is not proven.
+    Each from the difference itself, in float64, rounded up into ``weight``'s dtype.
+    ``torch.cdist``'s default switches above 25 rows to ``√(‖w_i‖² + ‖w_j‖² − 2 w_i·w_j)``,
+    whose cancellation loses about half the digits for close rows; an underestimated
+    distance would shrink a rival's slack (eq. 16) and could prove a label that is not
+    proven.
     """
-    return torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")
+    w = weight.double()
+    return _up(torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist"), weight)
+
+
+def head_rounding(
+    logits: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    features_norm: Tensor,
+    centre_norm: Tensor,
+    pool_norm: float,
+    pool_window: int,
+) -> Tensor:
+    """``(B, K)``: how far each computed logit may lie from the exact head at the exact
+    centre, from the rounding of the head's own arithmetic (§9, "Rounding").
+
+    The logits ``l = W_out pool(ĉ) + b_out`` are computed in the model's precision: the
+    centre ``ĉ = ẑ − W r/2m`` rounds once, the average pool sums ``pool_window`` values
+    and the head ``D``. By the standard bound for a sum of ``n`` products in any order,
+    ``|fl(s) − s| ≤ γ_n Σ|terms|`` with ``γ_n = n u / (1 − n u)`` (``u = eps/2``), and by
+    Cauchy–Schwarz ``Σ_k |w_ik| |f_k| ≤ ‖w_i‖ ‖f‖``: each logit is within ``γ_n (‖w_i‖
+    (‖f‖ + ‖pool‖ ‖ĉ‖) + |b_i| + |l_i|)``, ``n = D + pool_window + 3``. Without it two
+    near rows of a large head could "prove" a label by a margin smaller than the
+    logits' own rounding (a float32 head of norm 1e3 did in 9 of 24 trials).
+
+    Args:
+        logits: ``(B, K)`` as computed; ``weight``: ``(K, D)``, ``W_out``; ``bias``:
+            ``(K,)``, ``b_out`` (or ``None``).
+        features_norm: ``(B,)``, ``‖pool(ĉ)‖``; ``centre_norm``: ``(B,)``, ``‖ĉ‖``.
+        pool_norm: ``‖pool‖``; ``pool_window``: values each pooled feature averages.
+
+    Returns:
+        ``(B, K)``, in logit units, in ``logits``' dtype.
+    """
+    unit = torch.finfo(logits.dtype).eps / 2.0
+    n = weight.shape[1] + pool_window + 3
+    gamma = n * unit / (1.0 - n * unit)
+    scale = row_norms(weight)[None, :] * (features_norm + pool_norm * centre_norm)[:, None]
+    scale = scale + logits.abs()
+    if bias is not None:
+        scale = scale + bias.detach().abs()[None, :]
+    return gamma * scale
 
 
 def rival_slack(
@@ -121,17 +199,20 @@ def rival_slack(
     pool_norm: float,
     bound: Tensor,
     distances: Tensor | None = None,
+    rounding: Tensor | None = None,
 ) -> Tensor:
     """How much each rival's margin may differ from the exact equilibrium's (§9, eq. 16).
 
     For the predicted class ``y`` and each class ``j``:
-    ``|(l_y − l_j) − (l*_y − l*_j)| ≤ ‖w_y − w_j‖ · ‖pool‖ · bound``.
+    ``|(l_y − l_j) − (l*_y − l*_j)| ≤ ‖w_y − w_j‖ · ‖pool‖ · bound``, plus the rounding
+    of the two logits (``rounding_y + rounding_j``).
 
     Args:
         logits: ``(B, K)`` at the point the bound is about.
         weight, pool_norm, bound: as in :func:`logit_error_bounds`.
         distances: ``(K, K)`` :func:`pairwise_distances` of ``weight`` when the caller
             keeps them (``None``: computed here).
+        rounding: ``(B, K)``, :func:`head_rounding` (``None``: exact arithmetic).
 
     Returns:
         ``(B, K)``, 0 in the predicted class's column.
@@ -139,7 +220,13 @@ def rival_slack(
     pred = logits.argmax(dim=1)
     if distances is None:
         distances = pairwise_distances(weight)
-    return distances[pred] * (pool_norm * bound)[:, None]  # (B, K): ‖w_y − w_j‖ · …
+    slack = distances[pred] * (pool_norm * bound)[:, None]  # (B, K): ‖w_y − w_j‖ · …
+    if rounding is not None:
+        slack = slack + rounding + rounding.gather(1, pred[:, None])
+        slack = slack.scatter(1, pred[:, None], 0.0)
+    # Raised past its own few roundings (and the margin's, eq. 17 compares the two in
+    # this dtype), so that a margin above it is above the exact slack.
+    return slack * (1.0 + 4.0 * torch.finfo(slack.dtype).eps)
 
 
 def proven_labels(
@@ -149,18 +236,19 @@ def proven_labels(
     bound: Tensor,
     slack: Tensor | None = None,
     distances: Tensor | None = None,
+    rounding: Tensor | None = None,
 ) -> Tensor:
     """``(B,)`` bool: the predicted label is the exact equilibrium's (§9, eq. 17).
 
     True when the top class leads every rival ``j`` by more than
-    ``‖w_y − w_j‖ · ‖pool‖ · bound``. Never true for a non-finite bound or a tie.
-    ``slack``: that product, ``(B, K)``, when the caller has it already
-    (:func:`rival_slack`); ``distances``: as in :func:`rival_slack`.
+    ``‖w_y − w_j‖ · ‖pool‖ · bound`` (plus the logits' rounding). Never true for a
+    non-finite bound or a tie. ``slack``: that, ``(B, K)``, when the caller has it already
+    (:func:`rival_slack`); ``distances``, ``rounding``: as in :func:`rival_slack`.
     """
     pred = logits.argmax(dim=1)
     margins = logits.gather(1, pred[:, None]) - logits
     if slack is None:
-        slack = rival_slack(logits, weight, pool_norm, bound, distances)
+        slack = rival_slack(logits, weight, pool_norm, bound, distances, rounding)
     clear = margins > slack
     clear.scatter_(1, pred[:, None], True)
     return clear.all(dim=1) & torch.isfinite(bound)

@@ -174,7 +174,9 @@ class EquilibriumLayer(nn.Module):
 
         ``between``, ``accept``, ``check_every``, ``loop`` and ``sync_every`` go to
         :func:`~model_core.solvers.solve_forward` (a scheduler's hook; another stopping
-        rule; the loop, by default the device's)."""
+        rule; the loop, by default the device's), with the injection's rounding scale
+        (:meth:`~model_core.operators.MonotoneOperator.injection_scale`): ``stats.pre_scale``
+        is that of ``pre``."""
         method = method or self.settings.method
         with torch.no_grad():
             z, stats, pre = solve_forward(
@@ -191,6 +193,7 @@ class EquilibriumLayer(nn.Module):
                 check_every=check_every,
                 loop=loop,
                 sync_every=sync_every,
+                bias_scale=self.op.injection_scale(x),
             )
         self.last_forward_stats = stats
         return z, stats, pre
@@ -210,6 +213,7 @@ class EquilibriumLayer(nn.Module):
             tol=s.tol,
             max_iter=s.max_iter,
             preactivation=True,
+            bias_scale=self.op.injection_scale(x.detach()),
         )
         # ẑ = σ(W z* + U x + b) with autograd; W z* is known from the solve.
         pre = self.op.multiply_known(z, pre - bias.detach()) + bias

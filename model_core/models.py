@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .bounds import (
     equilibrium_error_bound,
+    head_rounding,
     logit_error_bounds,
     pairwise_distances,
     proven_labels,
@@ -219,7 +220,25 @@ class MonDEQClassifier(nn.Module):
         Raises:
             ValueError: the solver's errors (:func:`~model_core.solvers.solve_forward`).
         """
+        self._solve_dtype("forward")
         return self.head(self.features(self.deq(x)))
+
+    def _solve_dtype(self, caller: str) -> torch.dtype:
+        """The model's dtype, float32 or float64.
+
+        Raises:
+            ValueError: any other dtype, named: the resolvents need ``torch.linalg``'s
+                inverses (none in half precision) and the rounding terms of §9 assume at
+                least float32's 24 bits.
+        """
+        dtype = next(self.parameters()).dtype
+        if dtype not in (torch.float32, torch.float64):
+            name = str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"MonDEQClassifier.{caller}: the model is {name}; monDEQ solves run in "
+                "float32 or float64 (call model.float() or model.double())"
+            )
+        return dtype
 
     @torch.no_grad()
     def infer(
@@ -277,7 +296,7 @@ class MonDEQClassifier(nn.Module):
         """
         accept = self._stopping_rule(stop, logit_tol)
         device = next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
+        dtype = self._solve_dtype("infer")
         x = x.to(device=device, dtype=dtype)
         with self.op.fixed_weights():  # one check of the weight caches for the whole call
             z, stats, pre = self.deq.solve(
@@ -292,11 +311,13 @@ class MonDEQClassifier(nn.Module):
                 loop=loop,
                 sync_every=sync_every,
             )
-            centre, bound = equilibrium_error_bound(self.op, self.deq.nonlin, z, pre)
-            logits = self.head(self.features(centre))
+            centre, bound = equilibrium_error_bound(
+                self.op, self.deq.nonlin, z, pre, stats.pre_scale
+            )
+            logits, rounding = self._logits_and_rounding(centre)
             w, pool = self.head.weight, self.pool_norm()
             distances = self._head_geometry()[1]
-            slack = rival_slack(logits, w, pool, bound, distances)
+            slack = rival_slack(logits, w, pool, bound, distances, rounding)
             proven = proven_labels(logits, w, pool, bound, slack)
             radius = self.certified_radius(logits, slack)
             lip = self.lipschitz_bound()
@@ -306,7 +327,7 @@ class MonDEQClassifier(nn.Module):
             certified_radius=radius.masked_fill(~proven, math.nan),
             lipschitz=lip,
             error_bound=bound,
-            logit_error_bound=logit_error_bounds(w, pool, bound),
+            logit_error_bound=logit_error_bounds(w, pool, bound, rounding),
             label_proven=proven,
         )
 
@@ -327,18 +348,39 @@ class MonDEQClassifier(nn.Module):
         w, pool, nonlin = self.head.weight, self.pool_norm(), self.deq.nonlin
 
         def accept(out: dict[str, Tensor]) -> Tensor:
-            centre, bound = equilibrium_error_bound(self.op, nonlin, out["x"], out["pre"])
+            centre, bound = equilibrium_error_bound(
+                self.op, nonlin, out["x"], out["pre"], out.get("pre_scale")
+            )
+            logits, rounding = self._logits_and_rounding(centre)
             if stop == "logits":
-                return logit_error_bounds(w, pool, bound).amax(dim=1) <= logit_tol
+                return logit_error_bounds(w, pool, bound, rounding).amax(dim=1) <= logit_tol
             # The distances are formed from w here, not taken from _head_geometry: a CUDA
             # graph captures this check, and it must read the head's weights themselves
             # (an in-place update reaches it) without the cache's host-side comparison.
-            return proven_labels(self.head(self.features(centre)), w, pool, bound)
+            return proven_labels(logits, w, pool, bound, rounding=rounding)
 
         # The graphed loop reuses captured graphs of equal keys: the same rule of this model
         # (the tensors it reads are checked by model_core.cuda_graphs).
         accept.graph_key = (id(self), stop, logit_tol)
         return accept
+
+    def _logits_and_rounding(self, centre: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits at ``centre`` ``(B, *z_shape)`` and their rounding ``(B, K)``
+        (:func:`~model_core.bounds.head_rounding`)."""
+        features = self.features(centre)
+        logits = self.head(features)
+        # Averaging n values has norm 1/√n: the pool's window from its norm.
+        window = max(1, round(1.0 / self._features_norm**2))
+        rounding = head_rounding(
+            logits,
+            self.head.weight,
+            self.head.bias,
+            torch.linalg.vector_norm(features, dim=1),
+            torch.linalg.vector_norm(centre.reshape(centre.shape[0], -1), dim=1),
+            self._features_norm,
+            window,
+        )
+        return logits, rounding
 
     def lipschitz_bound(self) -> float:
         """``L = ‖W_out‖₂ · ‖pool‖ · ‖U‖₂ / m``: the logits are L-Lipschitz in ℓ2 (§7).
@@ -360,7 +402,9 @@ class MonDEQClassifier(nn.Module):
         if held is not None and held[0] == ident and same_values(w, held[1]):
             return held[2], held[3]
         with torch.no_grad():
-            norm = torch.linalg.matrix_norm(w, ord=2).item()
+            # In float64, raised past its rounding: L must not be understated (float32
+            # read fmnist-fc's 1.9e-7 low, which overstates every certified radius).
+            norm = torch.linalg.matrix_norm(w.double(), ord=2).item() * (1.0 + 1e-12)
             distances = pairwise_distances(w)
         self._head_cache = (ident, w.clone(), norm, distances)
         return norm, distances
@@ -387,13 +431,17 @@ class MonDEQClassifier(nn.Module):
         with torch.no_grad():
             lz = self.pool_norm() * self.op.injection_norm() / self.op.m
             pred = logits.argmax(dim=1)
-            margins = logits.gather(1, pred[:, None]) - logits  # (B, K)
+            wide = logits.double()  # margins of float32 logits are exact in float64
+            margins = wide.gather(1, pred[:, None]) - wide  # (B, K)
             if slack is not None:
-                margins = margins - slack
+                margins = margins - slack.double()
             diff_norm = self._head_geometry()[1][pred]  # (B, K): ‖w_y − w_j‖
-            ratio = margins / (diff_norm * lz).clamp_min(torch.finfo(logits.dtype).tiny)
+            # In float64, then lowered past the cast's rounding: the radius must not be
+            # overstated by the division's own rounding.
+            ratio = margins.double() / (diff_norm.double() * lz).clamp_min(1e-300)
             ratio.scatter_(1, pred[:, None], math.inf)
-            return ratio.min(dim=1).values.clamp_min(0.0)
+            radius = ratio.min(dim=1).values.clamp_min(0.0)
+            return (radius * (1.0 - 2.0 * torch.finfo(logits.dtype).eps)).to(logits.dtype)
 
 
 def build_model(config: ModelConfig | Mapping[str, Any]) -> MonDEQClassifier:

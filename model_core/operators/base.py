@@ -138,6 +138,12 @@ class MonotoneOperator(nn.Module):
         """``U x + b``: ``(B, C, H, W)`` (or ``(B, D)``) input to ``(B, *z_shape)``."""
         raise NotImplementedError
 
+    def injection_scale(self, x: Tensor) -> Tensor | None:
+        """``(B,)``: ``‖|U||x| + |b|‖`` per sample, the scale of the rounding of
+        :meth:`bias` (:func:`~model_core.bounds.rounding_error`), which ``‖U x + b‖`` is not
+        where ``U x`` cancels. ``None`` where an operator cannot say (then 0 is taken)."""
+        return None
+
     def multiply(self, z: Tensor) -> Tensor:
         """``W z`` for ``z`` of shape ``(B, *z_shape)``."""
         return self._minus_k(z, transpose=False)

@@ -34,6 +34,15 @@ class FCOperator(MonotoneOperator):
         """``U x + b``: ``(B, C, H, W)`` (or ``(B, D)``) input, flattened, to ``(B, n)``."""
         return self.U(x.reshape(x.shape[0], -1))
 
+    def injection_scale(self, x: Tensor) -> Tensor:
+        """``(B,)`` ``‖|U||x| + |b|‖`` (the base class): one more product, with ``|U|``."""
+        with torch.no_grad():
+            u = self.U
+            scale = nn.functional.linear(
+                x.reshape(x.shape[0], -1).abs(), u.weight.abs(), u.bias.abs()
+            )
+            return torch.linalg.vector_norm(scale, dim=1)
+
     def k_matrix(self) -> Tensor:
         """``I − W = m I + AᵀA − B + Bᵀ``, ``(n, n)``."""
         a, b = self.A.weight, self.B.weight
@@ -69,4 +78,7 @@ class FCOperator(MonotoneOperator):
         return z @ (data if transpose else data.T)
 
     def _injection_norm(self) -> float:
-        return torch.linalg.matrix_norm(self.U.weight.detach(), ord=2).item()
+        # In float64 and raised past its rounding: an upper bound for the certified radius.
+        return torch.linalg.matrix_norm(self.U.weight.detach().double(), ord=2).item() * (
+            1.0 + 1e-12
+        )

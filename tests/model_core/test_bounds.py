@@ -89,7 +89,7 @@ def test_the_bound_holds_at_every_iterate_and_proven_labels_are_exact(arch, meth
         alpha = model.deq.resolve_alpha(method, None)
         gen = torch.Generator().manual_seed(200 + seed)
         for k in [1, *torch.randint(2, most + 1, (3,), generator=gen).tolist()]:
-            z, _, pre = solve_forward(
+            z, stats, pre = solve_forward(
                 model.op,
                 model.deq.nonlin,
                 model.op.bias(x).detach(),
@@ -98,8 +98,11 @@ def test_the_bound_holds_at_every_iterate_and_proven_labels_are_exact(arch, meth
                 tol=1e-30,
                 max_iter=k,
                 preactivation=True,
+                bias_scale=model.op.injection_scale(x),
             )
-            centre, bound = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre)
+            centre, bound = equilibrium_error_bound(
+                model.op, model.deq.nonlin, z, pre, stats.pre_scale
+            )
             true = (centre - z_star).flatten(1).norm(dim=1)
             assert (true <= bound).all(), (k, (true - bound).max().item())
             z_hat = model.deq.nonlin(pre)

@@ -226,16 +226,13 @@ V1_FILES = {
 }  # fmt: skip
 
 # The first 64 Fashion-MNIST test images through the default models: the float32 logits at
-# the solver's returned point and the total forward iterations. The logits are in
-# fixtures/default-model-logits.pt (see fixtures/README.md). MKL and oneDNN choose their
-# kernels by CPU model, so the last bits of a float32 sum differ between machines: on an
-# AVX-512/AMX Xeon the logits moved by up to 1.3e-5 (max |logit| 32) between MKL's own code
-# paths (MKL_CBWR=COMPATIBLE, AVX2, and the default), and the sha256 pins this test once held
-# failed there while every iteration count matched. LOGIT_ATOL is 7x that spread, a few ulps
-# of the largest logit. fmnist-fc's iterations were re-pinned when the residual began to count
-# its own rounding (docs/math.md §2): image 30 had stopped at a computed residual of 0.0099993,
-# inside that rounding term of tol 1e-2, and now takes an 11th iteration (was 663).
-DEFAULT_MODEL_ITERATIONS = {"fc": 664, "conv": 546}
+# the solver's returned point and each image's forward iterations, stored in
+# fixtures/default-model-logits.pt (see fixtures/README.md for how they were made and
+# re-pinned). MKL and oneDNN choose their kernels by CPU model, so the last bits of a float32
+# sum differ between machines: on an AVX-512/AMX Xeon the logits moved by up to 1.3e-5 (max
+# |logit| 32) between MKL's own code paths (MKL_CBWR=COMPATIBLE, AVX2, and the default), and
+# the sha256 pins this test once held failed there while every iteration count matched.
+# LOGIT_ATOL is 7x that spread, a few ulps of the largest logit.
 DEFAULT_MODEL_LOGITS = FIXTURES / "default-model-logits.pt"
 LOGIT_ATOL = 1e-4
 NORMALISED_INPUT_SHA256 = "4f29db5c706da7d3704279fb1bc5d4b8d8f932bbcb6dd46da75d2e9b166fd88a"
@@ -302,11 +299,12 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     # Pixels in [0, 1] (the server's requests) give the same input bit for bit.
     assert torch.equal(model.input_spec.normalize(pixels.float() / 255.0), x)
     out = model.infer(x)
-    assert int(out.stats.iterations.sum()) == DEFAULT_MODEL_ITERATIONS[name]
+    reference = torch.load(DEFAULT_MODEL_LOGITS, weights_only=True)
+    assert torch.equal(out.stats.iterations, reference[f"{name}_iterations"])
     # The reference logits were computed at the solver's returned point z; the answer is
-    # now read at the centre of the ball that holds z* (docs/math.md §9), bit for bit.
+    # read at the centre of the ball that holds z* (docs/math.md §9), bit for bit.
     z, _, pre = model.deq.solve(x)
-    expected = torch.load(DEFAULT_MODEL_LOGITS, weights_only=True)[name]
+    expected = reference[name]
     at_z = model.head(model.features(z)).detach()
     assert at_z.shape == expected.shape == (64, 10)
     torch.testing.assert_close(at_z, expected, rtol=0, atol=LOGIT_ATOL)

@@ -160,11 +160,11 @@ def test_a_new_architecture_is_one_registration(fc_half, tmp_path):
     with pytest.raises(ValueError, match="even 'hidden'"):
         build_model({"arch": "fc_half", "in_channels": 1, "image_size": 6, "hidden": 7})
     x = torch.rand(5, 1, 6, 6)
-    out = model.infer(x, tol=1e-4)
+    out = model.infer(x, tol=1e-3)  # above float32's certified floor here (2e-4 to 4e-4)
     assert out.logits.shape == (5, 10) and bool(out.stats.converged.all())
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "m.pt"))
     assert loaded.arch == "fc_half"
-    assert torch.equal(loaded.infer(x, tol=1e-4).logits, out.logits)
+    assert torch.equal(loaded.infer(x, tol=1e-3).logits, out.logits)
 
 
 def test_registry_dispatch_keeps_the_paper_heads():
