@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FC = ROOT / "models" / "fmnist-fc" / "1" / "model.pt"
 IMAGES = DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
 LABELS = DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"
-N = 500  # the first N test images (every label among them is provable in float32)
+N = 500  # the first N test images
+# 489 of their labels are proven by stop=label in float32; the other 11 are near ties whose
+# margin stays under float32's error-bound floor (docs/math.md §2, §9): they run to max_iter
+# unproven.
+PROVEN = 489
 EVAL = ["eval", FC, "--dataset", "fashion-mnist", "--eval-limit", N, "--batch-size", 64]
 TIMES = ("solve_s", "batch_ms_p50")  # wall times: never compared
 
@@ -76,17 +80,20 @@ def test_stop_label_proves_every_label_and_each_is_the_exact_equilibrium_s(
     x, y = test_set
     m = eval_json(capsys, "--stop", "label", "--radii", "0")
     assert (m["samples"], m["stop"], m["logit_tol"], m["check_every"]) == (N, "label", None, 1)
-    assert m["proven_share"] == 1.0
+    assert m["proven_share"] == PROVEN / N
     # The accuracy is the tight solve's to the last sample, and so is each label.
     assert m["accuracy"] == (exact_labels == y).double().mean().item()
     model = load_checkpoint(FC)
     r = model.infer(model.input_spec.normalize(x), stop="label")
-    assert r.label_proven.all() and torch.equal(r.labels, exact_labels)
+    assert int(r.label_proven.sum()) == PROVEN and torch.equal(r.labels, exact_labels)
+    # A label not proven is one the rule could not prove: it ran to max_iter.
+    assert (r.stats.iterations[~r.label_proven] == model.solver_settings.max_iter).all()
     # A proven label carries a radius however early it stopped (most samples stop before
-    # their residual reaches tol): radius 0 certifies every correct answer. The former
-    # residual gate certified only the converged ones.
+    # their residual reaches tol): radius 0 certifies every correct proven answer. The
+    # former residual gate certified only the converged ones.
     assert m["converged_share"] < 0.5
-    assert m["certified"] == {"0": m["accuracy"]}
+    correct_proven = (r.label_proven & (r.labels == y)).double().mean().item()
+    assert m["certified"] == {"0": correct_proven} and correct_proven < m["accuracy"]
     assert 0 < m["error_bound_mean"] <= m["error_bound_p99"] < float("inf")
 
 
@@ -102,11 +109,12 @@ def test_compare_stops_runs_the_rules_on_the_same_images(capsys, test_set):
     ]
     tol, label, logits = rules
     assert tol["converged_share"] == 1.0
-    assert label["proven_share"] == 1.0
-    # The label is proven in fewer iterations on average than the tol rule takes, and tol
-    # proves fewer labels.
-    assert label["iterations_mean"] <= tol["iterations_mean"]
-    assert tol["proven_share"] < 1.0
+    assert label["proven_share"] == PROVEN / N
+    # The label is proven in fewer iterations than the tol rule takes for most samples (the
+    # mean is not: the unprovable near ties run to max_iter), and tol proves fewer labels.
+    assert label["iterations_p50"] < tol["iterations_p50"]
+    assert label["iterations_max"] == 300
+    assert tol["proven_share"] < label["proven_share"]
     # Every logit within 0.5 of the exact equilibrium's, none stopped by the cap.
     assert logits["logit_error_bound_max"] <= 0.5 and logits["iterations_max"] < 300
     # Each row is what the rule gives alone: the same solves, only interleaved.
@@ -125,13 +133,13 @@ def test_compare_stops_prints_one_line_per_rule(capsys):
     assert lines[1].split() == ["stop", "rule", "iters", "mean", "p50", "p90", "max", "proven",
                                 "accuracy", "ms/batch", "p50", "solve", "s"]  # fmt: skip
     assert [line[:14].rstrip() for line in lines[2:]] == ["tol", "label, every 2"]
-    assert lines[3].split()[7] == "100.00%"  # the label rule's proven share
+    assert lines[3].split()[7] == f"{100 * PROVEN / N:.2f}%"  # the label rule's proven share
 
 
 @needs_fmnist
 def test_check_every_checks_only_every_kth_iteration(capsys):
     m = eval_json(capsys, "--stop", "label", "--check-every", "3")
-    assert (m["stop"], m["check_every"], m["proven_share"]) == ("label", 3, 1.0)
+    assert (m["stop"], m["check_every"], m["proven_share"]) == ("label", 3, PROVEN / N)
     assert m["iterations_p50"] % 3 == 0 and m["iterations_max"] % 3 == 0
 
 
