@@ -78,6 +78,12 @@ class SolveFailed(Exception):
     """The solve itself raised (a bug, not the client's fault)."""
 
 
+class Abandoned(Exception):
+    """Raised inside a solve, at an iteration boundary, once every caller of its batch is
+    gone (cancelled: a client that went away, a gRPC deadline, a shutdown's grace run out):
+    nobody awaits its result, and at shutdown it would hold the process past its grace."""
+
+
 @dataclass
 class BatchOutput:
     """What the solve function returns for a batch of ``N`` rows.
@@ -439,10 +445,21 @@ class Batcher:
         left = [s.hold_s - s.turn.computed() for s in self._young() if s.key in keys]
         return max(min(left), 0.002) if left else None
 
+    def _drop_gone(self) -> None:
+        """Take the requests whose callers are gone (their futures cancelled) off the queue:
+        no one awaits their rows. A caller that went away while its request waited (a
+        client's deadline, a shutdown's grace run out) would otherwise still be solved,
+        and at shutdown the process would stay until the whole queue was."""
+        if any(it.future.cancelled() for it in self._pending):
+            gone = [it for it in self._pending if it.future.cancelled()]
+            self._pending = deque(it for it in self._pending if not it.future.cancelled())
+            self._pending_rows -= sum(it.rows for it in gone)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             # Checked and cleared within one event-loop step: no wake-up is lost.
+            self._drop_gone()
             while (first := self._startable()) is None:
                 if self._closing and not self._pending:
                     if self._solves:
@@ -454,6 +471,7 @@ class Batcher:
                 timeout = self._reopens_in()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
+                self._drop_gone()
             deadline = first.t_enqueued + self.max_delay_s
             target = self.target_rows()
             self._fill_key, self._fill_target = first.key, target
@@ -469,7 +487,10 @@ class Batcher:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
             self._fill_key = None
+            self._drop_gone()  # callers may have gone while the batch filled
             batch = self._take(first.key)
+            if not batch:
+                continue
             rows = sum(it.rows for it in batch)
             self._solving_rows += rows
             self._recent_load.append(self._load_peak)
@@ -481,14 +502,31 @@ class Batcher:
             solve.task = loop.create_task(self._solve_batch(batch, solve))
 
     async def _solve_batch(self, batch: list[_Item], solve: _Solve) -> None:
-        """Solve one batch in a thread and answer its callers (a task of its own)."""
+        """Solve one batch in a thread and answer its callers (a task of its own). Once
+        every caller is gone (cancelled), the solve stops at its next iteration
+        (:class:`Abandoned`)."""
         loop = asyncio.get_running_loop()
         x = batch[0].x if len(batch) == 1 else torch.cat([it.x for it in batch])
         n = int(x.shape[0])
+        gone = threading.Event()  # read by the solving thread between two iterations
+        waiting = len(batch)
+
+        def left(future: asyncio.Future) -> None:  # O(1): a batch may hold hundreds
+            nonlocal waiting
+            if future.cancelled():
+                waiting -= 1
+                if not waiting:
+                    gone.set()
+
+        for it in batch:
+            it.future.add_done_callback(left)
         try:
             out, t_start = await loop.run_in_executor(
-                self._executor, self._solve_gated, x, solve.key, solve.turn
+                self._executor, self._solve_gated, x, solve.key, solve.turn, gone
             )
+        except Abandoned:
+            log.info("%s: a solve of %d rows stopped: its callers are gone", self.name, n)
+            return
         except BaseException as e:  # every caller must get an answer, even on cancellation
             for it in batch:
                 if not it.future.done():
@@ -521,14 +559,24 @@ class Batcher:
             except Exception:  # metrics must never stop the worker
                 log.exception("batch hook failed")
 
-    def _solve_gated(self, x: Tensor, key: Hashable, ticket: Turn) -> tuple[BatchOutput, float]:
+    def _solve_gated(
+        self, x: Tensor, key: Hashable, ticket: Turn, gone: threading.Event
+    ) -> tuple[BatchOutput, float]:
         """Run the solve (in a batcher thread) once the gate lets it: the output and the
         time it started computing, where its callers' queue wait ends. A failure is logged
-        with its traceback and reaches every caller of the batch as :class:`SolveFailed`."""
+        with its traceback and reaches every caller of the batch as :class:`SolveFailed`;
+        once ``gone`` is set (every caller cancelled) it raises :class:`Abandoned` at the
+        next iteration boundary."""
+
+        def between() -> None:
+            if gone.is_set():
+                raise Abandoned
+            turn.between()
+
         with self._gate.turn(ticket) as turn:
             assert turn.started is not None
             try:
-                out = self._solve(x, key, turn.between)
+                out = self._solve(x, key, between)
                 n = int(x.shape[0])
                 # Checked here, where a failure reaches every caller: the event loop splits
                 # each output by the callers' rows, which needs exactly n.
@@ -536,6 +584,8 @@ class Batcher:
                 if wrong:
                     raise RuntimeError(f"outputs {wrong} do not have the batch's {n} rows")
                 return out, turn.started
+            except Abandoned:
+                raise
             except Exception as e:
                 log.exception("solve of %s failed", self.name)
                 raise SolveFailed(f"solver error in model {self.name}: {e}") from e

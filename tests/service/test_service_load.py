@@ -420,6 +420,13 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
+    """Every request the server holds at SIGTERM is answered, whatever the machine's load.
+
+    The grace (``graceful_timeout_s``) is set far beyond the requests' work: every row runs
+    max_iter (tol 1e-6 is past float32's certified floor), ~1 s a solve on one idle core and
+    many times that with the cores contended, and with the default 30 s the 12 solves
+    outlasted the grace on a loaded machine; uvicorn then cancelled them as documented
+    (500s). A request the server dropped still fails here (its 300 s timeout at worst)."""
     big = {
         "arch": "conv",
         "in_channels": 3,
@@ -431,20 +438,24 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_subprocess_server(
-        tmp_path, port, MONDEQ_MAX_BATCH_SIZE="16", MONDEQ_MAX_REQUEST_BATCH="16"
+        tmp_path,
+        port,
+        MONDEQ_MAX_BATCH_SIZE="16",
+        MONDEQ_MAX_REQUEST_BATCH="16",
+        MONDEQ_GRACEFUL_TIMEOUT_S="900",
     )
     try:
-        wait_ready_url(url, 60)
+        wait_ready_url(url, 120)
         n = 12
         bodies = [v2_body(pixels(16, 3, 16, seed=i), outputs=[{"name": "label"}]) for i in range(n)]
 
         async def scenario():
             limits = httpx.Limits(max_keepalive_connections=0)
-            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
                 accepted = [
                     asyncio.create_task(c.post("/v2/models/slow/infer", json=b)) for b in bodies
                 ]
-                deadline = time.monotonic() + 20
+                deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:  # until the server holds all n
                     inflight = metric(
                         metric_samples((await c.get("/metrics")).text), "mondeq_inflight_requests"
@@ -469,7 +480,7 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
         assert [a.status_code for a in answers] == [200] * n
         assert all(len(a.json()["outputs"][0]["data"]) == 16 for a in answers)
         assert set(late) <= {200, "refused"}, late
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
