@@ -7,6 +7,7 @@ thread on a loopback socket bound here (port 0, so no port race); the SIGTERM te
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import socket
@@ -89,6 +90,32 @@ def make_checkpoint(
 def local_model(path: Path):
     """The same checkpoint loaded in-process (what served answers are compared with)."""
     return load_checkpoint(path)
+
+
+def float64_model(model):
+    """A float64 copy of ``model`` (its per-weights caches dropped: they hold float32)."""
+    m64 = copy.deepcopy(model).double()
+    m64.op.clear_cache()
+    return m64
+
+
+@torch.no_grad()
+def float64_reference(model, x: torch.Tensor, *, tol: float = 1e-10, max_iter: int = 2000):
+    """The exact equilibrium's answer for ``x``, ``(B, C, H, W)`` as the model sees it
+    (normalised, in the model's dtype): ``infer`` on a float64 copy of ``model`` at ``tol``.
+
+    A float32 solve cannot stand in for it: float32 certifies no residual below its rounding
+    floor, ``ρ/‖z‖`` = 1.5e-4..5.8e-4 on fmnist-fc and 7.8e-5..1.1e-4 on fmnist-conv
+    (docs/math.md §2, "Rounding"), while float64's is about 1e-12, so ``tol`` 1e-10 is met
+    (in about 60 PR iterations on the default models). Asserts that every sample converged.
+    Returns the float64 model's ``InferenceResult`` (float64 logits, bounds and radii). A
+    model already in float64 (:func:`float64_model`) is used as it is.
+    """
+    if next(model.parameters()).dtype != torch.float64:
+        model = float64_model(model)
+    result = model.infer(x.double(), tol=tol, max_iter=max_iter)
+    assert result.stats.converged.all(), "the float64 reference did not converge"
+    return result
 
 
 def normalise(model, pixels: torch.Tensor) -> torch.Tensor:

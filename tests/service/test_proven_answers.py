@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from service_support import LiveServer, metric, metric_samples, outputs, v2_body
+from service_support import (
+    LiveServer,
+    float64_reference,
+    metric,
+    metric_samples,
+    outputs,
+    v2_body,
+)
 
 from model_core import load_checkpoint
 from training.data import DEBIAN_FASHION_MNIST, read_idx
@@ -90,13 +97,16 @@ def delta(after: dict, before: dict) -> dict:
 
 
 @needs_images
-def test_stop_label_proves_every_label_in_fewer_iterations(served, pixels, fc):
-    """fmnist-fc, 200 test images, one V2 request per rule: under ``stop: "label"`` all 200
-    labels are proven and equal a tol-3e-5 solve's, in 7.575 iterations on average against
-    10.405 under the default tol rule (1e-2), which proves 188. Each answer equals the same
-    rule in-process; the metrics move by exactly these answers."""
-    exact = local(fc, pixels, tol=3e-5, max_iter=1000)
-    assert exact.stats.converged.all()
+def test_stop_label_proves_all_but_near_ties_in_fewer_iterations(served, pixels, fc):
+    """fmnist-fc, 200 test images, one V2 request per rule: under ``stop: "label"`` 194
+    labels are proven, each the exact equilibrium's (a float64 solve to tol 1e-10), in 7.51
+    iterations on average against 10.41 for the same 194 under the default tol rule (1e-2),
+    which proves 185 of the 200. The other 6 are near-ties that float32 cannot prove: their
+    exact top-two margin (0.035 to 0.19) is within what the error bound's floor (the rounding
+    of ``p = W z + U x + b``, docs/math.md §2, §9) lets the logits move, so they run to
+    ``max_iter`` 300 and answer unproven, with no radius. Each answer equals the same rule
+    in-process; the metrics move by exactly these answers."""
+    exact = float64_reference(fc, fc.input_spec.normalize(pixels, dtype=torch.float32))
     with served.client() as client:
         before = counts(client, "fmnist-fc")
         answers = {}
@@ -111,15 +121,20 @@ def test_stop_label_proves_every_label_in_fewer_iterations(served, pixels, fc):
         moved = delta(counts(client, "fmnist-fc"), before)
 
     label, tol = answers["label"], answers["tol"]
-    assert label["label_proven"].tolist() == [True] * 200
-    assert torch.equal(label["label"], exact.labels)
-    assert label["iterations"].sum().item() == 1515  # mean 7.575
-    assert tol["iterations"].sum().item() == 2081  # mean 10.405
-    assert int(tol["label_proven"].sum()) == 188
-    assert (label["iterations"].float().mean() <= tol["iterations"].float().mean()).item()
+    proven = label["label_proven"]
+    unproven = (~proven).nonzero().flatten().tolist()
+    assert unproven == [14, 43, 57, 67, 127, 156]  # the near-ties
+    assert label["iterations"][~proven].tolist() == [300] * 6  # ran to max_iter, no proof
+    assert torch.equal(label["label"][proven], exact.labels[proven])
+    assert label["iterations"].sum().item() == 3257  # 1457 on the proven + 6 × 300
+    assert label["iterations"][proven].sum().item() == 1457  # mean 7.51
+    assert tol["iterations"][proven].sum().item() == 2020  # mean 10.41 on the same 194
+    assert tol["iterations"].sum().item() == 2089  # mean 10.445
+    assert int(tol["label_proven"].sum()) == 185
+    assert torch.equal(tol["label"][tol["label_proven"]], exact.labels[tol["label_proven"]])
     # The proven radius is stated for the exact equilibrium: shrunk by the bound, never larger.
-    assert not label["certified_radius"].isnan().any()
-    assert (label["certified_radius"] <= exact.certified_radius * (1 + 1e-5)).all()
+    assert torch.equal(label["certified_radius"].isnan(), ~proven)
+    assert (label["certified_radius"][proven].double() <= exact.certified_radius[proven]).all()
 
     for stop, out in answers.items():
         ref = local(fc, pixels, stop=stop)
@@ -133,9 +148,9 @@ def test_stop_label_proves_every_label_in_fewer_iterations(served, pixels, fc):
 
     # Metrics: every answer once, by rule and proof; the bound of each; residual > tol by rule.
     n_conv = int(label["converged"].sum())
-    assert n_conv == 17  # the other 183 stopped, proven, before their residual reached 1e-2
-    assert moved["label true"] == 200 and moved["label false"] == 0
-    assert moved["tol true"] == 188 and moved["tol false"] == 12
+    assert n_conv == 23  # 177 stopped, proven, before their residual reached 1e-2 (+ 6 ties)
+    assert moved["label true"] == 194 and moved["label false"] == 6
+    assert moved["tol true"] == 185 and moved["tol false"] == 15
     assert moved["label bounds"] == 200 and moved["tol bounds"] == 200
     assert moved["label unconverged"] == 200 - n_conv and moved["tol unconverged"] == 0
     assert moved["label bound sum"] == pytest.approx(
@@ -146,35 +161,46 @@ def test_stop_label_proves_every_label_in_fewer_iterations(served, pixels, fc):
 
 @needs_images
 def test_stop_logits_meets_its_logit_accuracy(served, pixels, fc):
-    """``stop: "logits"`` with ``logit_tol`` 0.1 on 50 images: every logit's bound within
-    0.1 (``logit_error_bound``, named in ``outputs``, ``[50, 10]``), as in-process."""
+    """``stop: "logits"`` with ``logit_tol`` 0.5 on 50 images: every logit's bound within
+    0.5 (``logit_error_bound``, named in ``outputs``, ``[50, 10]``) in at most 16
+    iterations, as in-process. A ``logit_tol`` below float32's floor is never met, honestly:
+    at 0.1 every sample runs to ``max_iter`` 300 with a largest bound of 0.14 to 0.36 (the
+    error bound's rounding term on fmnist-fc, docs/math.md §2, §9)."""
     x = pixels[:50]
     names = ["label", "iterations", "error_bound", "label_proven", "logit_error_bound"]
-    body = v2_body(x, parameters={"stop": "logits", "logit_tol": 0.1},
-                   outputs=[{"name": n} for n in names])  # fmt: skip
+    answers = {}
     with served.client() as client:
-        before = counts(client, "fmnist-fc")
-        r = client.post("/v2/models/fmnist-fc/infer", json=body)
-        assert r.status_code == 200, r.text
-        moved = delta(counts(client, "fmnist-fc"), before)
-    assert [o["name"] for o in r.json()["outputs"]] == names
-    assert r.json()["parameters"]["stop"] == "logits"
-    assert r.json()["parameters"]["logit_tol"] == 0.1
-    out = outputs(r.json())
-    assert out["logit_error_bound"].shape == (50, 10)
-    assert (out["logit_error_bound"].amax(dim=1) <= 0.1).all()
-    ref = local(fc, x, stop="logits", logit_tol=0.1)
-    assert out["iterations"].tolist() == ref.stats.iterations.tolist()
-    torch.testing.assert_close(out["logit_error_bound"], ref.logit_error_bound, rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
-    n_proven = int(ref.label_proven.sum())
-    assert moved["logits true"] == n_proven and moved["logits false"] == 50 - n_proven
+        for logit_tol in (0.5, 0.1):
+            body = v2_body(x, parameters={"stop": "logits", "logit_tol": logit_tol},
+                           outputs=[{"name": n} for n in names])  # fmt: skip
+            before = counts(client, "fmnist-fc")
+            r = client.post("/v2/models/fmnist-fc/infer", json=body)
+            assert r.status_code == 200, r.text
+            moved = delta(counts(client, "fmnist-fc"), before)
+            assert [o["name"] for o in r.json()["outputs"]] == names
+            assert r.json()["parameters"]["stop"] == "logits"
+            assert r.json()["parameters"]["logit_tol"] == logit_tol
+            out = outputs(r.json())
+            assert out["logit_error_bound"].shape == (50, 10)
+            ref = local(fc, x, stop="logits", logit_tol=logit_tol)
+            assert out["iterations"].tolist() == ref.stats.iterations.tolist()
+            torch.testing.assert_close(out["logit_error_bound"], ref.logit_error_bound,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            n_proven = int(ref.label_proven.sum())
+            assert moved["logits true"] == n_proven and moved["logits false"] == 50 - n_proven
+            answers[logit_tol] = out
+    met, floor = answers[0.5], answers[0.1]
+    assert (met["logit_error_bound"].amax(dim=1) <= 0.5).all()
+    assert met["iterations"].max().item() == 16
+    assert floor["iterations"].tolist() == [300] * 50
+    assert (floor["logit_error_bound"].amax(dim=1) > 0.1).all()
 
 
 @needs_images
 def test_fmnist_conv_under_stop_label(served, pixels):
-    """fmnist-conv, 20 images: every label proven under ``stop: "label"``, and the answer is
-    the in-process one (iterations, bound)."""
+    """fmnist-conv, 20 images: every label proven under ``stop: "label"``, the exact
+    equilibrium's (a float64 solve), and the answer is the in-process one (iterations,
+    bound)."""
     x = pixels[:20]
     model = load_checkpoint(MODELS / "fmnist-conv" / "1" / "model.pt")
     with served.client() as client:
@@ -187,7 +213,8 @@ def test_fmnist_conv_under_stop_label(served, pixels):
     assert out["label_proven"].tolist() == [True] * 20
     assert out["iterations"].tolist() == ref.stats.iterations.tolist()
     torch.testing.assert_close(out["error_bound"], ref.error_bound, rtol=1e-5, atol=1e-6)
-    assert torch.equal(out["label"], local(model, x, tol=1e-5, max_iter=1000).labels)
+    exact = float64_reference(model, model.input_spec.normalize(x, dtype=torch.float32))
+    assert torch.equal(out["label"], exact.labels)
 
 
 @needs_images

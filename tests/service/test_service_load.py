@@ -19,6 +19,7 @@ from service_support import (
     CONV_CONFIG,
     FC_CONFIG,
     LiveServer,
+    float64_reference,
     free_port,
     local_model,
     make_checkpoint,
@@ -62,13 +63,24 @@ async def post_all(url: str, path: str, bodies: list[dict], concurrency: int) ->
 
 
 def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_rows(server, model_repo):
+    """48 concurrent requests of 1–3 rows: fewer solves than requests, and each answer holds
+    the logits of its own rows. Checked against the exact equilibrium (a float64 solve):
+    every served logit is within its ``logit_error_bound`` of it (below 1e-3 here),
+    while any two of these 96 rows differ by at least 0.045 in some logit, so a row of
+    another request fails; and against the same rows solved alone in-process."""
     before = scrape(server.url)
     xs = [pixels(1 + i % 3, seed=100 + i) for i in range(48)]
-    params = {"tol": 3e-5}  # within what float32 certifies (docs/math.md §2)
-    bodies = [v2_body(x, id=f"r{i}", parameters=params) for i, x in enumerate(xs)]
+    # Above what float32 certifies on this model (ρ/‖z‖ up to 1.5e-4, docs/math.md §2):
+    # every row converges.
+    params = {"tol": 1e-3}
+    names = [{"name": n} for n in ("logits", "iterations", "converged", "logit_error_bound")]
+    bodies = [v2_body(x, id=f"r{i}", parameters=params, outputs=names) for i, x in enumerate(xs)]
     answers = asyncio.run(post_all(server.url, "/v2/models/fc/infer", bodies, 48))
     assert [a.status_code for a in answers] == [200] * 48
     model = local_model(model_repo / "fc/1/model.pt")
+    exact = float64_reference(model, normalise(model, torch.cat(xs))).logits.split(
+        [x.shape[0] for x in xs]
+    )
     batch_sizes = []
     for i, (x, a) in enumerate(zip(xs, answers, strict=True)):
         body = a.json()
@@ -77,10 +89,14 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_rows(serve
         batch_sizes.append(p["batch_size"])
         out = outputs(body)
         assert out["logits"].shape == (x.shape[0], 10)
-        ref = model.infer(normalise(model, x), alpha=p["alpha"], tol=3e-5, max_iter=p["max_iter"])
-        torch.testing.assert_close(out["logits"], ref.logits, atol=1e-5, rtol=0)
-        assert (out["iterations"] - ref.stats.iterations).abs().max() <= 1
         assert out["converged"].all()
+        assert ((out["logits"].double() - exact[i]).abs() <= out["logit_error_bound"]).all()
+        ref = model.infer(normalise(model, x), alpha=p["alpha"], tol=1e-3, max_iter=p["max_iter"])
+        assert (out["iterations"] - ref.stats.iterations).abs().max() <= 1
+        # Where the batch stopped a row at the same iteration as the solve alone, only the
+        # batch's rounding differs (1.5e-7 measured); one iteration more moves it ~1e-4.
+        same = out["iterations"] == ref.stats.iterations
+        torch.testing.assert_close(out["logits"][same], ref.logits[same], atol=1e-5, rtol=0)
     after = scrape(server.url)
     rows = sum(x.shape[0] for x in xs)
     solves = metric(after, "mondeq_batch_size_count", model="fc") - metric(
