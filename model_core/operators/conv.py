@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..nonlinearity import border_mask
 from . import base
-from .base import MonotoneOperator, chunk_rows
+from .base import MonotoneOperator, chunk_rows, spectral_norm_above
 from .spectral import (
     AliasGroups,
     block_diag4,
@@ -261,9 +261,7 @@ class MultiTierOperator(MonotoneOperator):
     # ---- the interface ------------------------------------------------------------
     def bias(self, x: Tensor) -> Tensor:
         """``U x + b`` on the zero-padded image, feeding tier 1 only. ``(B, *z_shape)``."""
-        p = self.kernel_size // 2
-        xp = F.pad(x, (1, 1, 1, 1))  # the one-pixel zero border (Appendix C.2)
-        u = F.conv2d(F.pad(xp, (p, p, p, p), mode="circular"), self.U.weight, self.U.bias)
+        u = self._inject(x, self.U.weight, self.U.bias)
         if self.tiers == 1:
             return u
         rest = u.new_zeros(u.shape[0], sum(self.numels[1:]))
@@ -273,18 +271,19 @@ class MultiTierOperator(MonotoneOperator):
         """``(B,)`` ``‖|U||x| + |b|‖`` (the base class): :meth:`bias`'s convolution once
         more, with ``|U|`` on ``|x|`` (the other tiers' zeros add nothing)."""
         with torch.no_grad():
-            p = self.kernel_size // 2
-            xp = F.pad(x.abs(), (1, 1, 1, 1))
-            u = F.conv2d(
-                F.pad(xp, (p, p, p, p), mode="circular"), self.U.weight.abs(), self.U.bias.abs()
-            )
+            u = self._inject(x.abs(), self.U.weight.abs(), self.U.bias.abs())
             return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=1)
 
+    def _inject(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``(B, C, H, W)`` image → ``(B, *tier-1 shape)``: the circular convolution with
+        ``weight`` and ``bias`` on the image with its one-pixel zero border (Appendix C.2)."""
+        p = self.kernel_size // 2
+        xp = F.pad(x, (1, 1, 1, 1))
+        return F.conv2d(F.pad(xp, (p, p, p, p), mode="circular"), weight, bias)
+
     def _injection_norm(self) -> float:
-        # Exact: the largest σ over the frequency blocks; in float64 and raised past its
-        # rounding, an upper bound for the certified radius (float32 read it 1e-7 low).
-        u_hat = transfer(self.U.weight.detach().double(), self.sizes[0])
-        return torch.linalg.matrix_norm(u_hat, ord=2).max().item() * (1.0 + 1e-12)
+        # Exact: the largest σ over the frequency blocks.
+        return spectral_norm_above(transfer(self.U.weight.detach().double(), self.sizes[0]))
 
     def _couple(
         self, specs: list[_TierSpectra], y_grp: Tensor, i: int, acc: Tensor, scale: float

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MonotoneOperator
+from .base import MonotoneOperator, spectral_norm_above
 
 
 class FCOperator(MonotoneOperator):
@@ -78,7 +78,4 @@ class FCOperator(MonotoneOperator):
         return z @ (data if transpose else data.T)
 
     def _injection_norm(self) -> float:
-        # In float64 and raised past its rounding: an upper bound for the certified radius.
-        return torch.linalg.matrix_norm(self.U.weight.detach().double(), ord=2).item() * (
-            1.0 + 1e-12
-        )
+        return spectral_norm_above(self.U.weight)
