@@ -27,20 +27,30 @@ answer. :func:`decode_image` decodes with Pillow and applies, in this order:
    ================================  ======================================================
    mode                              decision
    ================================  ======================================================
-   ``1``                             black 0, white 1
+   ``1``                             black 0, white 1 (a min-is-white TIFF, fax files
+                                     among them, as its tag says: 0 white)
    ``L``, ``RGB``, ``RGBX``          sample / 255 (16-bit RGB and LA PNGs arrive as ``RGB``
                                      and ``LA``: Pillow keeps the high byte, within 1/255)
    ``I;16``, ``I;16B/L/N``           sample / 65535: 16-bit grey is scaled, never clamped
-   ``P``                             the palette's colours (and alpha, see 6)
+                                     (min-is-white TIFF: (65535 − sample) / 65535)
+   ``P``                             the palette's colours (and alpha, see 6); a BMP's grey
+                                     palette of 4- or 8-bit indices too, which Pillow reads
+                                     as 1- or 8-bit samples
    ``CMYK``                          through the embedded ICC profile, else Pillow's naive
                                      CMYK → RGB (what a viewer without a profile shows)
    ``YCbCr``                         converted to RGB (full-range JPEG/JFIF matrix)
    ``HSV``                           converted to RGB (no file format holds it)
    ``LAB``                           CIE L*a*b* (D50) → sRGB through LittleCMS
    ``F`` (32-bit float)              taken as intensity: values in [0, 1], as in the JSON
-                                     API; NaN, Inf or values outside [0, 1] are 422
+                                     API (min-is-white TIFF: 1 − value); NaN, Inf or
+                                     values outside [0, 1] are 422
    ``I`` (32-bit integer)            422: no agreed white level (save as 8 or 16 bits)
    ================================  ======================================================
+
+   A TIFF's bits are read in its ``FillOrder`` (an uncompressed ``FillOrder`` 2 file
+   too, which Pillow cannot read for palette or 8-bit min-is-white samples), as libtiff
+   reads them; CCITT fax compression (Group 3 1-D and 2-D, Group 4, modified Huffman) is
+   decoded by libtiff.
 
    A colour picture for a one-channel model becomes luma (ITU-R 601-2, Pillow's ``L``:
    exact for grey pixels); a grey picture for a three-channel model repeats its channel.
@@ -147,6 +157,9 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
         _refuse_cut_short(data)
         raise ImageRejected(400, f"the uploaded file is not a {FORMAT_NAMES} image") from None
     fmt = img.format
+    # Pillow reads 16-bit and float min-is-white TIFF samples as min-is-black (1-, 2-, 4- and
+    # 8-bit ones it inverts itself): TIFF 6.0 §Section 3, PhotometricInterpretation 0.
+    min_is_white = fmt == "TIFF" and img.tag_v2.get(262) == 0
     if img.width * img.height > max_pixels:
         raise ImageRejected(
             413, f"image of {img.width}×{img.height} pixels exceeds the limit of {max_pixels}"
@@ -161,6 +174,7 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
         # Before load: Pillow's own TIFF reader fills strips it cannot find with black.
         missing = _tiff_data_missing(img, data) if fmt == "TIFF" else None
         if missing is None:
+            img = _read_as_stored(img, fmt, data)
             img.load()
             missing = _data_missing(img, data)
     except ImageRejected:
@@ -183,7 +197,7 @@ def _decode(data: bytes, c: int, size: tuple[int, int], max_pixels: int, invert:
     with contextlib.suppress(Exception):
         ImageOps.exif_transpose(img, in_place=True)
     try:
-        bands, alpha = _intensities(img, c)
+        bands, alpha = _intensities(img, c, min_is_white)
     except ImageRejected:
         raise
     except Exception as e:  # a mode or profile Pillow cannot convert
@@ -652,13 +666,95 @@ def _tiff_data_missing(img: Image.Image, data: bytes) -> str | None:
     return None
 
 
+# ---- samples Pillow would read other than as stored -------------------------------------------
+
+_BMP_INDEX_RAWMODES = {1: "P;1", 4: "P;4", 8: "P"}  # bits per index → Pillow's raw mode
+_REVERSED_BITS = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
+def _read_as_stored(img: Image.Image, fmt: str, data: bytes) -> Image.Image:
+    """The opened, not yet loaded ``img``, set to read its samples as the file stores them
+    where Pillow's reader would not (its own picture, or a new one already decoded):
+
+    * a BMP of 4- or 8-bit indices whose colour table is all grey (black and white for 2
+      colours, index i grey i for more): Pillow drops the table and reads the indices as
+      1-bit (``1``) or 8-bit (``L``) samples, so 8-bit indices 0 and 1 of a black and white
+      drawing (as Pillow itself saves one) come out all black. It is decoded here as the
+      palette picture it is (Microsoft BITMAPINFOHEADER: biBitCount, biClrUsed);
+    * an uncompressed TIFF with ``FillOrder`` 2 (each byte's first pixel in its low bit):
+      Pillow has no reader for 1-, 2- and 4-bit palette samples or 8-bit min-is-white ones
+      so stored ("unknown raw mode"). The strips' bits are put in the usual order here and
+      read as ``FillOrder`` 1, for every such file, as libtiff reads it (TIFF 6.0, FillOrder).
+
+    Anything else is returned as it is.
+    """
+    if fmt == "BMP":
+        return _bmp_palette_kept(img, data)
+    if fmt == "TIFF" and img.tag_v2.get(266) == 2:
+        _tiff_bits_in_order(img, data)
+    return img
+
+
+def _bmp_palette_kept(img: Image.Image, data: bytes) -> Image.Image:
+    """``img`` (a BMP), or the same picture decoded as ``P`` when Pillow read its grey colour
+    table's indices as samples of another width (see :func:`_read_as_stored`)."""
+    tile = img.tile[0] if len(img.tile) == 1 else None
+    if tile is None or tile.codec_name != "raw" or img.mode not in ("1", "L"):
+        return img  # RLE data is read one index a byte, which Pillow gets right
+    core = struct.unpack_from("<I", data, 14)[0] == 12  # OS/2 BITMAPCOREHEADER
+    bits = struct.unpack_from("<H", data, 24 if core else 28)[0]
+    if bits == (1 if img.mode == "1" else 8) or bits not in _BMP_INDEX_RAWMODES:
+        return img
+    colours = 0 if core else struct.unpack_from("<I", data, 46)[0]
+    colours = colours or 1 << bits
+    levels = [0, 255] if colours == 2 else list(range(min(colours, 256)))
+    _, stride, direction = tile.args
+    picture = Image.frombytes(
+        "P",
+        img.size,
+        data[tile.offset :],
+        "raw",
+        (_BMP_INDEX_RAWMODES[bits], stride, direction),
+    )
+    picture.putpalette([v for level in levels for v in (level, level, level)])
+    picture.info = dict(img.info)
+    img.close()
+    return picture
+
+
+def _tiff_bits_in_order(img: Image.Image, data: bytes) -> None:
+    """Reverse the bits of each byte of an uncompressed ``FillOrder`` 2 TIFF's strips or tiles
+    and read them with Pillow's ``FillOrder`` 1 raw mode (``P;1R`` → ``P;1``); compressed
+    files are libtiff's, which puts the bits in order itself."""
+    if not img.tile or any(t.codec_name != "raw" or not t.args[0].endswith("R") for t in img.tile):
+        return
+    tags = img.tag_v2
+    offsets, counts = (
+        (tags.get(324, ()), tags.get(325, ()))
+        if 324 in tags
+        else (tags.get(273, ()), tags.get(279, ()))
+    )
+    stored = bytearray(data)
+    for i, offset in enumerate(offsets):
+        end = offset + counts[i] if i < len(counts) else len(data)
+        stored[offset:end] = stored[offset:end].translate(_REVERSED_BITS)
+    img.fp = io.BytesIO(bytes(stored))
+    img.tile = [t._replace(args=(t.args[0][:-1], *t.args[1:])) for t in img.tile]
+
+
 Band = Callable[[], np.ndarray]
 
 
-def _intensities(img: Image.Image, c: int) -> tuple[list[Band], np.ndarray | None]:
+def _intensities(
+    img: Image.Image, c: int, min_is_white: bool = False
+) -> tuple[list[Band], np.ndarray | None]:
     """A loaded picture → (colour bands, alpha): one band (grey) or three (RGB, only when
     ``c`` is 3), each made on demand as a fresh ``(height, width)`` float32 array in [0, 1];
-    alpha the same, or ``None`` when the picture is opaque."""
+    alpha the same, or ``None`` when the picture is opaque.
+
+    ``min_is_white``: a TIFF whose ``PhotometricInterpretation`` is 0 (0 is white). Pillow
+    inverts 1- to 8-bit samples of such a file itself; 16-bit and float ones it hands over as
+    stored, and they are inverted here (``65535 − v``, ``1 − v``)."""
     mode = img.mode
     if mode == "I":
         raise ImageRejected(
@@ -672,9 +768,11 @@ def _intensities(img: Image.Image, c: int) -> tuple[list[Band], np.ndarray | Non
             raise ImageRejected(
                 422, "a floating-point image must hold intensities in [0, 1] (no NaN or Inf)"
             )
+        if min_is_white:
+            np.subtract(1.0, arr, out=arr)
         return [lambda: arr], None
     if mode.startswith("I;16"):
-        return _sixteen_bit(img)
+        return _sixteen_bit(img, min_is_white)
     colour, alpha = _split_alpha(img)
     colour = _to_srgb(colour, None if mode == "LAB" else img.info.get("icc_profile"))
     colour = colour.convert("L" if c == 1 or colour.mode == "L" else "RGB")
@@ -732,11 +830,14 @@ def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(src, _SRGB, mode, "RGB")
 
 
-def _sixteen_bit(img: Image.Image) -> tuple[list[Band], np.ndarray | None]:
-    """16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) → sample / 65535, through its
+def _sixteen_bit(
+    img: Image.Image, min_is_white: bool = False
+) -> tuple[list[Band], np.ndarray | None]:
+    """16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) → sample / 65535 (``(65535 −
+    sample) / 65535`` when ``min_is_white``: exactly its min-is-black twin's), through its
     ICC profile or PNG gamma; a ``tRNS`` grey key marks transparent pixels."""
     raw = np.asarray(img)
-    arr = raw.astype(np.float32)
+    arr = (65535 - raw.astype(np.int32) if min_is_white else raw).astype(np.float32)
     arr /= 65535.0
     icc = img.info.get("icc_profile")
     table = _grey_profile_table(icc) if icc else None
