@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
@@ -35,6 +36,7 @@ from ..routers import v2
 from ..runtime import Runtime, solve
 from . import open_inference_grpc_pb2 as pb
 from . import open_inference_grpc_pb2_grpc as pb_grpc
+from .strict import first_ambiguity
 
 log = logging.getLogger("mondeq.service")
 
@@ -277,9 +279,30 @@ class MalformedMessage:
         self.message = f"malformed {kind} message: {error}"
 
 
+class AmbiguousMessage(MalformedMessage):
+    """A request whose bytes give a map key, a field that is not repeated or a oneof twice
+    (:func:`service.grpc.strict.first_ambiguity`), which protobuf would read by dropping one
+    in silence: answered ``INVALID_ARGUMENT`` as HTTP answers a JSON key given twice (400).
+    ``request`` is the message as protobuf read it (its model names the metrics' label)."""
+
+    def __init__(self, request: Any, message: str):
+        self.request, self.message = request, message
+
+
+def request_type(method: str) -> Descriptor | None:
+    """The request message type of the full method name ``/inference.GRPCInferenceService/
+    ModelInfer`` (``None`` for a method the protocol does not have)."""
+    service, _, name = method.strip("/").rpartition("/")
+    found = pb.DESCRIPTOR.services_by_name.get(service.rpartition(".")[2])
+    rpc_method = found.methods_by_name.get(name) if found is not None else None
+    return rpc_method.input_type if rpc_method is not None else None
+
+
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """Wraps each method's request deserializer so that bytes which do not parse become a
-    :class:`MalformedMessage` for the handler instead of an exception inside gRPC."""
+    :class:`MalformedMessage` for the handler instead of an exception inside gRPC, and bytes
+    that give one value twice an :class:`AmbiguousMessage` instead of the message protobuf
+    reads from them (the last one kept)."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -301,12 +324,20 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     @staticmethod
     def _guard(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
         kind = method.rsplit("/", 1)[-1] + "Request"
+        descriptor = request_type(method)
+        if descriptor is not None and not descriptor.fields:
+            descriptor = None  # an empty message (ServerLive...): nothing to give twice
 
         def read(data: bytes) -> Any:
             try:
-                return deserialize(data)
+                request = deserialize(data)
             except DecodeError as e:
                 return MalformedMessage(f"inference.{kind}", e)
+            if descriptor is not None:
+                twice = first_ambiguity(descriptor, data)
+                if twice is not None:
+                    return AmbiguousMessage(request, twice)
+            return request
 
         return read
 
@@ -322,6 +353,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         """One call in ``mondeq_requests_total`` and ``mondeq_request_duration_seconds``."""
         model = ""
+        if isinstance(request, AmbiguousMessage):
+            request = request.request
         if model_field is not None:
             name = getattr(request, model_field, "")  # "": a MalformedMessage
             model = name if name in self.runtime.names() else "unknown"
