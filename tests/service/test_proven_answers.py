@@ -60,6 +60,17 @@ def local(model, x: torch.Tensor, **kw):
     return model.infer(model.input_spec.normalize(x, dtype=torch.float32), **kw)
 
 
+def rule_met(result, stop: str = "tol", logit_tol: float | None = None) -> torch.Tensor:
+    """``(B,)`` bool: does the stopping rule hold at each answer of ``result`` (an
+    ``InferenceResult``; docs/math.md §9)? ``tol``: converged; ``label``: proven;
+    ``logits``: every logit's bound within ``logit_tol``."""
+    if stop == "tol":
+        return result.stats.converged
+    if stop == "label":
+        return result.label_proven
+    return result.logit_error_bound.amax(dim=1) <= logit_tol
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real server on copies of the two default models, α as the checkpoints hold it."""
@@ -219,31 +230,48 @@ def test_fmnist_conv_under_stop_label(served, pixels):
 
 @needs_images
 def test_requests_with_different_rules_never_share_a_solve(served, pixels, fc):
-    """Rules are part of the solve key (``SolveKey``): 12 concurrent requests alternating
-    ``tol``, ``label`` and ``logits`` each get the iterations of their own rule."""
+    """Rules are part of the solve key (``SolveKey``): 16 concurrent requests alternating
+    ``tol``, ``label``, ``logits`` 0.5 and ``logits`` 1.0 each get the iterations of their own
+    rule. On these 4 images every rule is met well before ``max_iter`` 300, in different
+    iterations (in-process: 9–10, 6–7, 12–14 and 10–11), so an answer solved under another
+    rule's key shows. (A ``logit_tol`` of 0.1 is below float32's floor on fmnist-fc, 0.12 to
+    0.38 per image: its samples run to ``max_iter``, and two such rules could not be told
+    apart.)"""
     runtime = served.app.state.runtime
     model = runtime.served("fmnist-fc", None)
-    keys = {model.key(), model.key(stop="label"), model.key(stop="logits", logit_tol=0.1),
-            model.key(stop="logits", logit_tol=0.2)}  # fmt: skip
+    keys = {model.key(), model.key(stop="label"), model.key(stop="logits", logit_tol=0.5),
+            model.key(stop="logits", logit_tol=1.0)}  # fmt: skip
     assert len(keys) == 4
     assert model.key() == model.key(stop="tol") == model.default_key()
-    rules = [{"stop": "tol"}, {"stop": "label"}, {"stop": "logits", "logit_tol": 0.1}]
+    rules = [{"stop": "tol"}, {"stop": "label"}, {"stop": "logits", "logit_tol": 0.5},
+             {"stop": "logits", "logit_tol": 1.0}]  # fmt: skip
     x = pixels[:4]
-    want = {p["stop"]: local(fc, x, **p).stats.iterations.tolist() for p in rules}
-    with served.client() as client, ThreadPoolExecutor(12) as pool:
+    want = []
+    for p in rules:
+        ref = local(fc, x, **p)
+        assert rule_met(ref, **p).all(), p
+        assert ref.stats.iterations.max().item() <= 14, p  # well before max_iter 300
+        want.append(ref.stats.iterations.tolist())
+    assert len({tuple(w) for w in want}) == len(rules)  # a shared solve would show
+    with served.client() as client, ThreadPoolExecutor(16) as pool:
         body = lambda p: v2_body(x, parameters=p)  # noqa: E731
-        futures = [pool.submit(client.post, "/v2/models/fmnist-fc/infer", json=body(rules[i % 3]))
-                   for i in range(12)]  # fmt: skip
+        futures = [pool.submit(client.post, "/v2/models/fmnist-fc/infer", json=body(rules[i % 4]))
+                   for i in range(16)]  # fmt: skip
         for i, f in enumerate(futures):
             r = f.result()
             assert r.status_code == 200, r.text
-            assert outputs(r.json())["iterations"].tolist() == want[rules[i % 3]["stop"]]
+            p = r.json()["parameters"]
+            assert (p["stop"], p["logit_tol"]) == (rules[i % 4]["stop"],
+                                                   rules[i % 4].get("logit_tol"))  # fmt: skip
+            assert outputs(r.json())["iterations"].tolist() == want[i % 4], rules[i % 4]
 
 
 @needs_images
 def test_image_upload_takes_the_stopping_rule(served, fc):
     """The V1 form: ``stop=label`` on docs/examples/fmnist-test-0.png (test image 0): the
-    ankle boot, proven, in 6 iterations as in-process; ``stop=logits`` with ``logit_tol``."""
+    ankle boot, proven, in 6 iterations as in-process; ``stop=logits`` with ``logit_tol``
+    0.5: met in 12 (the default ``tol`` rule takes 9), where 0.05 would be below float32's
+    floor on this image (0.18) and run to ``max_iter``."""
     files = {"file": ("a.png", PNG.read_bytes(), "image/png")}
     x = torch.from_numpy(read_idx(IMAGES)[:1].copy()).unsqueeze(1).float() / 255.0
     with served.client() as client:
@@ -257,12 +285,16 @@ def test_image_upload_takes_the_stopping_rule(served, fc):
         assert pred["error_bound"] == pytest.approx(ref.error_bound.item(), rel=1e-5)
         assert pred["certified_radius"] == pytest.approx(ref.certified_radius.item(), rel=1e-4)
 
-        data = {"stop": "logits", "logit_tol": "0.05"}
+        data = {"stop": "logits", "logit_tol": "0.5"}
         r = client.post("/v1/models/fmnist-fc:classify", files=files, data=data)
         assert r.status_code == 200, r.text
-        assert r.json()["solver"]["stop"] == "logits" and r.json()["solver"]["logit_tol"] == 0.05
-        ref = local(fc, x, stop="logits", logit_tol=0.05)
-        assert r.json()["predictions"][0]["iterations"] == ref.stats.iterations.item()
+        assert r.json()["solver"]["stop"] == "logits" and r.json()["solver"]["logit_tol"] == 0.5
+        ref = local(fc, x, stop="logits", logit_tol=0.5)
+        assert rule_met(ref, "logits", 0.5).item()
+        (pred,) = r.json()["predictions"]
+        assert pred["iterations"] == ref.stats.iterations.item() == 12
+        assert local(fc, x).stats.iterations.item() == 9  # the default rule stops elsewhere
+        assert pred["error_bound"] == pytest.approx(ref.error_bound.item(), rel=1e-5)
 
         # JSON body of the friendly API, the same image and rule.
         r = client.post(
@@ -278,34 +310,51 @@ def test_image_upload_takes_the_stopping_rule(served, fc):
 
 @needs_images
 def test_the_server_default_rule(tmp_path, pixels, fc):
-    """``stop=logits`` with ``logit_tol`` 0.1 as settings (``--stop``, ``--logit-tol``):
+    """``stop=logits`` with ``logit_tol`` 0.5 as settings (``--stop``, ``--logit-tol``):
     requests naming no rule solve under it; a request may name another rule, or only its own
-    ``logit_tol``."""
+    ``logit_tol``. On these 8 images every rule is met well before ``max_iter`` 300, each in
+    its own iterations (in-process, per image: ``logits`` 0.5 11–14, ``logits`` 1.0 10–11,
+    ``label`` 5–11, ``tol`` 9–11), so an answer under any other rule shows. (0.1 and 0.05
+    are below float32's floor on fmnist-fc, 0.18 to 0.36 on these images: both ran to
+    ``max_iter``, and a request's ``logit_tol`` was then not told from the server's.)"""
     shutil.copytree(MODELS / "fmnist-fc", tmp_path / "fmnist-fc")
     srv = LiveServer(model_dir=tmp_path, tune_at_load=False, retune_factor=0, max_delay_ms=1,
-                     stop="logits", logit_tol=0.1).start()  # fmt: skip
+                     stop="logits", logit_tol=0.5).start()  # fmt: skip
     x = pixels[:8]
+    names = [{"name": n} for n in ("iterations", "converged", "label_proven", "logit_error_bound")]
+    seen = {}
     try:
         with srv.client() as client:
             for params, stop, logit_tol in (
-                ({}, "logits", 0.1),
-                ({"logit_tol": 0.05}, "logits", 0.05),
-                ({"stop": "logits"}, "logits", 0.1),
+                ({}, "logits", 0.5),
+                ({"logit_tol": 1.0}, "logits", 1.0),
+                ({"stop": "logits"}, "logits", 0.5),
                 ({"stop": "label"}, "label", None),
                 ({"stop": "tol"}, "tol", None),
             ):
-                r = client.post("/v2/models/fmnist-fc/infer", json=v2_body(x, parameters=params))
+                body = v2_body(x, parameters=params, outputs=names)
+                r = client.post("/v2/models/fmnist-fc/infer", json=body)
                 assert r.status_code == 200, (params, r.text)
                 p = r.json()["parameters"]
                 assert (p["stop"], p["logit_tol"]) == (stop, logit_tol), params
                 ref = local(fc, x, stop=stop, logit_tol=logit_tol)
-                assert outputs(r.json())["iterations"].tolist() == ref.stats.iterations.tolist()
-            body = v2_body(x, parameters={"stop": "label", "logit_tol": 0.1})
+                assert rule_met(ref, stop, logit_tol).all(), params
+                assert ref.stats.iterations.max().item() <= 14, params  # far from 300
+                out = outputs(r.json())
+                assert out["iterations"].tolist() == ref.stats.iterations.tolist(), params
+                assert out["label_proven"].tolist() == ref.label_proven.tolist(), params
+                assert out["converged"].tolist() == ref.stats.converged.tolist(), params
+                torch.testing.assert_close(out["logit_error_bound"], ref.logit_error_bound,
+                                           rtol=1e-5, atol=1e-6)  # fmt: skip
+                seen[stop, logit_tol] = tuple(out["iterations"].tolist())
+            body = v2_body(x, parameters={"stop": "label", "logit_tol": 0.5})
             r = client.post("/v2/models/fmnist-fc/infer", json=body)
             assert r.status_code == 422
             assert r.json()["error"] == "logit_tol applies to stop 'logits' only, not stop 'label'"
     finally:
         srv.stop()
+    # Four rules, four different answers: a request solved under another rule would fail above.
+    assert len(set(seen.values())) == len(seen) == 4
 
 
 # ---- refusals (the tiny models of service_support) --------------------------------------------
