@@ -233,13 +233,23 @@ def test_health_and_metadata_match_http(served, triton):
 
 @needs_fmnist
 @pytest.mark.parametrize(
-    "params",
-    [{}, {"tol": 1e-5, "max_iter": 300, "method": "forward_backward"}, {"stop": "label"}],
+    "params, iterations",
+    [
+        ({}, 9),
+        ({"tol": 0.05, "max_iter": 600, "method": "forward_backward"}, 470),
+        ({"stop": "label"}, 6),
+    ],
     ids=["defaults", "tol-max_iter-method", "stop-label"],
 )
-def test_fmnist_answers_are_bit_identical_to_http_json(served, triton, params):
+def test_fmnist_answers_are_bit_identical_to_http_json(served, triton, params, iterations):
     """One real Fashion-MNIST test image through gRPC (raw contents in and out) and
-    through HTTP JSON: every output, bit for bit. Each request is alone in its batch."""
+    through HTTP JSON: every output, bit for bit. Each request is alone in its batch.
+
+    Each request's rule is met well before its ``max_iter``, in iterations no other setting
+    gives, so a parameter gRPC dropped would show: forward-backward to ``tol`` 0.05 takes 470
+    (to the default 1e-2, 667: past ``max_iter`` 600; at the default ``max_iter`` 300, cut
+    unconverged; Peaceman–Rachford, 7). (``tol`` 1e-5 is below what float32 certifies on
+    fmnist-fc: FB ran to ``max_iter`` 300 whatever the ``tol``, so ``tol`` went unchecked.)"""
     x = fmnist(0)
     requested = [grpcclient.InferRequestedOutput(n) for n in ALL_OUTPUTS]
     res = triton.infer(
@@ -250,6 +260,11 @@ def test_fmnist_answers_are_bit_identical_to_http_json(served, triton, params):
         served.url, "fmnist-fc", x, parameters=params, outputs=[{"name": n} for n in ALL_OUTPUTS]
     )
     assert_identical(got, want)
+    assert got["iterations"].tolist() == [iterations]
+    if params.get("stop") == "label":
+        assert got["label_proven"].tolist() == [True]
+    else:
+        assert got["converged"].tolist() == [True]
     answer = res.get_response()
     assert (answer.model_name, answer.model_version, answer.id) == ("fmnist-fc", "1", "r-1")
     p = answer.parameters

@@ -120,10 +120,13 @@ def test_answers_are_those_of_one_process_bit_for_bit(servers):
     requests.append(("/v2/models/fc/infer", {"json": v2_body(images)}))
     outs = [{"name": n} for n in ("logits", "label", "logit_error_bound")]
     requests.append(("/v2/models/fc/infer", {"json": v2_body(images[:2], outputs=outs)}))
+    # Forward-backward to tol 1e-3 converges on these rows in 37 iterations; 1e-5 is below
+    # what float32 certifies on this model (its residual bottoms out near 1e-4) and ran every
+    # row to max_iter, whatever the tol.
     classify = {
         "inputs": images[:3].tolist(),
         "top_k": 3,
-        "tol": 1e-5,
+        "tol": 1e-3,
         "method": "forward_backward",
     }
     requests.append(("/v1/models/fc:classify", {"json": classify}))
@@ -138,6 +141,10 @@ def test_answers_are_those_of_one_process_bit_for_bit(servers):
     for r1, r2 in zip(*answers, strict=True):
         assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
         assert comparable(r2.json()) == comparable(r1.json())
+    solved = answers[0][10].json()  # the classify request: the fields took effect
+    assert solved["solver"]["tol"] == 1e-3
+    assert solved["solver"]["method"] == "forward_backward"
+    assert [(a["iterations"], a["converged"]) for a in solved["predictions"]] == [(37, True)] * 3
 
 
 INFER = "/v2/models/fc/infer"
