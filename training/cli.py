@@ -125,8 +125,9 @@ def train(sub) -> None:
         type=_dist_timeout,
         default=None,
         metavar="SECONDS",
-        help="with --nproc or torchrun: how long a rank waits for a hung peer before the run "
-        "stops (default 300)",
+        help="with --nproc or torchrun: how long a rank waits in a training step for a hung "
+        "peer before the run stops (default 300; an epoch's evaluation and writes wait at "
+        "least 300)",
     )
     p.set_defaults(handler=_run_train)
 

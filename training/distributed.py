@@ -5,15 +5,18 @@ Under ``mondeq train --nproc`` (:mod:`training.launch`) or ``torchrun`` (``WORLD
 identity, so the training loop has one code path.
 
 A rank that dies closes its sockets, so the others' next collective fails at once; one that
-hangs (stopped, swapping, deadlocked) is noticed when a collective has waited ``timeout_s``
-(``--dist-timeout``, default :data:`DEFAULT_TIMEOUT_S`). Either way a surviving rank raises
+hangs (stopped, swapping, deadlocked) in a training step is noticed when a collective has
+waited ``timeout_s`` (``--dist-timeout``, default :data:`DEFAULT_TIMEOUT_S`); the end of an
+epoch, where rank 0 alone writes files, waits at least the default (:func:`patient`). Either way a surviving rank raises
 :class:`PeerLost` instead of the backend's traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -166,6 +169,25 @@ def watch(d: Dist, timeout_s: float) -> None:
     and the ranks meet at every step."""
     if d.enabled and dist.is_initialized():
         dist.set_timeout(timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def patient(d: Dist, timeout_s: float) -> Iterator[None]:
+    """Inside, a collective waits at least :data:`DEFAULT_TIMEOUT_S`; after, ``timeout_s`` again.
+
+    For the end of an epoch, where the ranks do not meet in lockstep: each evaluates its own
+    shard of the test set (one shard's samples may run to ``max_iter`` while the other's stop
+    early), then the others wait in a barrier while rank 0 writes the checkpoints, metrics
+    and curves (seconds on a busy machine or a slow disk). A short ``--dist-timeout`` there
+    would take a healthy run for a hung one. If the block raises, the run is ending and the
+    timeout is left as it is.
+    """
+    if not (d.enabled and dist.is_initialized()) or timeout_s >= DEFAULT_TIMEOUT_S:
+        yield
+        return
+    dist.set_timeout(timedelta(seconds=DEFAULT_TIMEOUT_S))
+    yield
+    dist.set_timeout(timedelta(seconds=timeout_s))
 
 
 def teardown(d: Dist) -> None:

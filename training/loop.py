@@ -106,7 +106,7 @@ def train(
             distributed.watch(dist, dist_timeout_s)
             if dist.is_main:
                 _log(_start_line(st))
-            return _train_epochs(st, stop)
+            return _train_epochs(st, stop, dist_timeout_s)
     except RuntimeError as e:
         if dist.enabled and distributed.is_peer_failure(e):
             raise distributed.PeerLost(dist.rank, dist.world, e) from None
@@ -115,53 +115,68 @@ def train(
         distributed.teardown(dist)
 
 
-def _train_epochs(st: Setup, stop: StopFlag) -> dict:
-    """Epochs from ``st.progress["epoch"]`` to ``st.epochs``, each evaluated and written."""
+def _train_epochs(st: Setup, stop: StopFlag, timeout_s: float) -> dict:
+    """Epochs from ``st.progress["epoch"]`` to ``st.epochs``, each evaluated and written.
+
+    ``timeout_s`` (``--dist-timeout``) bounds the collectives of the training steps; the
+    evaluation and rank 0's writes wait at least the default (:func:`distributed.patient`).
+    """
     dist, model, progress = st.dist, st.model, st.progress
     last_metrics = _metrics_summary(progress["history"][-1]) if progress["history"] else {}
     for epoch in range(progress["epoch"], st.epochs):
         progress["epoch"] = epoch
         row = _run_epoch(st, stop)
         if row is None:  # interrupted mid-epoch
-            if dist.is_main:
-                _save_last(st, last_metrics)
-            dist.barrier()
+            with distributed.patient(dist, timeout_s):
+                if dist.is_main:
+                    _save_last(st, last_metrics)
+                dist.barrier()
             raise _interrupted(dist, stop, st.files.last)
-        model.eval()
-        t0 = time.perf_counter()
-        test = evaluate(model, st.test_x, st.test_y, dist=dist)
-        if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
-            where = f"epoch {epoch + 1}/{st.epochs}, test evaluation"
-            raise _diverged(st, where, f"the test loss is {test['loss']}")
-        row.update({f"test_{k}": v for k, v in test.items() if k != "certified"})
-        row["test_certified"] = test["certified"]
-        row["eval_time_s"] = time.perf_counter() - t0
-        figures = {
-            **{k: row[k] for k in _TRAIN_SOLVER_KEYS},
-            "test_fwd_unconverged_share": 1.0 - test["converged_share"],
-            "test_fwd_residual_mean": test["residual_mean"],
-        }
-        row["solver_warning"] = _solver_warning(figures, model.solver_settings.tol)
-        progress["history"].append(row)
-        progress["epoch"], progress["step"], progress["sums"] = epoch + 1, 0, None
-        last_metrics = _metrics_summary(row)
-        if dist.is_main:
-            _log(_epoch_line(row, st.epochs))
-            if row["solver_warning"]:
-                _log(f"warning: epoch {epoch + 1}/{st.epochs}: {row['solver_warning']}")
-            if test["accuracy"] > progress["best"]:
-                progress["best"] = test["accuracy"]
-                st.files.save_best(
-                    model, _checkpoint_metadata(st, last_metrics), calibration=st.calibration
-                )
-            _save_last(st, last_metrics)
-            st.files.write_metrics(progress["history"])
-            st.files.write_curves(progress["history"], st.opts.preset)
-        dist.barrier()
-        # Every rank must agree, or the ones that go on wait on the others' collectives.
-        if dist.any(stop.stopped) and epoch + 1 < st.epochs:
+        with distributed.patient(dist, timeout_s):
+            last_metrics = _end_epoch(st, row)
+            # Every rank must agree, or the ones that go on wait on the others' collectives.
+            stopped = dist.any(stop.stopped)
+        if stopped and epoch + 1 < st.epochs:
             raise _interrupted(dist, stop, st.files.last)
     return last_metrics
+
+
+def _end_epoch(st: Setup, row: dict) -> dict:
+    """Evaluate the epoch just trained, log it, have rank 0 write its files, and wait for
+    every rank; returns the epoch's metrics summary. ``row``: :func:`_run_epoch`'s, which
+    this completes."""
+    dist, model, progress = st.dist, st.model, st.progress
+    epoch = progress["epoch"]
+    model.eval()
+    t0 = time.perf_counter()
+    test = evaluate(model, st.test_x, st.test_y, dist=dist)
+    if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
+        where = f"epoch {epoch + 1}/{st.epochs}, test evaluation"
+        raise _diverged(st, where, f"the test loss is {test['loss']}")
+    row.update({f"test_{k}": v for k, v in test.items() if k != "certified"})
+    row["test_certified"] = test["certified"]
+    row["eval_time_s"] = time.perf_counter() - t0
+    figures = {
+        **{k: row[k] for k in _TRAIN_SOLVER_KEYS},
+        "test_fwd_unconverged_share": 1.0 - test["converged_share"],
+        "test_fwd_residual_mean": test["residual_mean"],
+    }
+    row["solver_warning"] = _solver_warning(figures, model.solver_settings.tol)
+    progress["history"].append(row)
+    progress["epoch"], progress["step"], progress["sums"] = epoch + 1, 0, None
+    metrics = _metrics_summary(row)
+    if dist.is_main:
+        _log(_epoch_line(row, st.epochs))
+        if row["solver_warning"]:
+            _log(f"warning: epoch {epoch + 1}/{st.epochs}: {row['solver_warning']}")
+        if test["accuracy"] > progress["best"]:
+            progress["best"] = test["accuracy"]
+            st.files.save_best(model, _checkpoint_metadata(st, metrics), calibration=st.calibration)
+        _save_last(st, metrics)
+        st.files.write_metrics(progress["history"])
+        st.files.write_curves(progress["history"], st.opts.preset)
+    dist.barrier()
+    return metrics
 
 
 def _run_epoch(st: Setup, stop: StopFlag) -> dict | None:

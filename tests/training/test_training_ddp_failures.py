@@ -41,6 +41,13 @@ if fault and os.environ.get("RANK") in os.environ.get("MONDEQ_TEST_RANKS", "1").
     if kind == "late":  # a rank that starts seconds after the others, as on a busy machine
         import time
         time.sleep(float(at))
+    elif kind == "slowwrite":  # rank 0's epoch-end files take seconds (a busy disk)
+        import time, training.runfolder
+        write = training.runfolder.RunFolder.write_curves
+        def slow_write(self, *args, **kwargs):
+            time.sleep(float(at))
+            return write(self, *args, **kwargs)
+        training.runfolder.RunFolder.write_curves = slow_write
     elif kind == "unreadable":
         import training.data, training.setup
         def load_dataset(*args, **kwargs):
@@ -197,6 +204,19 @@ def test_a_rank_that_starts_late_is_not_taken_for_hung(tmp_path, fault_path):
     assert code == 0, err
     assert [line.split(":")[0] for line in lines(err)] == ["fmnist-fc", "epoch 1/2", "epoch 2/2"]
     assert processes_naming(out) == []
+
+
+def test_a_slow_epoch_end_on_rank_0_is_not_taken_for_hung(tmp_path, fault_path):
+    # Was: with --dist-timeout 2, rank 1 gave up in the barrier while rank 0 wrote epoch 1's
+    # curves for 3 s: exit 4, "the 2 ranks lost contact with each other". On a busy machine
+    # the plain writes took that long, and the hung-rank case below failed so now and then.
+    out = tmp_path / "run"
+    code, err = run_with_fault(out, "slowwrite@3", fault_path, "--dist-timeout", "2", ranks="0")
+    assert code == 0, err
+    assert [line.split(":")[0] for line in lines(err)] == ["fmnist-fc", "epoch 1/2", "epoch 2/2"]
+    assert processes_naming(out) == []
+    progress = load_checkpoint(out / "last.pt").training_state["progress"]
+    assert {k: progress[k] for k in ("epoch", "step")} == {"epoch": 2, "step": 0}
 
 
 def test_a_sigterm_to_one_rank_stops_every_rank_at_a_step(tmp_path, fault_path, uninterrupted):
