@@ -7,8 +7,8 @@ identity, so the training loop has one code path.
 A rank that dies closes its sockets, so the others' next collective fails at once; one that
 hangs (stopped, swapping, deadlocked) in a training step is noticed when a collective has
 waited ``timeout_s`` (``--dist-timeout``, default :data:`DEFAULT_TIMEOUT_S`); the end of an
-epoch, where rank 0 alone writes files, waits at least the default (:func:`patient`). Either way a surviving rank raises
-:class:`PeerLost` instead of the backend's traceback.
+epoch, where rank 0 alone writes files, waits at least the default (:func:`patient`).
+Either way a surviving rank raises :class:`PeerLost` instead of the backend's traceback.
 """
 
 from __future__ import annotations

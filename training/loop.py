@@ -121,7 +121,7 @@ def _train_epochs(st: Setup, stop: StopFlag, timeout_s: float) -> dict:
     ``timeout_s`` (``--dist-timeout``) bounds the collectives of the training steps; the
     evaluation and rank 0's writes wait at least the default (:func:`distributed.patient`).
     """
-    dist, model, progress = st.dist, st.model, st.progress
+    dist, progress = st.dist, st.progress
     last_metrics = _metrics_summary(progress["history"][-1]) if progress["history"] else {}
     for epoch in range(progress["epoch"], st.epochs):
         progress["epoch"] = epoch
