@@ -143,6 +143,7 @@ def create_app(
         return Guard(
             inner,
             max_body=settings.max_body_bytes,
+            grace_s=settings.graceful_timeout_s,
             metrics=runtime.metrics,
             names=runtime.names,
             docs_paths=[p for p in docs if p],

@@ -24,6 +24,22 @@ HEAD_SCOPE_KEY = "mondeq.head"  # set on the scope of a HEAD request served as G
 METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
+# Retry-After (seconds) of a 503 that a shutdown caused: the request may go again at once to
+# another replica, or here once the server is back; a load balancer has stopped sending here.
+SHUTDOWN_RETRY_AFTER = "1"
+
+
+def grace_ran_out(grace_s: float) -> str:
+    """The words of a request the server stopped holding because its shutdown grace
+    (``graceful_timeout_s``, ``grace_s`` seconds) ran out: answered 503 over HTTP and
+    ``UNAVAILABLE`` over gRPC, both with :data:`SHUTDOWN_RETRY_AFTER`."""
+    return (
+        f"the server is shutting down and its grace period (graceful_timeout_s, {grace_s:g} s) "
+        "ran out before this request was answered; send it again (another replica, or this "
+        "server once it is back)"
+    )
+
+
 class ApiError(Exception):
     """An error answered as ``{"error": message}`` with HTTP ``status`` and ``headers``.
 

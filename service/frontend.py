@@ -160,13 +160,22 @@ def _plain(v) -> bool:
     return isinstance(v, str | int | float | bool | type(None))
 
 
+# Calls worth nothing but their answer: when the side that made them goes away (a worker
+# that stopped once its shutdown grace ran out) they are cancelled, so that the solver drops
+# their queued rows and stops a solve none of whose callers is left, as it does for a request
+# cancelled in its own process. Without this it solved the queue for no one before it
+# exited: minutes past the grace. Admin calls (repository, α search) go on to their end.
+ANSWER_ONLY_OPS = frozenset({"infer"})
+
+
 class Channel:
     """Calls both ways over one stream: ``await call(op, *args)`` runs ``handler(op, *args)``
     on the other side and returns its value or raises its exception (:class:`_Raised`).
 
     Frames are a 4-byte length and a pickle; a call is ``("call", id, op, args)``, its
     answer ``("ok" | "err", id, value)``. Calls are answered in any order (each runs as a
-    task of its own). ``served`` turns a served model's metadata into the local stand-in.
+    task of its own); when the stream closes, those of :data:`ANSWER_ONLY_OPS` still running
+    are cancelled. ``served`` turns a served model's metadata into the local stand-in.
     """
 
     def __init__(
@@ -180,6 +189,7 @@ class Channel:
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._answer_only: set[asyncio.Task] = set()
         self.closed = asyncio.get_running_loop().create_future()
         self._pump = asyncio.create_task(self._read())
 
@@ -216,6 +226,9 @@ class Channel:
                     task = asyncio.create_task(self._answer(i, *rest))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+                    if rest[0] in ANSWER_ONLY_OPS:
+                        self._answer_only.add(task)
+                        task.add_done_callback(self._answer_only.discard)
                     continue
                 fut = self._waiting.pop(i, None)
                 if fut is None or fut.done():
@@ -233,6 +246,8 @@ class Channel:
                 if not fut.done():
                     fut.set_exception(Closed("the solver process is gone"))
             self._waiting.clear()
+            for task in list(self._answer_only):  # no one is left to answer
+                task.cancel()
             if not self.closed.done():
                 self.closed.set_result(None)
 

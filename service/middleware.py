@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import HEAD_SCOPE_KEY, error_response
+from .errors import HEAD_SCOPE_KEY, SHUTDOWN_RETRY_AFTER, error_response, grace_ran_out
 from .metrics import ENDPOINTS, Metrics
 
 log = logging.getLogger("mondeq.service")
@@ -45,6 +46,12 @@ class Guard:
     An answer given before the whole body was read closes the connection when the client may
     not send the rest (``Expect: 100-continue``) or when draining it would cost too much.
     The body read here is replayed to the app.
+
+    A request still held when a shutdown's grace (``graceful_timeout_s``) runs out is
+    cancelled by uvicorn, which answered it 500 ``Internal Server Error``: it is answered
+    here instead, 503 with ``Retry-After`` (:func:`~service.errors.grace_ran_out`). Nothing
+    else cancels a request's task (uvicorn reads a client gone as a disconnect, not a
+    cancellation); its queued or running solve is dropped as any abandoned one is.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class Guard:
         names: Callable[[], Collection[str]],
         docs_paths: Collection[str],
         routes: Collection[tuple[re.Pattern, str]] = (),
+        grace_s: float = 30.0,
     ):
         """Args:
         app: the ASGI app to guard.
@@ -68,8 +76,11 @@ class Guard:
         routes: ``(path regex, route name)`` of the app's routes, in its router's order, to
             label a request refused here, before any router saw it, with the endpoint and
             model it was sent to.
+        grace_s: the server's shutdown grace (``graceful_timeout_s``), named in the 503 of
+            a request it cut off.
         """
         self.app, self.max_body, self.metrics, self.names = app, max_body, metrics, names
+        self.grace_s = grace_s
         self.docs_paths = frozenset(docs_paths)
         self.routes = tuple(routes)
         # (model, endpoint, code) → its request counter and duration histogram. Bounded as the
@@ -81,7 +92,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
         path = route_path(scope)
         counted = path != "/metrics"
         head = scope["method"] == "HEAD"
@@ -93,7 +104,7 @@ class Guard:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
@@ -114,6 +125,19 @@ class Guard:
                 return await receive()
 
             await self.app(scope, replay, send_wrapper)
+        except asyncio.CancelledError:
+            if status["started"]:
+                raise  # too late for a status: uvicorn closes the connection
+            # The shutdown's grace ran out (uvicorn cancels what it still holds): the server's
+            # availability, not a fault of the request nor a bug. Answered, not re-raised, so
+            # that uvicorn sees a complete answer instead of an exception to answer with 500.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            refusal = error_response(
+                503, grace_ran_out(self.grace_s), {"Retry-After": SHUTDOWN_RETRY_AFTER}
+            )
+            await refusal(scope, receive, send_wrapper)
         finally:
             if counted:
                 self.metrics.inflight.dec()

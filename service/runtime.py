@@ -10,7 +10,7 @@ import torch
 
 from .batcher import Answer, Closed, QueueFull, SolveFailed
 from .engine import ServedModel, SolveKey, TooMuchWork
-from .errors import ApiError
+from .errors import SHUTDOWN_RETRY_AFTER, ApiError
 from .metrics import Metrics
 from .repository import NotFound, NotReady, Repository
 from .settings import Settings
@@ -63,7 +63,9 @@ async def solve(served: ServedModel, x: torch.Tensor, key: SolveKey) -> Answer:
     Raises:
         ApiError: 422 when the request asks for more solver work than the server allows
             (rows × max_iter), 429 with ``Retry-After`` (seconds) when the queue is full,
-            503 while the model is shutting down, 500 when the solve itself failed.
+            503 with ``Retry-After`` while the model is shutting down or being replaced
+            (or, behind ``--workers``, the solver process is gone), 500 when the solve
+            itself failed.
     """
     try:
         return await served.infer(x, key)
@@ -72,6 +74,6 @@ async def solve(served: ServedModel, x: torch.Tensor, key: SolveKey) -> Answer:
     except QueueFull as e:
         raise ApiError(429, str(e), {"Retry-After": str(e.retry_after)}) from None
     except Closed as e:
-        raise ApiError(503, str(e)) from None
+        raise ApiError(503, str(e), {"Retry-After": SHUTDOWN_RETRY_AFTER}) from None
     except SolveFailed as e:
         raise ApiError(500, str(e)) from None

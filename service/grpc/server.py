@@ -30,7 +30,7 @@ from .. import schemas
 from ..batcher import Answer
 from ..decoding import check_output_names, input_pixels, refuse_classification, solve_key
 from ..encoding import DEFAULT_OUTPUTS, OUTPUT_TYPES, output_bytes, solver_info
-from ..errors import ApiError, summarise_validation
+from ..errors import SHUTDOWN_RETRY_AFTER, ApiError, grace_ran_out, summarise_validation
 from ..repository import NotFound, NotReady
 from ..routers import v2
 from ..runtime import Runtime, solve
@@ -231,7 +231,9 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
     metrics under ``endpoint`` (``model`` from the request's ``model_field``, ``"unknown"``
     when the repository has no such name), and answer an :class:`ApiError` with its gRPC
     status code, message and headers (``retry-after`` on a full queue) as trailers.
-    Anything else is logged and answered ``INTERNAL`` naming only its type."""
+    Anything else is logged and answered ``INTERNAL`` naming only its type. A call still
+    running when the shutdown's grace ends (:meth:`InferenceService.end_grace` cancels it)
+    is answered ``UNAVAILABLE`` with HTTP's 503 words and a ``retry-after`` trailer."""
 
     def wrap(handler: Handler) -> Callable:
         @functools.wraps(handler)
@@ -240,6 +242,8 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
             status = 500
             metrics = self.runtime.metrics
             metrics.inflight.inc()
+            task = asyncio.current_task()
+            self.calls.add(task)
             try:
                 if isinstance(request, MalformedMessage):
                     raise ApiError(400, request.message)
@@ -250,14 +254,22 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
                 trailers = tuple((k.lower(), v) for k, v in (e.headers or {}).items())
                 await context.abort(status_code(e.status), e.message, trailers)
             except asyncio.CancelledError:
-                status = CLIENT_GONE
-                raise
+                if self.grace_over is None:
+                    status = CLIENT_GONE
+                    raise
+                # The shutdown's grace ran out: say so (gRPC's own stop would cancel the
+                # call with "Cancelling all calls", read as the client's doing).
+                task.uncancel()
+                status = 503
+                trailers = (("retry-after", SHUTDOWN_RETRY_AFTER),)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.grace_over, trailers)
             except Exception as e:
                 log.exception("unhandled error in gRPC %s", endpoint)
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"internal server error ({type(e).__name__})"
                 )
             finally:
+                self.calls.discard(task)
                 metrics.inflight.dec()
                 self.observe(request, model_field, endpoint, status, time.perf_counter() - t0)
 
@@ -265,6 +277,10 @@ def rpc(endpoint: str, model_field: str | None = None) -> Callable[[Handler], Ca
 
     return wrap
 
+
+# Seconds past the grace at which gRPC's own stop cancels what is left: the calls cut off by
+# InferenceService.end_grace are answered within this, so in practice nothing is.
+STOP_MARGIN_S = 5.0
 
 # The protocol extensions ServerMetadata lists over gRPC (see ServerMetadata).
 GRPC_EXTENSIONS: tuple[str, ...] = ()
@@ -343,10 +359,23 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over one app's :class:`Runtime`."""
+    """``inference.GRPCInferenceService`` over one app's :class:`Runtime`.
+
+    ``calls`` holds the tasks of the calls being answered; ``grace_over`` is ``None`` until
+    :meth:`end_grace`, then the words those calls are answered with."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        self.calls: set[asyncio.Task] = set()
+        self.grace_over: str | None = None
+
+    def end_grace(self) -> None:
+        """The shutdown's grace (``graceful_timeout_s``) is over: cancel every call still
+        running, each answered ``UNAVAILABLE`` by :func:`rpc` (503 in the metrics) and its
+        queued or running solve dropped, as HTTP's requests are answered 503."""
+        self.grace_over = grace_ran_out(self.runtime.settings.graceful_timeout_s)
+        for task in list(self.calls):
+            task.cancel()
 
     def observe(
         self, request, model_field: str | None, endpoint: str, status: int, seconds: float
@@ -438,7 +467,9 @@ class GrpcServer:
 
     Messages over ``max_body_bytes`` are refused by gRPC itself (``RESOURCE_EXHAUSTED``)
     before they reach a handler. On shutdown it stops taking calls and lets those in flight
-    finish within ``graceful_timeout_s``, as uvicorn does for HTTP.
+    finish within ``graceful_timeout_s``, as uvicorn does for HTTP; those still running then
+    are answered ``UNAVAILABLE`` saying so (:meth:`InferenceService.end_grace`), before
+    gRPC's own stop, :data:`STOP_MARGIN_S` later, would cancel them without a word.
 
     Args:
         runtime: the app's runtime.
@@ -455,7 +486,9 @@ class GrpcServer:
         host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
         self.address = f"{host}:{s.grpc_port}"
         self.server: grpc.aio.Server | None = None
+        self.service = InferenceService(runtime)
         self._stopping: asyncio.Task | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Bind and start serving.
@@ -473,7 +506,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 1 if self.share_port else 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.runtime), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, server)
         try:
             bound = server.add_insecure_port(self.address)
         except RuntimeError as e:
@@ -485,14 +518,18 @@ class GrpcServer:
         log.info("gRPC (Open Inference Protocol) on %s", self.address)
 
     def drain(self) -> None:
-        """Stop taking calls now; those in flight get ``graceful_timeout_s`` to finish
-        (idempotent; :meth:`stop` waits for it)."""
+        """Stop taking calls now; those in flight get ``graceful_timeout_s`` to finish, then
+        are answered ``UNAVAILABLE`` (idempotent; :meth:`stop` waits for it)."""
         if self.server is not None and self._stopping is None:
             grace = self.runtime.settings.graceful_timeout_s
-            self._stopping = asyncio.ensure_future(self.server.stop(grace))
+            loop = asyncio.get_running_loop()
+            self._grace_timer = loop.call_later(grace, self.service.end_grace)
+            self._stopping = asyncio.ensure_future(self.server.stop(grace + STOP_MARGIN_S))
 
     async def stop(self) -> None:
         """:meth:`drain`, and wait until every call has been answered (or the grace ran out)."""
         self.drain()
         if self._stopping is not None:
             await self._stopping
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
