@@ -129,9 +129,14 @@ def logit_error_bounds(
 
 
 def _up(value: Tensor, like: Tensor) -> Tensor:
-    """A float64 ``value`` in ``like``'s dtype, never below it: the cast rounds to nearest,
-    so it is raised by two units in the last place first."""
-    return (value * (1.0 + 2.0 * torch.finfo(like.dtype).eps)).to(like.dtype)
+    """A float64 ``value`` in ``like``'s dtype, never below it (:func:`cast_above`)."""
+    return cast_above(value, like.dtype)
+
+
+def cast_above(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float64 bound ``value`` (non-negative) in ``dtype``, never below it: the cast
+    rounds to nearest, so it is raised by two units in ``dtype``'s last place first."""
+    return (value * (1.0 + 2.0 * torch.finfo(dtype).eps)).to(dtype)
 
 
 def row_norms(weight: Tensor) -> Tensor:

@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bounds import (
+    cast_above,
     equilibrium_error_bound,
     head_rounding,
     logit_error_bounds,
     pairwise_distances,
     proven_labels,
     rival_slack,
+    rounding_error,
 )
 from .config import (
     ArchitectureParts,
@@ -50,12 +52,17 @@ from .equilibrium import EquilibriumLayer, SolverSettings
 from .nonlinearity import BorderReLU, ReLU
 from .operators import FCOperator, MonotoneOperator, MultiTierOperator, tier_sizes
 from .operators.base import same_values, spectral_norm_above
-from .solvers import SYNC_EVERY, SolveStats
+from .solvers import SYNC_EVERY, SolveStats, relative_residual
 
 POOL = 4  # the single-conv head's average-pool size
 # When a sample stops iterating (MonDEQClassifier.infer): the residual rule of §2, or the
 # proofs of §9 (label proven; every logit within an absolute accuracy).
 STOP_RULES = ("tol", "label", "logits")
+# A float32 answer left unconverged or unproven is certified again in float64 at the same
+# point (MonDEQClassifier.infer) when the rounding term ρ is at least this share of its
+# residual or of its error bound: there the float32 certificate says more about rounding
+# than about the point, and float64's ρ is 2^29 times smaller.
+FLOAT64_SHARE = 0.25
 
 
 @dataclass
@@ -77,6 +84,10 @@ class InferenceResult:
             distance of each returned logit from the exact equilibrium's (§9).
         label_proven: ``(B,)`` bool: the predicted label is provably the exact equilibrium's
             (every rival's margin exceeds its share of ``error_bound``, §9).
+        certified_in_float64: ``(B,)`` bool: the sample's residual, bounds, logits and
+            proof were evaluated in float64 at the solver's returned point (a float32
+            model's answer that float32's rounding left unconverged or unproven, §9
+            "Rounding"); its iterations are the float32 solve's.
     """
 
     logits: Tensor
@@ -86,6 +97,7 @@ class InferenceResult:
     error_bound: Tensor
     logit_error_bound: Tensor
     label_proven: Tensor
+    certified_in_float64: Tensor
 
     @property
     def labels(self) -> Tensor:
@@ -139,6 +151,8 @@ class MonDEQClassifier(nn.Module):
         self._input_spec = InputSpec.identity((c, size, size), cfg.num_classes)
         # (identity, copy of W_out, ‖W_out‖₂, pairwise distances): see _head_geometry
         self._head_cache: tuple | None = None
+        # (operator weights key, float64 copy of the model): see _float64_copy
+        self._float64: tuple | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -269,6 +283,16 @@ class MonDEQClassifier(nn.Module):
         A sample is ``converged`` when its true fixed-point residual is at most ``tol``,
         whatever stopped it.
 
+        In float32 the residual and the bound carry the rounding of ``p`` (§2, §9), a floor
+        of about 1e-4 of ``‖z‖`` on the default models. A sample left unproven, or short of
+        its rule (unconverged under ``"tol"``, above ``logit_tol`` under ``"logits"``),
+        whose residual or bound is at least :data:`FLOAT64_SHARE` that rounding is
+        certified again at the same point with
+        float64 arithmetic (a float64 copy of the weights, exact): ``p = W z + U x + b``,
+        residual, centre, bound, logits and proof (``certified_in_float64``). The point and
+        its iterations are the solve's; on the default models this proves every near tie
+        that float32 could not and converges every answer at ``tol`` 1e-4.
+
         Args:
             x: ``(B, C, H, W)`` normalised input.
             method, alpha, tol, max_iter: solver overrides for this call.
@@ -321,15 +345,125 @@ class MonDEQClassifier(nn.Module):
             proven = proven_labels(logits, w, pool, bound, slack)
             radius = self.certified_radius(logits, slack)
             lip = self.lipschitz_bound()
-        return InferenceResult(
-            logits=logits,
-            stats=stats,
-            certified_radius=radius.masked_fill(~proven, math.nan),
-            lipschitz=lip,
-            error_bound=bound,
-            logit_error_bound=logit_error_bounds(w, pool, bound, rounding),
-            label_proven=proven,
+            result = InferenceResult(
+                logits=logits,
+                stats=stats,
+                certified_radius=radius.masked_fill(~proven, math.nan),
+                lipschitz=lip,
+                error_bound=bound,
+                logit_error_bound=logit_error_bounds(w, pool, bound, rounding),
+                label_proven=proven,
+                certified_in_float64=torch.zeros_like(proven),
+            )
+            if dtype == torch.float32:
+                rows = self._rounding_bound(result, z, pre, stop, logit_tol)
+                if bool(rows.any()):  # (one host read per call, after the solve)
+                    self._certify_in_float64(result, x, z, rows.nonzero().squeeze(1))
+        return result
+
+    def _rounding_bound(
+        self, result: InferenceResult, z: Tensor, pre: Tensor, stop: str, logit_tol: float | None
+    ) -> Tensor:
+        """``(B,)`` bool: the float32 answers that float32's rounding leaves undecided.
+
+        Unproven, or unconverged (``"tol"``) or above ``logit_tol`` (``"logits"``); finite;
+        and with the rounding term ``ρ`` (:func:`~model_core.bounds.rounding_error`) at
+        least :data:`FLOAT64_SHARE` of the residual or of the error bound."""
+        stats = result.stats
+        z_norm = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
+        pre_norm = torch.linalg.vector_norm(pre.reshape(pre.shape[0], -1), dim=1)
+        rho = rounding_error(z_norm, pre_norm, z.dtype, stats.pre_scale)
+        in_bound = rho * (1.0 + self.op.weight_norm() / self.op.m)
+        in_residual = rho / z_norm.clamp_min(torch.finfo(z.dtype).tiny)
+        # The rule's own aim, and the label's proof: under "label", an unconverged residual
+        # is the rule's doing (it stops before tol), not rounding's.
+        undecided = ~result.label_proven
+        if stop == "tol":
+            undecided |= ~stats.converged
+        elif stop == "logits":
+            undecided |= result.logit_error_bound.amax(dim=1) > logit_tol
+        finite = torch.isfinite(stats.residual) & torch.isfinite(result.error_bound)
+        dominated = (in_residual >= FLOAT64_SHARE * stats.residual) | (
+            in_bound >= FLOAT64_SHARE * result.error_bound
         )
+        return undecided & finite & dominated
+
+    def _certify_in_float64(
+        self, result: InferenceResult, x: Tensor, z: Tensor, rows: Tensor
+    ) -> None:
+        """Re-evaluate ``rows`` (``(R,)`` int64) of a float32 ``result`` in float64 at the
+        same point, in place (§9, "Rounding").
+
+        ``p = W z + U x + b`` is formed directly with float64 copies of the weights
+        (:meth:`_float64_copy`; float32 values are exact in float64), so its rounding
+        scale is ``‖W‖ ‖z‖ + ‖|U||x| + |b|‖`` with float64's ``eps``. Then the residual
+        (:func:`~model_core.solvers.relative_residual`), the centre and bound (eq. 15),
+        the logits, their bounds and the proof (eqs. 16, 17) as in float32. Back in
+        float32: bounds and residuals are rounded up (:func:`~model_core.bounds.cast_above`),
+        each logit's bound grows by the cast's ``eps/2 · |l|``, the radius is lowered past
+        the cast, and a label stays proven only if the float32 logits keep its argmax.
+        """
+        stats = result.stats
+        shadow = self._float64_copy()
+        op, nonlin = shadow.op, shadow.deq.nonlin
+        x64, z64 = x.index_select(0, rows).double(), z.index_select(0, rows).double()
+        with op.fixed_weights():
+            pre = op.multiply(z64) + op.bias(x64)
+            z_norm = torch.linalg.vector_norm(z64.reshape(len(rows), -1), dim=1)
+            scale = op.weight_norm() * z_norm + op.injection_scale(x64)
+            residual = relative_residual(z64, nonlin(pre), pre, scale)
+            centre, bound = equilibrium_error_bound(op, nonlin, z64, pre, scale)
+            logits, rounding = shadow._logits_and_rounding(centre)
+            w, pool = shadow.head.weight, shadow.pool_norm()
+            slack = rival_slack(logits, w, pool, bound, shadow._head_geometry()[1], rounding)
+            proven = proven_labels(logits, w, pool, bound, slack)
+            radius = shadow.certified_radius(logits, slack)
+            logit_bound = logit_error_bounds(w, pool, bound, rounding)
+        single = torch.float32
+        unit = torch.finfo(single).eps / 2.0
+        logits32 = logits.to(single)
+        proven &= logits32.argmax(dim=1) == logits.argmax(dim=1)
+        radius = (radius * (1.0 - 2.0 * torch.finfo(single).eps)).to(single)
+        residual32 = cast_above(residual, single)
+        stats.residual = stats.residual.index_copy(0, rows, residual32)
+        stats.converged = stats.converged.index_copy(
+            0, rows, torch.isfinite(residual32) & (residual32 <= stats.tol)
+        )
+        result.logits = result.logits.index_copy(0, rows, logits32)
+        result.error_bound = result.error_bound.index_copy(0, rows, cast_above(bound, single))
+        result.logit_error_bound = result.logit_error_bound.index_copy(
+            0, rows, cast_above(logit_bound + unit * logits.abs(), single)
+        )
+        result.label_proven = result.label_proven.index_copy(0, rows, proven)
+        result.certified_radius = result.certified_radius.index_copy(
+            0, rows, radius.masked_fill(~proven, math.nan)
+        )
+        result.certified_in_float64 = result.certified_in_float64.index_fill(0, rows, True)
+
+    def _float64_copy(self) -> MonDEQClassifier:
+        """This model in float64 on its device (the same weights, exactly), kept while the
+        weights are unchanged: the operator's by its weights key, the head's by value.
+
+        Built from the config (not ``copy.deepcopy``, which would copy the per-weights
+        caches: a conv resolvent is tens of MB) with the random state restored, so that
+        building it draws nothing from the caller's random stream."""
+        key = self.op._weights_key()
+        held = self._float64
+        if held is not None and held[0] == key:
+            copy = held[1]
+            if all(
+                torch.equal(p.detach().double(), q)
+                for p, q in zip(self.head.parameters(), copy.head.parameters(), strict=True)
+            ):
+                return copy
+        device = next(self.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            copy = MonDEQClassifier(self.model_config)
+        copy.load_state_dict(self.state_dict())
+        copy = copy.to(device=device, dtype=torch.float64).eval()
+        copy.requires_grad_(False)
+        self._float64 = (key, copy)
+        return copy
 
     def _stopping_rule(
         self, stop: str, logit_tol: float | None

@@ -108,15 +108,16 @@ def delta(after: dict, before: dict) -> dict:
 
 
 @needs_images
-def test_stop_label_proves_all_but_near_ties_in_fewer_iterations(served, pixels, fc):
-    """fmnist-fc, 200 test images, one V2 request per rule: under ``stop: "label"`` 194
-    labels are proven, each the exact equilibrium's (a float64 solve to tol 1e-10), in 7.51
-    iterations on average against 10.41 for the same 194 under the default tol rule (1e-2),
-    which proves 185 of the 200. The other 6 are near-ties that float32 cannot prove: their
-    exact top-two margin (0.035 to 0.19) is within what the error bound's floor (the rounding
-    of ``p = W z + U x + b``, docs/math.md §2, §9) lets the logits move, so they run to
-    ``max_iter`` 300 and answer unproven, with no radius. Each answer equals the same rule
-    in-process; the metrics move by exactly these answers."""
+def test_stop_label_proves_every_label_near_ties_at_max_iter(served, pixels, fc):
+    """fmnist-fc, 200 test images, one V2 request per rule: under ``stop: "label"`` every
+    label is proven, each the exact equilibrium's (a float64 solve to tol 1e-10). 194 are
+    proven during the solve, in 7.51 iterations on average against 10.41 for the same 194
+    under the default tol rule (1e-2), which proves 188 of the 200. The other 6 are near ties
+    that float32 cannot prove: their exact top-two margin (0.035 to 0.19) is within what the
+    error bound's floor (the rounding of ``p = W z + U x + b``, docs/math.md §2, §9) lets
+    the logits move, so they run to ``max_iter`` 300, where the certificate evaluated in
+    float64 at the same point proves them. Each answer equals the same rule in-process; the
+    metrics move by exactly these answers."""
     exact = float64_reference(fc, fc.input_spec.normalize(pixels, dtype=torch.float32))
     with served.client() as client:
         before = counts(client, "fmnist-fc")
@@ -133,15 +134,16 @@ def test_stop_label_proves_all_but_near_ties_in_fewer_iterations(served, pixels,
 
     label, tol = answers["label"], answers["tol"]
     proven = label["label_proven"]
-    unproven = (~proven).nonzero().flatten().tolist()
-    assert unproven == [14, 43, 57, 67, 127, 156]  # the near-ties
-    assert label["iterations"][~proven].tolist() == [300] * 6  # ran to max_iter, no proof
-    assert torch.equal(label["label"][proven], exact.labels[proven])
-    assert label["iterations"].sum().item() == 3257  # 1457 on the proven + 6 × 300
-    assert label["iterations"][proven].sum().item() == 1457  # mean 7.51
-    assert tol["iterations"][proven].sum().item() == 2020  # mean 10.41 on the same 194
+    assert proven.all()
+    capped = (label["iterations"] == 300).nonzero().flatten().tolist()
+    assert capped == [14, 43, 57, 67, 127, 156]  # the near ties, proven in float64 at the cap
+    early = label["iterations"] < 300
+    assert torch.equal(label["label"], exact.labels)
+    assert label["iterations"].sum().item() == 3257  # 1457 on the other 194 + 6 × 300
+    assert label["iterations"][early].sum().item() == 1457  # mean 7.51
+    assert tol["iterations"][early].sum().item() == 2020  # mean 10.41 on the same 194
     assert tol["iterations"].sum().item() == 2089  # mean 10.445
-    assert int(tol["label_proven"].sum()) == 185
+    assert int(tol["label_proven"].sum()) == 188
     assert torch.equal(tol["label"][tol["label_proven"]], exact.labels[tol["label_proven"]])
     # The proven radius is stated for the exact equilibrium: shrunk by the bound, never larger.
     assert torch.equal(label["certified_radius"].isnan(), ~proven)
@@ -160,8 +162,8 @@ def test_stop_label_proves_all_but_near_ties_in_fewer_iterations(served, pixels,
     # Metrics: every answer once, by rule and proof; the bound of each; residual > tol by rule.
     n_conv = int(label["converged"].sum())
     assert n_conv == 23  # 177 stopped, proven, before their residual reached 1e-2 (+ 6 ties)
-    assert moved["label true"] == 194 and moved["label false"] == 6
-    assert moved["tol true"] == 185 and moved["tol false"] == 15
+    assert moved["label true"] == 200 and moved["label false"] == 0
+    assert moved["tol true"] == 188 and moved["tol false"] == 12
     assert moved["label bounds"] == 200 and moved["tol bounds"] == 200
     assert moved["label unconverged"] == 200 - n_conv and moved["tol unconverged"] == 0
     assert moved["label bound sum"] == pytest.approx(
@@ -174,9 +176,10 @@ def test_stop_label_proves_all_but_near_ties_in_fewer_iterations(served, pixels,
 def test_stop_logits_meets_its_logit_accuracy(served, pixels, fc):
     """``stop: "logits"`` with ``logit_tol`` 0.5 on 50 images: every logit's bound within
     0.5 (``logit_error_bound``, named in ``outputs``, ``[50, 10]``) in at most 16
-    iterations, as in-process. A ``logit_tol`` below float32's floor is never met, honestly:
-    at 0.1 every sample runs to ``max_iter`` 300 with a largest bound of 0.14 to 0.36 (the
-    error bound's rounding term on fmnist-fc, docs/math.md §2, §9)."""
+    iterations, as in-process. A ``logit_tol`` below float32's floor (0.14 to 0.36 on these
+    images: the error bound's rounding term on fmnist-fc, docs/math.md §2, §9) is not met
+    during the solve: at 0.1 every sample runs to ``max_iter`` 300, where the bounds
+    evaluated in float64 at the same point are under 4e-4."""
     x = pixels[:50]
     names = ["label", "iterations", "error_bound", "label_proven", "logit_error_bound"]
     answers = {}
@@ -204,7 +207,7 @@ def test_stop_logits_meets_its_logit_accuracy(served, pixels, fc):
     assert (met["logit_error_bound"].amax(dim=1) <= 0.5).all()
     assert met["iterations"].max().item() == 16
     assert floor["iterations"].tolist() == [300] * 50
-    assert (floor["logit_error_bound"].amax(dim=1) > 0.1).all()
+    assert (floor["logit_error_bound"].amax(dim=1) <= 4e-4).all()
 
 
 @needs_images
