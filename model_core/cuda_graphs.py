@@ -44,7 +44,14 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .solvers import State, _Hooks, _masked_iteration, _masked_outputs
+from .solvers import (
+    State,
+    _certifies,
+    _certify_masked,
+    _Hooks,
+    _masked_iteration,
+    _masked_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +347,10 @@ class GraphRunner:
                 self.graphs[variant].replay()
             else:
                 self._iteration(hooks, *variant)
+            if hooks.certify is not None and k < max_iter and _certifies(hooks, k, check_every):
+                # Eagerly, between replays: it reads the running rows on the host.
+                _certify_masked(hooks, self.state, self.live, self.iterations, k)
+                torch.any(self.live, out=self.alive)
             if k < max_iter and k % sync_every == 0 and not bool(self.alive):  # host sync
                 break
         if self.captured:

@@ -168,13 +168,15 @@ class EquilibriumLayer(nn.Module):
         check_every: int = 1,
         loop: str | None = None,
         sync_every: int = SYNC_EVERY,
+        certify: Callable[[dict[str, Tensor]], Tensor] | None = None,
     ) -> tuple[Tensor, SolveStats, Tensor]:
         """Solve without autograd. ``x`` → ``(z, stats, pre)``: the returned point ``z``
         of ``(B, *z_shape)`` and ``pre = W z + U x + b`` there (free for every method).
 
-        ``between``, ``accept``, ``check_every``, ``loop`` and ``sync_every`` go to
-        :func:`~model_core.solvers.solve_forward` (a scheduler's hook; another stopping
-        rule; the loop, by default the device's), with the injection's rounding scale
+        ``between``, ``accept``, ``check_every``, ``loop``, ``sync_every`` and ``certify``
+        go to :func:`~model_core.solvers.solve_forward` (a scheduler's hook; another
+        stopping rule; the loop, by default the device's; a second test of the rule), with
+        the injection's rounding scale
         (:meth:`~model_core.operators.MonotoneOperator.injection_scale`): ``stats.pre_scale``
         is that of ``pre``."""
         method = method or self.settings.method
@@ -194,6 +196,7 @@ class EquilibriumLayer(nn.Module):
                 loop=loop,
                 sync_every=sync_every,
                 bias_scale=self.op.injection_scale(x),
+                certify=certify,
             )
         self.last_forward_stats = stats
         return z, stats, pre

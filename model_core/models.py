@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,19 @@ class InferenceResult:
     def labels(self) -> Tensor:
         """``(B,)`` int64, the predicted class of each sample (argmax of :attr:`logits`)."""
         return self.logits.argmax(dim=1)
+
+
+class _Certificate(NamedTuple):
+    """A float64 certificate of some samples, in float32 (``MonDEQClassifier.
+    _float64_certificate``): ``(R,)`` residual, error bound, proof and radius (not yet
+    withheld where unproven), ``(R, K)`` logits and their bounds."""
+
+    residual: Tensor
+    logits: Tensor
+    error_bound: Tensor
+    logit_bound: Tensor
+    proven: Tensor
+    radius: Tensor
 
 
 class MonDEQClassifier(nn.Module):
@@ -322,6 +335,10 @@ class MonDEQClassifier(nn.Module):
         device = next(self.parameters()).device
         dtype = self._solve_dtype("infer")
         x = x.to(device=device, dtype=dtype)
+        certify = None
+        if dtype == torch.float32:
+            rule_tol = self.solver_settings.tol if tol is None else tol
+            certify = self._certifier(x, stop, logit_tol, rule_tol)
         with self.op.fixed_weights():  # one check of the weight caches for the whole call
             z, stats, pre = self.deq.solve(
                 x,
@@ -334,6 +351,7 @@ class MonDEQClassifier(nn.Module):
                 check_every=check_every,
                 loop=loop,
                 sync_every=sync_every,
+                certify=certify,
             )
             centre, bound = equilibrium_error_bound(
                 self.op, self.deq.nonlin, z, pre, stats.pre_scale
@@ -368,13 +386,13 @@ class MonDEQClassifier(nn.Module):
 
         Unproven, or unconverged (``"tol"``) or above ``logit_tol`` (``"logits"``); finite;
         and with the rounding term ``ρ`` (:func:`~model_core.bounds.rounding_error`) at
-        least :data:`FLOAT64_SHARE` of the residual or of the error bound."""
+        least :data:`FLOAT64_SHARE` of the residual (:meth:`_rounding_dominated`) or of the
+        error bound."""
         stats = result.stats
         z_norm = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
         pre_norm = torch.linalg.vector_norm(pre.reshape(pre.shape[0], -1), dim=1)
         rho = rounding_error(z_norm, pre_norm, z.dtype, stats.pre_scale)
         in_bound = rho * (1.0 + self.op.weight_norm() / self.op.m)
-        in_residual = rho / z_norm.clamp_min(torch.finfo(z.dtype).tiny)
         # The rule's own aim, and the label's proof: under "label", an unconverged residual
         # is the rule's doing (it stops before tol), not rounding's.
         undecided = ~result.label_proven
@@ -383,16 +401,53 @@ class MonDEQClassifier(nn.Module):
         elif stop == "logits":
             undecided |= result.logit_error_bound.amax(dim=1) > logit_tol
         finite = torch.isfinite(stats.residual) & torch.isfinite(result.error_bound)
-        dominated = (in_residual >= FLOAT64_SHARE * stats.residual) | (
+        dominated = self._rounding_dominated(z, pre, stats.pre_scale) | (
             in_bound >= FLOAT64_SHARE * result.error_bound
         )
         return undecided & finite & dominated
 
-    def _certify_in_float64(
-        self, result: InferenceResult, x: Tensor, z: Tensor, rows: Tensor
-    ) -> None:
-        """Re-evaluate ``rows`` (``(R,)`` int64) of a float32 ``result`` in float64 at the
-        same point, in place (§9, "Rounding").
+    def _rounding_dominated(self, z: Tensor, pre: Tensor, pre_scale: Tensor | None) -> Tensor:
+        """``(B,)`` bool: ``ρ ≥ FLOAT64_SHARE · (‖z − σ(p)‖ + ρ)``, the residual at ``z``
+        ``(B, *z_shape)`` with ``p = pre`` is at least that share rounding (§2): its
+        float32 test can say little more, however long the solve runs."""
+        z_norm = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
+        pre_norm = torch.linalg.vector_norm(pre.reshape(pre.shape[0], -1), dim=1)
+        rho = rounding_error(z_norm, pre_norm, z.dtype, pre_scale)
+        step = z - self.deq.nonlin(pre)
+        gap = torch.linalg.vector_norm(step.reshape(step.shape[0], -1), dim=1)
+        return rho >= FLOAT64_SHARE * (gap + rho)
+
+    def _certifier(
+        self, x: Tensor, stop: str, logit_tol: float | None, tol: float
+    ) -> Callable[[dict[str, Tensor]], Tensor]:
+        """The ``certify`` of :func:`~model_core.solvers.iterate` for a float32 solve of
+        ``x``: a running row whose residual is mostly rounding (:meth:`_rounding_dominated`)
+        may stop once the float64 certificate at its point meets the rule (``tol``: the
+        residual within ``tol``; ``label``: proven; ``logits``: every logit's bound within
+        ``logit_tol``), which the answer then reports (:meth:`_certify_in_float64`)."""
+
+        def certify(out: dict[str, Tensor]) -> Tensor:
+            z = out["x"]
+            ok = self._rounding_dominated(z, out["pre"], out.get("pre_scale"))
+            if not bool(ok.any()):
+                return ok
+            rows = ok.nonzero().squeeze(1)
+            cert = self._float64_certificate(
+                x.index_select(0, out["row"].index_select(0, rows)), z.index_select(0, rows)
+            )
+            if stop == "tol":
+                met = torch.isfinite(cert.residual) & (cert.residual <= tol)
+            elif stop == "label":
+                met = cert.proven
+            else:
+                met = cert.logit_bound.amax(dim=1) <= logit_tol
+            return ok.index_put((rows,), met)
+
+        return certify
+
+    def _float64_certificate(self, x: Tensor, z: Tensor) -> _Certificate:
+        """The certificate of §9 for normalised input ``x`` ``(R, C, H, W)`` at the float32
+        point ``z`` ``(R, *z_shape)``, evaluated in float64 and returned in float32.
 
         ``p = W z + U x + b`` is formed directly with float64 copies of the weights
         (:meth:`_float64_copy`; float32 values are exact in float64), so its rounding
@@ -403,13 +458,12 @@ class MonDEQClassifier(nn.Module):
         each logit's bound grows by the cast's ``eps/2 · |l|``, the radius is lowered past
         the cast, and a label stays proven only if the float32 logits keep its argmax.
         """
-        stats = result.stats
         shadow = self._float64_copy()
         op, nonlin = shadow.op, shadow.deq.nonlin
-        x64, z64 = x.index_select(0, rows).double(), z.index_select(0, rows).double()
+        x64, z64 = x.double(), z.double()
         with op.fixed_weights():
             pre = op.multiply(z64) + op.bias(x64)
-            z_norm = torch.linalg.vector_norm(z64.reshape(len(rows), -1), dim=1)
+            z_norm = torch.linalg.vector_norm(z64.reshape(z64.shape[0], -1), dim=1)
             scale = op.weight_norm() * z_norm + op.injection_scale(x64)
             residual = relative_residual(z64, nonlin(pre), pre, scale)
             centre, bound = equilibrium_error_bound(op, nonlin, z64, pre, scale)
@@ -420,23 +474,36 @@ class MonDEQClassifier(nn.Module):
             radius = shadow.certified_radius(logits, slack)
             logit_bound = logit_error_bounds(w, pool, bound, rounding)
         single = torch.float32
-        unit = torch.finfo(single).eps / 2.0
         logits32 = logits.to(single)
         proven &= logits32.argmax(dim=1) == logits.argmax(dim=1)
-        radius = (radius * (1.0 - 2.0 * torch.finfo(single).eps)).to(single)
-        residual32 = cast_above(residual, single)
-        stats.residual = stats.residual.index_copy(0, rows, residual32)
+        unit = torch.finfo(single).eps / 2.0
+        return _Certificate(
+            residual=cast_above(residual, single),
+            logits=logits32,
+            error_bound=cast_above(bound, single),
+            logit_bound=cast_above(logit_bound + unit * logits.abs(), single),
+            proven=proven,
+            radius=(radius * (1.0 - 2.0 * torch.finfo(single).eps)).to(single),
+        )
+
+    def _certify_in_float64(
+        self, result: InferenceResult, x: Tensor, z: Tensor, rows: Tensor
+    ) -> None:
+        """Replace ``rows`` (``(R,)`` int64) of a float32 ``result`` by their float64
+        certificate at the same point (:meth:`_float64_certificate`), in place (§9,
+        "Rounding"); ``converged`` follows the new residual."""
+        cert = self._float64_certificate(x.index_select(0, rows), z.index_select(0, rows))
+        stats = result.stats
+        stats.residual = stats.residual.index_copy(0, rows, cert.residual)
         stats.converged = stats.converged.index_copy(
-            0, rows, torch.isfinite(residual32) & (residual32 <= stats.tol)
+            0, rows, torch.isfinite(cert.residual) & (cert.residual <= stats.tol)
         )
-        result.logits = result.logits.index_copy(0, rows, logits32)
-        result.error_bound = result.error_bound.index_copy(0, rows, cast_above(bound, single))
-        result.logit_error_bound = result.logit_error_bound.index_copy(
-            0, rows, cast_above(logit_bound + unit * logits.abs(), single)
-        )
-        result.label_proven = result.label_proven.index_copy(0, rows, proven)
+        result.logits = result.logits.index_copy(0, rows, cert.logits)
+        result.error_bound = result.error_bound.index_copy(0, rows, cert.error_bound)
+        result.logit_error_bound = result.logit_error_bound.index_copy(0, rows, cert.logit_bound)
+        result.label_proven = result.label_proven.index_copy(0, rows, cert.proven)
         result.certified_radius = result.certified_radius.index_copy(
-            0, rows, radius.masked_fill(~proven, math.nan)
+            0, rows, cert.radius.masked_fill(~cert.proven, math.nan)
         )
         result.certified_in_float64 = result.certified_in_float64.index_fill(0, rows, True)
 

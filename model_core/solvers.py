@@ -83,6 +83,16 @@ LOOPS = ("compact", "masked", "graphed")
 SYNC_EVERY = 4
 
 
+def certifies_at(k: int, check_every: int = 1) -> bool:
+    """Whether iteration ``k`` offers the rows still running to :func:`iterate`'s
+    ``certify``: 8, 16, 32, … checks, a check every ``check_every`` iterations (1 under the
+    residual rule). A row whose rule its own precision cannot decide (its test stalled at
+    the rounding floor) stops at most twice as late as where it stalled, and a row that can
+    never be certified costs a certification only ``log₂(max_iter)`` times."""
+    n, rest = divmod(k, check_every)
+    return rest == 0 and n >= 8 and n & (n - 1) == 0
+
+
 def default_loop(device: torch.device) -> str:
     """The loop a solve on ``device`` runs unless told otherwise: ``"masked"`` on CUDA (no
     host sync inside the iteration but one every ``sync_every``), ``"compact"`` elsewhere (on
@@ -186,6 +196,8 @@ def iterate(
     sync_every: int = SYNC_EVERY,
     graphs: Hashable | None = None,
     info: dict | None = None,
+    certify: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    first_row: int = 0,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Run ``state ← step(state)`` until every sample's true residual is at most ``tol``
     (or, with ``accept``, until every sample is accepted).
@@ -208,6 +220,13 @@ def iterate(
     sample stops when ``accept(finish(state))`` says so (the classifier's "label proven"
     and "logits within ε" rules, docs/math.md §9). ``converged`` keeps its one meaning,
     ``residual ≤ tol`` at the returned point, whatever stopped the sample.
+
+    With ``certify``, at the iterations :func:`certifies_at` names (8, 16, 32, … checks,
+    below ``max_iter``), every sample still running after that iteration's test is offered to
+    ``certify(finish(state))``, and those it accepts stop there too: a second, costlier
+    test of the same rule (the classifier's float64 certificate of a float32 point whose
+    own test is stuck at its rounding floor, docs/math.md §2). Its outputs carry
+    ``"row"``, each row's sample index in the caller's batch.
 
     Args:
         step: one iteration of a splitting method. It receives and returns a dict of tensors
@@ -241,6 +260,12 @@ def iterate(
         info: if given, ``info["loop"]`` is set to the loop that ran (``"compact"``,
             ``"masked"``, ``"bucketed"``: the graphed loop's buffers without capture, or
             ``"cuda_graphs"``).
+        certify: maps ``finish``'s outputs for some running rows, plus their ``"row"``,
+            to a ``(rows,)`` bool, the rows that may stop; called only at the iterations
+            :func:`certifies_at` names (the masked loops read the running rows on the host
+            there), outside any CUDA graph. ``None``: no second test.
+        first_row: the caller's index of ``state``'s first row (``"row"`` of ``certify``'s
+            outputs; the CPU chunks pass their offset).
 
     Returns:
         ``(outputs, iterations, converged)``: ``finish``'s outputs for every sample plus
@@ -281,6 +306,8 @@ def iterate(
                 sync_every=sync_every,
                 graphs=graphs,
                 info=info,
+                certify=certify,
+                first_row=first_row + i,
             )
             for i in range(0, batch, rows_per_chunk)
         ]
@@ -292,7 +319,7 @@ def iterate(
         outputs["residual"] = x0.new_zeros(0)
         return outputs, iterations, torch.zeros(0, dtype=torch.bool, device=device)
     if loop != "compact":
-        hooks = _Hooks(step, first, residual, finish, accept, tol)
+        hooks = _Hooks(step, first, residual, finish, accept, tol, certify, first_row)
         if loop == "graphed" and graphs is not None:
             from .cuda_graphs import run_graphed  # (it imports this module)
 
@@ -324,6 +351,24 @@ def iterate(
     rows = torch.arange(batch, device=device)  # working row -> original sample
     live = torch.ones(batch, dtype=torch.bool, device=device)  # working rows not finished
     n_live = batch
+
+    def stop(done: Tensor, res: Tensor, k: int) -> bool:
+        """Record the working rows ``done`` as stopped at ``k``; True once none runs."""
+        nonlocal state, rows, live, n_live
+        finished = rows[done]
+        record(finished, done, res)
+        iterations[finished] = k
+        live &= ~done
+        n_live -= len(finished)
+        if n_live == 0:
+            return True
+        if (len(rows) - n_live) >= COMPACT_SHARE * len(rows):
+            keep = live.nonzero().squeeze(1)
+            state = {name: t.index_select(0, keep) for name, t in state.items()}
+            rows = rows.index_select(0, keep)
+            live = torch.ones(len(rows), dtype=torch.bool, device=device)
+        return False
+
     for k in range(1, max_iter + 1):
         if between is not None:
             between()
@@ -342,29 +387,56 @@ def iterate(
             near = accept(finish(state)) & live
         else:
             near = lost
-        if not bool((near | lost).any()):  # the one host sync of most iterations
-            continue
-        res = residual(state)
-        # (NaN compares False: lost rows stop unconverged.)
-        done = (near if accept is not None else near & (res <= tol)) | lost
-        n_done = int(done.sum())
-        if n_done == 0:
-            continue
-        finished = rows[done]
-        record(finished, done, res)
-        iterations[finished] = k
-        live &= ~done
-        n_live -= n_done
-        if n_live == 0:
-            return outputs, iterations, _converged(outputs["residual"], tol)
-        if (len(rows) - n_live) >= COMPACT_SHARE * len(rows):
-            keep = live.nonzero().squeeze(1)
-            state = {name: t.index_select(0, keep) for name, t in state.items()}
-            rows = rows.index_select(0, keep)
-            live = torch.ones(len(rows), dtype=torch.bool, device=device)
+        if bool((near | lost).any()):  # the one host sync of most iterations
+            res = residual(state)
+            # (NaN compares False: lost rows stop unconverged.)
+            done = (near if accept is not None else near & (res <= tol)) | lost
+            if bool(done.any()) and stop(done, res, k):
+                return outputs, iterations, _converged(outputs["residual"], tol)
+        if certify is not None and certifies_at(k, check_every if accept is not None else 1):
+            running = live.nonzero().squeeze(1)
+            samples = rows.index_select(0, running) + first_row
+            passed = running[_certify(certify, finish, state, running, samples)]
+            if len(passed):
+                done = torch.zeros_like(live).index_fill_(0, passed, True)
+                if stop(done, residual(state), k):
+                    return outputs, iterations, _converged(outputs["residual"], tol)
     # The cap: every row still running stops here, converged if its residual allows.
     record(rows[live], live, residual(state))
     return outputs, iterations, _converged(outputs["residual"], tol)
+
+
+def _certify(
+    certify: Callable[[dict[str, Tensor]], Tensor],
+    finish: Callable[[State], dict[str, Tensor]],
+    state: State,
+    index: Tensor,
+    samples: Tensor,
+) -> Tensor:
+    """``(len(index),)`` bool: ``certify`` on ``finish``'s outputs for the working rows
+    ``index``, with ``"row"`` their ``samples`` (:func:`iterate`)."""
+    if len(index) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=index.device)
+    out = finish(_Rows(state, index))
+    out["row"] = samples
+    return certify(out)
+
+
+def _certifies(hooks: _Hooks, k: int, check_every: int) -> bool:
+    """:func:`certifies_at` for the masked loops' ``hooks`` (checks count under ``accept``)."""
+    return certifies_at(k, check_every if hooks.accept is not None else 1)
+
+
+def _certify_masked(hooks: _Hooks, state: State, live: Tensor, iterations: Tensor, k: int) -> None:
+    """The masked loops' ``certify`` step after iteration ``k``, in place on ``live`` and
+    ``iterations``: the running rows it accepts stop at ``k`` (their state is that of
+    ``k``). Reads the running rows on the host (one sync)."""
+    running = live.nonzero().squeeze(1)
+    samples = running + hooks.first_row
+    passed = running[_certify(hooks.certify, hooks.finish, state, running, samples)]
+    if len(passed):
+        live.index_fill_(0, passed, False)
+        iterations.index_fill_(0, passed, k)
 
 
 def _converged(residual: Tensor, tol: float) -> Tensor:
@@ -381,6 +453,8 @@ class _Hooks(NamedTuple):
     finish: Callable[[State], dict[str, Tensor]]
     accept: Callable[[dict[str, Tensor]], Tensor] | None
     tol: float
+    certify: Callable[[dict[str, Tensor]], Tensor] | None = None
+    first_row: int = 0  # the caller's index of the state's first row (certify's "row")
 
 
 def _masked_iteration(
@@ -487,6 +561,8 @@ def _iterate_masked(
         state, live, iterations = _masked_iteration(
             hooks, state, live, iterations, k, use_first=k == 1, check=check, in_place=False
         )
+        if hooks.certify is not None and k < max_iter and _certifies(hooks, k, check_every):
+            _certify_masked(hooks, state, live, iterations, k)
         if k < max_iter and k % sync_every == 0 and not bool(live.any()):  # the host sync
             break
     outputs, converged = _masked_outputs(hooks, state)
@@ -923,12 +999,13 @@ def _solve(
     loop: str | None = None,
     sync_every: int = SYNC_EVERY,
     problem_key: Hashable | None = None,
+    certify: Callable[[dict[str, Tensor]], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], SolveStats]:
     """Build the method, pose the problem with it, run :func:`iterate`, time it (the posing
     and the loop) and describe the run; the operator's weights stay fixed throughout.
 
     ``problem_key`` (with the weights, method, α and tol) names the problem for the graphed
-    loop's captured graphs; ``None``: no graphs."""
+    loop's captured graphs; ``None``: no graphs. ``certify``: :func:`iterate`'s."""
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     loop = default_loop(device) if loop is None else loop
@@ -958,6 +1035,7 @@ def _solve(
             sync_every=sync_every,
             graphs=graphs,
             info=info,
+            certify=certify,
         )
         elapsed = _timed_sync(device) - t0
     stats = SolveStats(
@@ -993,6 +1071,7 @@ def solve_forward(
     loop: str | None = None,
     sync_every: int = SYNC_EVERY,
     bias_scale: Tensor | None = None,
+    certify: Callable[[dict[str, Tensor]], Tensor] | None = None,
 ) -> tuple[Tensor, SolveStats] | tuple[Tensor, SolveStats, Tensor]:
     """Find ``z* = σ(W z* + bias)`` per sample (Theorem 1).
 
@@ -1027,6 +1106,10 @@ def solve_forward(
             ``U x`` cancels (an input near ``U``'s null space). It joins the state as
             ``"bias_scale"``, and the methods' residuals (hence stopping and ``converged``)
             and ``stats.pre_scale`` count it; ``None``: 0.
+        certify: a second test of the rule (see :func:`iterate`): it receives ``{"x": z,
+            "pre", "pre_scale", "row"}`` (``row``: the sample's index in ``bias``) of some
+            running rows at iterations 8, 16, 32, … and returns the ``(rows,)`` bool of
+            those that may stop.
 
     Returns:
         ``(z, stats)`` with ``z`` shaped like ``bias``; ``(z, stats, W z + bias)`` with
@@ -1041,17 +1124,19 @@ def solve_forward(
         state = solver.init_forward(bias)
         if bias_scale is not None:  # a problem datum: every step passes it on
             state["bias_scale"] = bias_scale
+        wants_pre = preactivation or accept is not None or certify is not None
         return _Problem(
             state,
             lambda s: solver.step_forward(s, nonlin),
             lambda s: solver.residual_forward(s, nonlin),
-            lambda s: solver.finish_forward(s, nonlin, preactivation or accept is not None),
+            lambda s: solver.finish_forward(s, nonlin, wants_pre),
             lambda s: solver.first_forward(s, nonlin),
         )
 
     run = (method, alpha, tol, max_iter, resolvent, between)
     rule = None if accept is None else getattr(accept, "graph_key", None)
     key = (type(nonlin).__name__, id(nonlin), preactivation, accept is not None, rule)
+    key += (certify is not None,)  # ("pre" from finish)
     outputs, stats = _solve(
         op,
         pose,
@@ -1063,6 +1148,7 @@ def solve_forward(
         loop=loop,
         sync_every=sync_every,
         problem_key=None if accept is not None and rule is None else key,
+        certify=certify,
     )
     z = outputs["x"]
     if preactivation:

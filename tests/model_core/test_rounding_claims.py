@@ -163,12 +163,14 @@ def infer_with_points(model, x, monkeypatch, **kwargs):
         del model.deq.solve
     # The centre of every row: the float32 bound's, then the float64 one's for the rows
     # certified again in float64 (their logits are read there, in float64).
-    # (The stopping rules' checks evaluate the bound too, before the last float32 one.)
+    # (The stopping rules' checks evaluate the bound too, in float32 and, for rows at the
+    # rounding floor, in float64, before the answer's: the last float32 evaluation, then the
+    # last float64 one where rows were certified again.)
     dtype = result.logits.dtype
     first = [c for c in seen["centres"] if c.dtype == dtype][-1]
-    again = [c for c in seen["centres"] if c.dtype != dtype]
     refined = result.certified_in_float64.nonzero().squeeze(1)
-    assert len(again) == (1 if len(refined) else 0)
+    again = [seen["centres"][-1]] if len(refined) else []
+    assert not again or (again[0].dtype != dtype and len(again[0]) == len(refined))
     centre = first.double().index_copy(0, refined, again[0]) if again else first
     with torch.no_grad():
         read = torch.nn.functional.linear(
@@ -269,9 +271,10 @@ def test_claims_hold_on_ordinary_inputs(arch, method, stop, tol, monkeypatch):
         )
         assert not result.certified_in_float64.any()
     else:
-        # 1e-5 is under float32's floor here: every sample runs to the cap, where the float64
-        # certificate at the same point finds it converged (its claims checked above).
-        assert result.stats.iterations.tolist() == [300] * 6
+        # 1e-5 is under float32's floor here: every sample stalls there, and the float64
+        # certificate at its point finds it converged at the next iteration 2^j that offers
+        # it (16 or 32, not the cap 300; its claims checked above).
+        assert set(result.stats.iterations.tolist()) <= {16, 32}
         assert result.certified_in_float64.all() and result.stats.converged.all()
 
 
