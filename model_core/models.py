@@ -297,14 +297,15 @@ class MonDEQClassifier(nn.Module):
         whatever stopped it.
 
         In float32 the residual and the bound carry the rounding of ``p`` (§2, §9), a floor
-        of about 1e-4 of ``‖z‖`` on the default models. A sample left unproven, or short of
-        its rule (unconverged under ``"tol"``, above ``logit_tol`` under ``"logits"``),
-        whose residual or bound is at least :data:`FLOAT64_SHARE` that rounding is
-        certified again at the same point with
-        float64 arithmetic (a float64 copy of the weights, exact): ``p = W z + U x + b``,
-        residual, centre, bound, logits and proof (``certified_in_float64``). The point and
-        its iterations are the solve's; on the default models this proves every near tie
-        that float32 could not and converges every answer at ``tol`` 1e-4.
+        of about 1e-4 of ``‖z‖`` on the default models. So a float32 sample is certified
+        again with float64 arithmetic at its point (a float64 copy of the weights, exact:
+        ``p = W z + U x + b``, residual, centre, bound, logits and proof;
+        ``certified_in_float64``, :meth:`_float64_certificate`): during the solve, at
+        iterations 8, 16, 32, … (in checks), where its residual is at least
+        :data:`FLOAT64_SHARE` rounding, stopping it once that meets the rule; and at the
+        answer, where it ends unproven or short of its rule with its residual or bound that
+        much rounding. On the default models this proves every near tie that float32 could
+        not, by iteration 32, and converges every answer at ``tol`` 1e-4 (docs/math.md §2).
 
         Args:
             x: ``(B, C, H, W)`` normalised input.
