@@ -323,6 +323,9 @@ class ServedModel:
             "lipschitz": float(res.lipschitz),
         }
         self._record(st.method, key.stop, iterations, residual, converged, error_bound, proven)
+        in_float64 = int(res.certified_in_float64.sum())
+        if in_float64:
+            self.metrics.float64_certificates.labels(self.name, key.stop).inc(in_float64)
         if key == self.default_key():
             self.tuner.observe(xn, iterations)
         return BatchOutput(rows, info)

@@ -131,6 +131,14 @@ class Metrics:
             ["model", "stop", "proven"],
             registry=r,
         )
+        self.float64_certificates = Counter(
+            "mondeq_float64_certificates",
+            "Samples whose answer was certified in float64 at its point because their float32 "
+            "test was stuck at its rounding floor: a tol, near tie or logit_tol under "
+            "float32's reach (docs/math.md §2), by stopping rule.",
+            ["model", "stop"],
+            registry=r,
+        )
         self.alpha_tuning = Counter(
             "mondeq_alpha_tuning",
             "α searches run, by reason (load, drift, admin).",

@@ -97,6 +97,9 @@ def counts(client, model: str) -> dict[str, float]:
         out[f"{stop} unconverged"] = metric(
             s, "mondeq_solver_unconverged_total", model=model, stop=stop
         )
+        out[f"{stop} float64"] = metric(
+            s, "mondeq_float64_certificates_total", model=model, stop=stop
+        )
     return out
 
 
@@ -166,6 +169,9 @@ def test_stop_label_proves_every_label_near_ties_in_float64(served, pixels, fc):
     assert n_conv == 23  # 177 stopped, proven, before their residual reached 1e-2 (+ 6 ties)
     assert moved["label true"] == 200 and moved["label false"] == 0
     assert moved["tol true"] == 188 and moved["tol false"] == 12
+    # Certified in float64: the 7 late labels; under tol, 8 unproven answers whose bound is
+    # mostly rounding (at the answer, 3 of them proven so).
+    assert moved["label float64"] == 7 and moved["tol float64"] == 8
     assert moved["label bounds"] == 200 and moved["tol bounds"] == 200
     assert moved["label unconverged"] == 200 - n_conv and moved["tol unconverged"] == 0
     assert moved["label bound sum"] == pytest.approx(
