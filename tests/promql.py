@@ -54,6 +54,7 @@ METRICS: dict[str, str] = {
     "mondeq_solver_unconverged": "counter",
     "mondeq_error_bound": "histogram",
     "mondeq_answers": "counter",
+    "mondeq_float64_certificates": "counter",
     "mondeq_alpha_tuning": "counter",
     "mondeq_requests": "counter",
     "mondeq_request_duration_seconds": "histogram",
