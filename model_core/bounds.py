@@ -106,7 +106,7 @@ def rounding_error(
 
 
 def _norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
 
 
 def logit_error_bounds(

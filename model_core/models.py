@@ -390,8 +390,8 @@ class MonDEQClassifier(nn.Module):
         least :data:`FLOAT64_SHARE` of the residual (:meth:`_rounding_dominated`) or of the
         error bound."""
         stats = result.stats
-        z_norm = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
-        pre_norm = torch.linalg.vector_norm(pre.reshape(pre.shape[0], -1), dim=1)
+        z_norm = torch.linalg.vector_norm(z.flatten(1), dim=1)
+        pre_norm = torch.linalg.vector_norm(pre.flatten(1), dim=1)
         rho = rounding_error(z_norm, pre_norm, z.dtype, stats.pre_scale)
         in_bound = rho * (1.0 + self.op.weight_norm() / self.op.m)
         # The rule's own aim, and the label's proof: under "label", an unconverged residual
@@ -411,11 +411,11 @@ class MonDEQClassifier(nn.Module):
         """``(B,)`` bool: ``ρ ≥ FLOAT64_SHARE · (‖z − σ(p)‖ + ρ)``, the residual at ``z``
         ``(B, *z_shape)`` with ``p = pre`` is at least that share rounding (§2): its
         float32 test can say little more, however long the solve runs."""
-        z_norm = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
-        pre_norm = torch.linalg.vector_norm(pre.reshape(pre.shape[0], -1), dim=1)
+        z_norm = torch.linalg.vector_norm(z.flatten(1), dim=1)
+        pre_norm = torch.linalg.vector_norm(pre.flatten(1), dim=1)
         rho = rounding_error(z_norm, pre_norm, z.dtype, pre_scale)
         step = z - self.deq.nonlin(pre)
-        gap = torch.linalg.vector_norm(step.reshape(step.shape[0], -1), dim=1)
+        gap = torch.linalg.vector_norm(step.flatten(1), dim=1)
         return rho >= FLOAT64_SHARE * (gap + rho)
 
     def _certifier(
@@ -464,7 +464,7 @@ class MonDEQClassifier(nn.Module):
         x64, z64 = x.double(), z.double()
         with op.fixed_weights():
             pre = op.multiply(z64) + op.bias(x64)
-            z_norm = torch.linalg.vector_norm(z64.reshape(z64.shape[0], -1), dim=1)
+            z_norm = torch.linalg.vector_norm(z64.flatten(1), dim=1)
             scale = op.weight_norm() * z_norm + op.injection_scale(x64)
             residual = relative_residual(z64, nonlin(pre), pre, scale)
             centre, bound = equilibrium_error_bound(op, nonlin, z64, pre, scale)
@@ -478,11 +478,14 @@ class MonDEQClassifier(nn.Module):
         logits32 = logits.to(single)
         proven &= logits32.argmax(dim=1) == logits.argmax(dim=1)
         unit = torch.finfo(single).eps / 2.0
+        logit_bound = cast_above(logit_bound + unit * logits.abs(), single)
+        # A logit beyond float32's range is cast to ±inf: no finite bound holds for it.
+        logit_bound = logit_bound.masked_fill(~torch.isfinite(logits32), math.inf)
         return _Certificate(
             residual=cast_above(residual, single),
             logits=logits32,
             error_bound=cast_above(bound, single),
-            logit_bound=cast_above(logit_bound + unit * logits.abs(), single),
+            logit_bound=logit_bound,
             proven=proven,
             radius=(radius * (1.0 - 2.0 * torch.finfo(single).eps)).to(single),
         )
@@ -525,11 +528,14 @@ class MonDEQClassifier(nn.Module):
             ):
                 return copy
         device = next(self.parameters()).device
-        with torch.random.fork_rng(devices=[]):
-            copy = MonDEQClassifier(self.model_config)
-        copy.load_state_dict(self.state_dict())
-        copy = copy.to(device=device, dtype=torch.float64).eval()
-        copy.requires_grad_(False)
+        # Ordinary tensors even when called under torch.inference_mode: the copy outlives
+        # the call, and its weights cache keys on their version counters.
+        with torch.inference_mode(False):
+            with torch.random.fork_rng(devices=[]):
+                copy = MonDEQClassifier(self.model_config)
+            copy.load_state_dict(self.state_dict())
+            copy = copy.to(device=device, dtype=torch.float64).eval()
+            copy.requires_grad_(False)
         self._float64 = (key, copy)
         return copy
 
@@ -578,7 +584,7 @@ class MonDEQClassifier(nn.Module):
             self.head.weight,
             self.head.bias,
             torch.linalg.vector_norm(features, dim=1),
-            torch.linalg.vector_norm(centre.reshape(centre.shape[0], -1), dim=1),
+            torch.linalg.vector_norm(centre.flatten(1), dim=1),
             self._features_norm,
             window,
         )

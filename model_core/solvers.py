@@ -164,7 +164,7 @@ class SolveStats:
 
 
 def _row_norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
 
 
 class _Rows(dict):

@@ -197,7 +197,7 @@ class MultiTierOperator(MonotoneOperator):
         """Inverse of :meth:`split`."""
         if self.tiers == 1:
             return tiers[0]
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tiers], dim=1)
+        return torch.cat([t.flatten(1) for t in tiers], dim=1)
 
     def border_mask(self) -> Tensor:
         """0/1 mask of ``z_shape`` zeroing a one-pixel border of every tier (§5)."""
@@ -265,14 +265,14 @@ class MultiTierOperator(MonotoneOperator):
         if self.tiers == 1:
             return u
         rest = u.new_zeros(u.shape[0], sum(self.numels[1:]))
-        return torch.cat([u.reshape(u.shape[0], -1), rest], dim=1)
+        return torch.cat([u.flatten(1), rest], dim=1)
 
     def injection_scale(self, x: Tensor) -> Tensor:
         """``(B,)`` ``‖|U||x| + |b|‖`` (the base class): :meth:`bias`'s convolution once
         more, with ``|U|`` on ``|x|`` (the other tiers' zeros add nothing)."""
         with torch.no_grad():
             u = self._inject(x.abs(), self.U.weight.abs(), self.U.bias.abs())
-            return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=1)
+            return torch.linalg.vector_norm(u.flatten(1), dim=1)
 
     def _inject(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """``(B, C, H, W)`` image → ``(B, *tier-1 shape)``: the circular convolution with

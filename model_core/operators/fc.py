@@ -32,15 +32,13 @@ class FCOperator(MonotoneOperator):
 
     def bias(self, x: Tensor) -> Tensor:
         """``U x + b``: ``(B, C, H, W)`` (or ``(B, D)``) input, flattened, to ``(B, n)``."""
-        return self.U(x.reshape(x.shape[0], -1))
+        return self.U(x.flatten(1))
 
     def injection_scale(self, x: Tensor) -> Tensor:
         """``(B,)`` ``‖|U||x| + |b|‖`` (the base class): one more product, with ``|U|``."""
         with torch.no_grad():
             u = self.U
-            scale = nn.functional.linear(
-                x.reshape(x.shape[0], -1).abs(), u.weight.abs(), u.bias.abs()
-            )
+            scale = nn.functional.linear(x.flatten(1).abs(), u.weight.abs(), u.bias.abs())
             return torch.linalg.vector_norm(scale, dim=1)
 
     def k_matrix(self) -> Tensor:
