@@ -19,6 +19,9 @@ def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     proc = subprocess.Popen(
         [*MONDEQ, "train", "--preset", "fmnist-fc", "--out", str(tmp_path / "run")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As in a terminal: a suite started in the background (`make test &`) inherits
+        # SIGINT ignored, and Python then installs no handler, so the Ctrl-C never arrives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     time.sleep(0.3)  # past the interpreter's own start, inside the imports
     proc.send_signal(signal.SIGINT)
