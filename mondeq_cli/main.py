@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, distribution, entry_points
@@ -147,11 +148,33 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
-def _main(argv: list[str] | None) -> int:
-    from model_core.runtime import tune_allocator
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """A Ctrl-C (SIGINT) inside is held until the block ends, then raised as
+    ``KeyboardInterrupt``: raised inside a library's import it could be swallowed by the
+    library (an ``except BaseException``, a finalizer) and leave a half-imported module,
+    so that the command trained on and failed later with an unrelated error. Outside the
+    main thread, where no handler can be set, signals are left alone."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    with _ctrl_c_deferred():  # torch and the commands import here
+        from model_core.runtime import tune_allocator
+
+        parser = build_parser()
     if (word := _command_word(argv)) in parser.unavailable:
         print(parser.unavailable[word], file=sys.stderr)
         return 2
