@@ -197,6 +197,7 @@ class EquilibriumLayer(nn.Module):
                 sync_every=sync_every,
                 bias_scale=self.op.injection_scale(x),
                 certify=certify,
+                image=x,
             )
         self.last_forward_stats = stats
         return z, stats, pre
@@ -217,6 +218,7 @@ class EquilibriumLayer(nn.Module):
             max_iter=s.max_iter,
             preactivation=True,
             bias_scale=self.op.injection_scale(x.detach()),
+            image=x.detach(),
         )
         # ẑ = σ(W z* + U x + b) with autograd; W z* is known from the solve.
         pre = self.op.multiply_known(z, pre - bias.detach()) + bias

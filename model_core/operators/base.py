@@ -104,6 +104,13 @@ class Resolvent:
         """``Vᵀ z`` for ``z`` of shape ``(B, *op.z_shape)``."""
         return self.op._apply_inverse(self.data, z, transpose=True)
 
+    def inverse_injection(self, x: Tensor) -> Tensor:
+        """``V(α(U x + b))`` ``(B, *op.z_shape)`` for the ``(B, ...)`` input ``x``: the
+        first half step of PR from zero (docs/math.md §2), which an operator may form
+        without the injection (:meth:`MonotoneOperator._inverse_injection`). Equal to
+        ``inverse(alpha * op.bias(x))`` up to rounding."""
+        return self.op._inverse_injection(self.data, x, self.alpha)
+
 
 class MonotoneOperator(nn.Module):
     """A linear layer ``z ↦ W z + U x + b`` with ``I − W ⪰ m I`` by construction.
@@ -127,6 +134,10 @@ class MonotoneOperator(nn.Module):
     chunk_scale: float = 1.0  # multiple of CPU_CHUNK_BYTES the solver loop chunks by
     # Attributes naming a subclass's own per-weights caches (dicts): clear_cache empties them.
     weight_caches: tuple[str, ...] = ()
+    # _inverse_injection forms V(α(Ux + b)) from the input, not through bias(x): PR's first
+    # step then takes it (solve_forward's image) and counts its rounding at the injection's
+    # scale (PeacemanRachford._shortcut_scale).
+    injects_through_resolvent: bool = False
 
     def __init__(self, m: float):
         super().__init__()
@@ -264,6 +275,12 @@ class MonotoneOperator(nn.Module):
         """``V z`` (``Vᵀ z`` with ``transpose``) for ``z`` of ``(B, *z_shape)``, from
         ``_prepare``'s ``data``."""
         raise NotImplementedError
+
+    def _inverse_injection(self, data: Any, x: Tensor, alpha: float) -> Tensor:
+        """``V(α(U x + b))`` from ``_prepare``'s ``data`` (:meth:`Resolvent.inverse_injection`).
+        By default through the injection; an operator whose ``V U`` is cheaper to apply
+        than ``V`` (a convolution from a few image channels) overrides it."""
+        return self._apply_inverse(data, self.bias(x).mul_(alpha), transpose=False)
 
     # ---- helpers ------------------------------------------------------------------
     def _weights_key(self) -> tuple:

@@ -109,6 +109,7 @@ class MultiTierOperator(MonotoneOperator):
     """
 
     weight_caches = ("_spectra",)
+    injects_through_resolvent = True  # (α T_1⁻¹ Û) x̂: see _inverse_injection
 
     def __init__(
         self,
@@ -286,11 +287,13 @@ class MultiTierOperator(MonotoneOperator):
         return spectral_norm_above(transfer(self.U.weight.detach().double(), self.sizes[0]))
 
     def _couple(
-        self, specs: list[_TierSpectra], y_grp: Tensor, i: int, acc: Tensor, scale: float
+        self, specs: list[_TierSpectra], y_grp: Tensor, i: int, acc: Tensor | None, scale: float
     ) -> Tensor:
         """``acc + scale · 2 Â_(i+1)ᴴ P S_i y`` for tier ``i``'s ``y`` in group layout and
-        ``acc`` in tier ``i+1``'s half layout (one fused multiply-add)."""
+        ``acc`` in tier ``i+1``'s half layout (one fused multiply-add; ``None``: zero)."""
         lifted = lift_spectrum(specs[i].s_blk @ y_grp, self.sizes[i] // 2)  # P S_i y
+        if acc is None:  # a zero tier (:meth:`_inverse_injection`)
+            return torch.matmul(specs[i + 1].a_hat_h, lifted).mul_(2.0 * scale)
         return torch.baddbmm(acc, specs[i + 1].a_hat_h, lifted, alpha=2.0 * scale)
 
     def _couple_transpose(
@@ -349,8 +352,9 @@ class MultiTierOperator(MonotoneOperator):
             return wz
         return _KnownProduct.apply(self, z.detach(), wz.detach(), *params)
 
-    def _prepare(self, alpha: float) -> tuple[float, list[tuple[Tensor, Tensor]]]:
-        """α and, per tier, ``(T_i⁻¹, T_i⁻ᴴ)`` of the diagonal blocks ``T_i = I + α K_i``."""
+    def _prepare(self, alpha: float) -> tuple[float, list[tuple[Tensor, Tensor]], tuple]:
+        """α; per tier, ``(T_i⁻¹, T_i⁻ᴴ)`` of the diagonal blocks ``T_i = I + α K_i``; and
+        the injection's blocks ``(α T_1⁻¹ Û, α T_1⁻¹ b̂)`` (:meth:`_inverse_injection`)."""
         blocks = []
         last = self.tiers - 1
         for i, spec in enumerate(self.spectra()):
@@ -361,15 +365,66 @@ class MultiTierOperator(MonotoneOperator):
             else:
                 t_inv = _woodbury(self._alias(i, d_inv.device).group(d_inv), spec.s_grp, alpha)
             blocks.append((t_inv, _adjoint(t_inv)))
-        return alpha, blocks
+        return alpha, blocks, self._injection_blocks(alpha, blocks[0][0])
+
+    def _injection_blocks(self, alpha: float, t_inv: Tensor) -> tuple[Tensor, Tensor]:
+        """``(α T_1⁻¹ Û, α T_1⁻¹ b̂)`` per frequency (alias groups with several tiers).
+
+        ``U x + b`` is a circular convolution on the padded image (:meth:`_inject`), so its
+        spectrum is ``Û x̂`` plus ``b`` at the zero frequency: ``b s`` in the unitary
+        ``rfft2``, the constant ``b`` summed over ``s²`` pixels and divided by ``s``.
+        Returns ``(F, n, C)`` and ``(F, n, 1)``, or ``(F', 4n, 4C)`` and ``(F', 4n, 1)``.
+        """
+        s = self.sizes[0]
+        u_hat = transfer(self.U.weight.detach(), s)  # (F, n, C)
+        b_hat = torch.zeros_like(u_hat[:, :, :1])  # (F, n, 1)
+        b_hat[0, :, 0] = self.U.bias.detach() * s
+        if self.tiers == 1:
+            return alpha * (t_inv @ u_hat), alpha * (t_inv @ b_hat)
+        grp = self._alias(0, t_inv.device)
+        u_grp = block_diag4(grp.group(u_hat))  # (F', 4n, 4C)
+        b_grp = grp.group(b_hat).reshape(grp.groups, -1, 1)  # (F', 4n, 1)
+        return alpha * (t_inv @ u_grp), alpha * (t_inv @ b_grp)
 
     def _apply_inverse(self, data: tuple, z: Tensor, transpose: bool) -> Tensor:
         """Block forward substitution for ``V``, backward substitution for ``Vᵀ`` (§5)."""
-        alpha, blocks = data
-        specs = self.spectra()
         rows = self.transform_rows(z)
         rs = [to_spectrum(t, rows) for t in self.split(z)]
-        ys: list[Tensor] = list(rs)
+        ys = self._substitute(data, rs, transpose)
+        return self.merge([from_spectrum(y, s, rows) for y, s in zip(ys, self.sizes, strict=True)])
+
+    def _inverse_injection(self, data: tuple, x: Tensor, alpha: float) -> Tensor:
+        """``V(α(U x + b))`` for the ``(B, C, H, W)`` image ``x``, as ``(α T_1⁻¹ Û) x̂ + α
+        T_1⁻¹ b̂`` on tier 1, whose product ``_prepare`` formed once (§4–§5).
+
+        It is what :meth:`_apply_inverse` gives for ``α`` :meth:`bias` (to rounding) at a
+        fraction of the work: the transform of ``C`` image channels instead of ``n_1``
+        iterate channels, ``n_1 × C`` blocks instead of ``n_1 × n_1`` (tier 1's ``4n_1 ×
+        4C`` per group), and no transforms of the other tiers, whose injection is zero.
+        PR's first half step from zero is this (:class:`~model_core.solvers.PeacemanRachford`):
+        cifar-conv's 81-channel grid, a quarter of that step's arithmetic.
+        """
+        _, _, (m_inj, c_inj) = data  # (α is in them)
+        b = x.shape[0]
+        xs = to_spectrum(F.pad(x, (1, 1, 1, 1)).to(m_inj.real.dtype))  # (F, C, B)
+        if self.tiers == 1:
+            # (pieces as for an iterate: a zero-strided stand-in of its shape)
+            rows = self.transform_rows(xs.real.new_zeros(()).expand(b, *self.z_shape))
+            return from_spectrum(torch.baddbmm(c_inj, m_inj, xs), self.sizes[0], rows)
+        grp = self._alias(0, xs.device)
+        first = torch.baddbmm(c_inj, m_inj, grp.group(xs).reshape(grp.groups, -1, b))
+        ys = self._substitute(data, [None] * self.tiers, False, first)
+        return self.merge([from_spectrum(y, s) for y, s in zip(ys, self.sizes, strict=True)])
+
+    def _substitute(
+        self, data: tuple, rs: list[Tensor | None], transpose: bool, first: Tensor | None = None
+    ) -> list[Tensor]:
+        """Per tier, the half spectra ``(F_i, n_i, B)`` of ``V r`` (``Vᵀ r``) from those of
+        ``r``, ``rs`` (``None``: a zero tier). ``first`` (forward only): tier 1's solution
+        already known, in its group layout (:meth:`_inverse_injection`)."""
+        alpha, blocks, _ = data
+        specs = self.spectra()
+        ys: list[Tensor | None] = list(rs)
         last = self.tiers - 1
         prev_grp: Tensor | None = None  # tier i-1's solution in group layout (forward)
         for i in range(last, -1, -1) if transpose else range(self.tiers):
@@ -380,13 +435,16 @@ class MultiTierOperator(MonotoneOperator):
             if i == last:
                 ys[i] = t_inv @ r
                 continue
-            grp = self._alias(i, r.device)
-            rg = grp.group(r).reshape(grp.groups, -1, r.shape[-1])
-            if transpose:
-                rg = self._couple_transpose(specs, ys[i + 1], i, rg, -alpha)
-            prev_grp = t_inv @ rg
-            ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, r.shape[-1]))
-        return self.merge([from_spectrum(y, s, rows) for y, s in zip(ys, self.sizes, strict=True)])
+            grp = self._alias(i, (r if r is not None else first).device)
+            if i == 0 and first is not None:
+                prev_grp = first
+            else:
+                rg = grp.group(r).reshape(grp.groups, -1, r.shape[-1])
+                if transpose:
+                    rg = self._couple_transpose(specs, ys[i + 1], i, rg, -alpha)
+                prev_grp = t_inv @ rg
+            ys[i] = grp.ungroup(prev_grp.view(grp.groups, 4, -1, prev_grp.shape[-1]))
+        return ys
 
 
 class _KnownProduct(torch.autograd.Function):

@@ -371,12 +371,12 @@ def _gather_conj(x: Tensor, index: Tensor, conj: Tensor, sign: Tensor) -> Tensor
 
 
 def block_diag4(blocks: Tensor) -> Tensor:
-    """``(G, 4, n, n)`` → ``(G, 4n, 4n)`` block diagonal."""
-    g, four, n, _ = blocks.shape
-    out = blocks.new_zeros(g, four, n, four, n)
+    """``(G, 4, n, c)`` → ``(G, 4n, 4c)`` block diagonal."""
+    g, four, n, c = blocks.shape
+    out = blocks.new_zeros(g, four, n, four, c)
     for a in range(four):
         out[:, a, :, a, :] = blocks[:, a]
-    return out.reshape(g, four * n, four * n)
+    return out.reshape(g, four * n, four * c)
 
 
 class AliasGroups:

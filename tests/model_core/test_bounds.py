@@ -99,6 +99,7 @@ def test_the_bound_holds_at_every_iterate_and_proven_labels_are_exact(arch, meth
                 max_iter=k,
                 preactivation=True,
                 bias_scale=model.op.injection_scale(x),
+                image=x,  # as infer's solve, whose bound this one must equal
             )
             centre, bound = equilibrium_error_bound(
                 model.op, model.deq.nonlin, z, pre, stats.pre_scale

@@ -105,6 +105,37 @@ def test_resolvent_inverts_i_plus_alpha_i_minus_w(op, alpha):
     torch.testing.assert_close(vt, v.T, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("alpha", [0.05, 1.0, 20.0])
+@torch.no_grad()
+def test_inverse_injection_is_the_resolvent_of_the_scaled_injection(op, alpha):
+    # PR's first half step V(α(Ux + b)) from the image: the convolutions form it as
+    # (α T₁⁻¹ Û) x̂ + α T₁⁻¹ b̂ without the injection; against the dense V on α·bias(x).
+    n = n_of(op)
+    torch.manual_seed(1)
+    shape = (3, 7) if isinstance(op, FCOperator) else (3, op.U.in_channels, *[op.sizes[0] - 2] * 2)
+    x = torch.randn(*shape, dtype=torch.float64)
+    op.U.bias.add_(0.7)  # a bias that matters: the zero frequency of every tier-1 channel
+    a_mat = (1 + alpha) * torch.eye(n, dtype=torch.float64) - alpha * dense_w(op)
+    want = torch.linalg.solve(a_mat, alpha * op.bias(x).reshape(3, n).T).T
+    got = op.resolvent(alpha).inverse_injection(x)
+    assert got.shape == (3, *op.z_shape)
+    torch.testing.assert_close(got.reshape(3, n), want, rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_inverse_injection_follows_a_changed_injection():
+    # U and b are weights of the operator: the resolvent's composed V U is rebuilt with them.
+    op = tiers([2, 3], 4)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    first = op.resolvent(0.7).inverse_injection(x)
+    op.U.weight.mul_(-2.0)
+    op.U.bias.add_(1.5)
+    again = op.resolvent(0.7).inverse_injection(x)
+    want = op.resolvent(0.7).inverse(0.7 * op.bias(x))
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-12)
+    assert (again - first).abs().max() > 0.1
+
+
 @torch.no_grad()
 def test_resolvent_cache_reuses_and_rebuilds_on_weight_change():
     op = tiers([2, 2], 4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from problems import dense_w_fc
@@ -9,7 +11,7 @@ from problems import dense_w_fc
 from model_core import build_model, solvers, tune_alpha
 from model_core.bounds import rounding_error
 from model_core.nonlinearity import BorderReLU, ReLU, border_mask
-from model_core.operators import FCOperator, base
+from model_core.operators import FCOperator, MultiTierOperator, base
 from model_core.solvers import (
     SOLVERS,
     ForwardBackward,
@@ -397,3 +399,55 @@ def test_a_zero_equilibrium_converges_at_once_under_forward_backward():
     assert out.stats.iterations.tolist() == [1, 1, 1]
     assert out.stats.residual.tolist() == [0.0, 0.0, 0.0]
     assert out.stats.converged.tolist() == [True, True, True]
+
+
+def _conv_problem(channels, seed=0, batch=5):
+    """A float32 convolutional operator (``channels`` per tier, 8×8 images) and an image."""
+    torch.manual_seed(seed)
+    op = MultiTierOperator(3, channels, 8)
+    return op, torch.randn(batch, 3, 8, 8)
+
+
+@pytest.mark.parametrize("loop", ["compact", "masked"])
+@pytest.mark.parametrize("channels", [[6], [4, 6]])
+@torch.no_grad()
+def test_the_first_step_from_the_image_gives_the_same_solve(channels, loop):
+    # PR's first half step formed from the image (Resolvent.inverse_injection) instead of
+    # from Ux + b: the same per-sample counts and flags, the point to float32 rounding.
+    op, x = _conv_problem(channels)
+    kw = dict(method="peaceman_rachford", alpha=1.0, tol=1e-4, max_iter=200,
+              preactivation=True, bias_scale=op.injection_scale(x), loop=loop)  # fmt: skip
+    z0, s0, p0 = solve_forward(op, ReLU(), op.bias(x), **kw)
+    z1, s1, p1 = solve_forward(op, ReLU(), op.bias(x), image=x, **kw)
+    assert torch.equal(s0.iterations, s1.iterations)
+    assert torch.equal(s0.converged, s1.converged) and bool(s1.converged.all())
+    assert int(s1.iterations.min()) > 1  # (the point is the later steps')
+    torch.testing.assert_close(z1, z0, rtol=0, atol=1e-5 * float(z0.abs().max()))
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 1.0, 10.0])
+@pytest.mark.parametrize("channels", [[6], [4, 6]])
+@torch.no_grad()
+def test_the_first_step_from_the_image_counts_its_rounding(channels, alpha):
+    # A constant image of 1e4 with b = −Σ U: Ux + b cancels inside the image, so
+    # ‖Ux + b‖ ≪ ‖|U||x| + |b|‖, the scale at which the composed step rounds. The residual's
+    # p after one step must be within its stated rounding ρ of the exact W z + U x + b.
+    op, _ = _conv_problem(channels)
+    x = torch.full((3, 3, 8, 8), 1e4)
+    x[1] *= -0.5
+    op.U.bias.copy_(-op.U.weight.sum(dim=(1, 2, 3)) * 1e4)
+    bias, scale = op.bias(x), op.injection_scale(x)
+    assert bool((torch.linalg.vector_norm(bias[0].flatten()) < 0.5 * scale[0]).all())
+    z, stats, pre = solve_forward(
+        op, ReLU(), bias, method="peaceman_rachford", alpha=alpha, tol=1e-2, max_iter=1,
+        preactivation=True, bias_scale=scale, image=x,
+    )  # fmt: skip
+    op64 = copy.deepcopy(op).double()
+    exact = op64.multiply(z.double()) + op64.bias(x.double())
+    err = torch.linalg.vector_norm((pre.double() - exact).flatten(1), dim=1)
+    norms = [torch.linalg.vector_norm(t.flatten(1), dim=1) for t in (z, pre)]
+    rho = rounding_error(*norms, torch.float32, stats.pre_scale)
+    assert bool((err <= rho.double()).all()), (err, rho)
+    # At u½ = 0 the resolvent's argument counts at the injection's scale, amplified (§2).
+    amplified = (1.0 + alpha * op.weight_norm()) * scale
+    assert bool((stats.pre_scale >= amplified).all())
