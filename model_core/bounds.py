@@ -45,6 +45,8 @@ def equilibrium_error_bound(
     z: Tensor,
     pre: Tensor,
     pre_scale: Tensor | None = None,
+    *,
+    product: MonotoneOperator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The point ``ĉ = ẑ − W r / 2m`` and a per-sample bound on ``‖ĉ − z*‖`` (§9, eq. 15).
 
@@ -61,19 +63,75 @@ def equilibrium_error_bound(
         pre_scale: ``(B,)``, the scale of the sums that formed ``pre``
             (:func:`rounding_error`; ``stats.pre_scale`` of that solve). ``None``: 0, right
             only where ``pre`` was formed without cancellation.
+        product: the same ``W`` in a lower precision (a float32 model's operator, for a
+            float64 ``z`` and ``pre``), which forms ``W r`` instead of ``op``: ``r`` is
+            rounded to its dtype, and the bound adds that product's error against the
+            exact ``W r`` (:func:`product_error`; docs/math.md §9, "``W r`` in a lower
+            precision"). Rows where that error passes ``ROUNDING_SLACK / 2`` of ``‖W
+            r‖`` are formed by ``op`` after all. ``None``: ``op`` forms ``W r``.
 
     Returns:
         ``(ĉ, bound)``: ``ĉ`` shaped like ``z``, and ``bound`` ``(B,)`` in the units of
         ``z`` (absolute ℓ2 distance, not relative), with its rounding terms
         (:data:`ROUNDING_SLACK`, :data:`ROUNDING_ULPS`). ``inf`` where the point is not
-        finite. One multiply by ``W``.
+        finite. One multiply by ``W`` (with ``product``, one in its precision, and one
+        in ``z``'s for the rows it leaves).
     """
     z_hat = nonlin(pre)
-    half_step = op.multiply(z - z_hat).mul_(0.5 / op.m)  # W r / 2m
-    bound = _norms(half_step) * (1.0 + ROUNDING_SLACK)
+    step = z - z_hat  # r
+    w_norm = op.weight_norm()
+    if product is None:
+        half_step = op.multiply(step).mul_(0.5 / op.m)  # W r / 2m
+        bound = _norms(half_step) * (1.0 + ROUNDING_SLACK)
+    else:
+        low = step.to(next(product.parameters()).dtype)
+        wr = product.multiply(low)
+        half_step = wr.to(z.dtype).mul_(0.5 / op.m)  # (W r)_low / 2m, exactly
+        wr_norm = _norms(half_step) * (2.0 * op.m)
+        # ĉ moves by δ/2m from the centre of the exact W r, and the radius grows by as
+        # much: ‖z* − ĉ‖ ≤ (‖(W r)_low‖ + 2‖δ‖) / 2m.
+        delta = product_error(_norms(low).to(z.dtype), wr_norm, low.dtype, w_norm)
+        # Where that term would pass the relative slack the bound carries anyway (r near
+        # W's null space: ‖W r‖ ≪ ‖W‖ ‖r‖), W r in z's own precision instead, so that the
+        # bound is never much above what that would give.
+        again = 2.0 * delta > ROUNDING_SLACK * wr_norm
+        if bool(again.any()):
+            rows = again.nonzero().squeeze(1)
+            exact = op.multiply(step.index_select(0, rows)).mul_(0.5 / op.m)
+            half_step = half_step.index_copy(0, rows, exact)
+            delta = delta.masked_fill(again, 0.0)
+        bound = _norms(half_step) * (1.0 + ROUNDING_SLACK) + delta / op.m
     rho = rounding_error(_norms(z), _norms(pre), z.dtype, pre_scale)
-    bound = bound + rho * (1.0 + op.weight_norm() / op.m)
+    bound = bound + rho * (1.0 + w_norm / op.m)
     return z_hat - half_step, torch.where(torch.isfinite(bound), bound, math.inf)
+
+
+def product_error(
+    step_norm: Tensor, product_norm: Tensor, dtype: torch.dtype, weight_norm: float
+) -> Tensor:
+    """``(B,)``: a bound on ``‖δ‖``, how far ``W r`` formed in ``dtype`` from ``r`` rounded
+    to ``dtype`` lies from the exact ``W r`` of the unrounded ``r`` (docs/math.md §9,
+    "``W r`` in a lower precision").
+
+    Two parts: the product's own rounding, with the rounding model of a product ``W z``
+    (:func:`rounding_error` with ``S = ‖W‖ ‖r‖``: ``16 eps (‖r‖ + ‖W r‖ + ‖W‖ ‖r‖)``,
+    seven times what was measured), and the rounding of ``r`` into ``dtype``, at most
+    ``eps/2`` of each entry, which ``W`` turns into at most ``eps/2 · ‖W‖ ‖r‖`` (taken as
+    ``eps ‖W‖ ‖r‖``, which also covers the subtraction that formed ``r`` in the higher
+    precision).
+
+    Args:
+        step_norm: ``(B,)``, ``‖r‖`` of ``r`` as rounded to ``dtype``.
+        product_norm: ``(B,)``, ``‖W r‖`` as formed in ``dtype``.
+        dtype: the precision of the product (its ``eps``).
+        weight_norm: a bound on ``‖W‖₂`` (:meth:`MonotoneOperator.weight_norm`).
+
+    Returns:
+        ``(B,)``, in the units of ``r``.
+    """
+    scaled = weight_norm * step_norm
+    cast = torch.finfo(dtype).eps * scaled
+    return rounding_error(step_norm, product_norm, dtype, scaled) + cast
 
 
 def rounding_error(

@@ -118,6 +118,15 @@ class _Certificate(NamedTuple):
     radius: Tensor
 
 
+def _ieee_float32_products(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` round as IEEE float32 (the rounding
+    model of :func:`~model_core.bounds.product_error`): always on the CPU; on CUDA unless
+    TF32 is allowed for them (``torch.backends.cuda.matmul.allow_tf32``, which
+    ``torch.set_float32_matmul_precision("high")`` sets), whose 10-bit products would be
+    off by a thousand times more."""
+    return device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
+
+
 class MonDEQClassifier(nn.Module):
     """An equilibrium layer plus a linear head.
 
@@ -453,8 +462,10 @@ class MonDEQClassifier(nn.Module):
         ``p = W z + U x + b`` is formed directly with float64 copies of the weights
         (:meth:`_float64_copy`; float32 values are exact in float64), so its rounding
         scale is ``‖W‖ ‖z‖ + ‖|U||x| + |b|‖`` with float64's ``eps``. Then the residual
-        (:func:`~model_core.solvers.relative_residual`), the centre and bound (eq. 15),
-        the logits, their bounds and the proof (eqs. 16, 17) as in float32. Back in
+        (:func:`~model_core.solvers.relative_residual`), the centre and bound (eq. 15, with
+        ``W r`` formed by the float32 operator from ``r`` rounded to float32, its error
+        added to the bound: :func:`~model_core.bounds.product_error`), the logits, their
+        bounds and the proof (eqs. 16, 17) as in float32. Back in
         float32: bounds and residuals are rounded up (:func:`~model_core.bounds.cast_above`),
         each logit's bound grows by the cast's ``eps/2 · |l|``, the radius is lowered past
         the cast, and a label stays proven only if the float32 logits keep its argmax.
@@ -462,12 +473,15 @@ class MonDEQClassifier(nn.Module):
         shadow = self._float64_copy()
         op, nonlin = shadow.op, shadow.deq.nonlin
         x64, z64 = x.double(), z.double()
+        # W r in float32 where float32 products are IEEE (not TF32): r is small at the
+        # point, and the product's error is counted (§9, "W r in a lower precision").
+        product = self.op if _ieee_float32_products(z.device) else None
         with op.fixed_weights():
             pre = op.multiply(z64) + op.bias(x64)
             z_norm = torch.linalg.vector_norm(z64.flatten(1), dim=1)
             scale = op.weight_norm() * z_norm + op.injection_scale(x64)
             residual = relative_residual(z64, nonlin(pre), pre, scale)
-            centre, bound = equilibrium_error_bound(op, nonlin, z64, pre, scale)
+            centre, bound = equilibrium_error_bound(op, nonlin, z64, pre, scale, product=product)
             logits, rounding = shadow._logits_and_rounding(centre)
             w, pool = shadow.head.weight, shadow.pool_norm()
             slack = rival_slack(logits, w, pool, bound, shadow._head_geometry()[1], rounding)

@@ -243,9 +243,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _logits_at_the_centre(model, z: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """The logits at the centre of the ball around ``z*`` (docs/math.md §9)."""
-    centre, _ = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre)
+def _logits_at_the_centre(model, z: torch.Tensor, pre: torch.Tensor, product=None) -> torch.Tensor:
+    """The logits at the centre of the ball around ``z*`` (docs/math.md §9); ``product``:
+    the operator that forms ``W r`` (``equilibrium_error_bound``'s)."""
+    centre, _ = equilibrium_error_bound(model.op, model.deq.nonlin, z, pre, product=product)
     return model.head(model.features(centre))
 
 
@@ -311,14 +312,15 @@ def test_default_models_load_from_version_1_and_give_the_same_logits(name, one_t
     torch.testing.assert_close(at_z, expected, rtol=0, atol=LOGIT_ATOL)
     assert torch.equal(at_z.argmax(dim=1), expected.argmax(dim=1))
     # Rows whose float32 certificate was mostly rounding are read at the centre that a
-    # float64 evaluation of p = W z + U x + b at the same z gives (MonDEQClassifier.infer).
+    # float64 evaluation of p = W z + U x + b at the same z gives (MonDEQClassifier.infer),
+    # with W r formed by the float32 operator (docs/math.md §9, "W r in a lower precision").
     again = out.certified_in_float64
     assert again.sum() == {"fc": 3, "conv": 0}[name]
     assert torch.equal(out.logits[~again], _logits_at_the_centre(model, z, pre)[~again])
     if again.any():
         wide, z64 = copy.deepcopy(model).double(), z[again].double()
         pre64 = wide.op.multiply(z64) + wide.op.bias(x[again].double())
-        expected64 = _logits_at_the_centre(wide, z64, pre64).float()
+        expected64 = _logits_at_the_centre(wide, z64, pre64, product=model.op).float()
         assert torch.equal(out.logits[again], expected64)
     # Saved again (schema 2) and reloaded: the same logits.
     again = load_checkpoint(save_checkpoint(model, Path(tempfile.mkdtemp()) / "m.pt"))

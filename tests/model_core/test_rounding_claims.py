@@ -25,8 +25,10 @@ The adversarial cases each pin one rounding term the model once missed: an input
 null space scaled to 1e6..1e10 (the rounding of ``U x`` scales with ``‖U‖ ‖x‖``, not with
 ``‖p‖``), ``‖I − W‖ ≫ m`` with a small PR α (the resolvent identity for ``p`` amplifies the
 resolvent's rounding by ``1/α``), two near-duplicate head rows of size ~1e3 (the head's own
-rounding), and fmnist-fc's ``‖U‖₂`` in float32. The benign controls run the same checks on
-ordinary inputs. Also: a half or bfloat16 model is refused with a clear ``ValueError``.
+rounding), fmnist-fc's ``‖U‖₂`` in float32, and ``r`` near ``W``'s null space (the
+float64 certificate forms ``W r`` in float32, whose rounding is then a percent of ``‖W r‖``).
+The benign controls run the same checks on ordinary inputs. Also: a half or bfloat16 model
+is refused with a clear ``ValueError``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import pytest
 import torch
 from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier
 
+import model_core.bounds as bounds_module
 import model_core.models as models_module
 from model_core import build_model, load_checkpoint
 
@@ -386,6 +389,43 @@ def test_lipschitz_bound_of_fmnist_fc_is_not_below_its_float64_value():
     assert lip >= lip64, f"L {lip!r} < float64 {lip64!r} ({(lip64 - lip) / lip64:.3g} relative)"
     u64 = torch.linalg.matrix_norm(model.op.U.weight.detach().double(), ord=2).item()
     assert model.op.injection_norm() >= u64
+
+
+# ---- case 5: the float64 certificate's float32 W r, with r near W's null space ------------
+
+
+def test_the_float64_certificate_counts_the_rounding_of_its_float32_product(monkeypatch):
+    # The float64 certificate forms W r in float32 (docs/math.md §9, "W r in a lower
+    # precision"). With m = 1 − 2⁻²⁰ and A = B = 0, W = 2⁻²⁰ I: ‖W r‖ is 2⁻²⁰ ‖r‖ while the
+    # float32 product's rounding is about eps ‖r‖, a percent of it; every unit is active, so
+    # the ball of eq. 15 is tight (z* on its edge). PR at α = 0.01 (its p amplifies
+    # float32's rounding a hundredfold) stalls each row at float32's floor, and each is
+    # certified in float64 at tol 1e-9.
+    torch.manual_seed(0)
+    model = build_model({**CONFIGS["fc"], "m": 1.0 - 2.0**-20})
+    with torch.no_grad():
+        model.op.A.weight.zero_()
+        model.op.B.weight.zero_()
+        model.op.U.bias.fill_(4.0)
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    ref = exact_equilibrium(model, x)
+    kwargs = {"tol": 1e-9, "max_iter": 400, "alpha": 1e-2}
+    result = assert_claims(model, x, monkeypatch, ref=ref, **kwargs)
+    assert result.certified_in_float64.all()
+    # Such rows take W r in float64 after all (their float32 error would pass the bound's
+    # relative slack): the bound is within a few 1e-3 of an all-float64 certificate's.
+    with monkeypatch.context() as patch:
+        patch.setattr(models_module, "_ieee_float32_products", lambda device: False)
+        wide = model.infer(x, **kwargs)
+    ratio = result.error_bound.double() / wide.error_bound.double()
+    assert ratio.max().item() <= 1.003, ratio.tolist()
+    # Without the product's error (so with every W r in float32, uncounted) the claims
+    # fail: the term is what holds them here.
+    with monkeypatch.context() as patch:
+        patch.setattr(bounds_module, "product_error", lambda norm, *_: torch.zeros_like(norm))
+        uncounted, z, centre = infer_with_points(model, x, monkeypatch, **kwargs)
+    bad = claim_violations(model, uncounted, z, centre, ref)
+    assert any("error_bound" in b for b in bad), bad
 
 
 # ---- precisions infer does not support -----------------------------------------------------
