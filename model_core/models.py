@@ -118,6 +118,70 @@ class _Certificate(NamedTuple):
     radius: Tensor
 
 
+class _HeldCertificates:
+    """The float64 certificates that stopped samples during one ``infer`` call's solve
+    (:meth:`MonDEQClassifier._certifier`), kept for its answer.
+
+    A certificate is a function of the sample's input, its point and the weights alone, and
+    a sample that stops on its certificate is answered at that very point: the answer takes
+    the kept one (:meth:`MonDEQClassifier._certify_in_float64`) rather than computing it
+    again. A kept certificate serves only a point equal to its own bit for bit."""
+
+    def __init__(self) -> None:
+        # (samples (N,), points (N, *z_shape), their certificates), in the order kept
+        self._kept: list[tuple[Tensor, Tensor, _Certificate]] = []
+
+    def keep(self, samples: Tensor, points: Tensor, cert: _Certificate, met: Tensor) -> None:
+        """Keep the certificates of ``samples`` (``(R,)`` indices into the caller's batch)
+        at ``points`` (``(R, *z_shape)``) where ``met`` (``(R,)`` bool: the rows that stop
+        on them; the others iterate on, to another point)."""
+        if bool(met.any()):
+            index = met.nonzero().squeeze(1)
+            picked = _Certificate(*(t.index_select(0, index) for t in cert))
+            self._kept.append(
+                (samples.index_select(0, index), points.index_select(0, index), picked)
+            )
+
+    def take(self, samples: Tensor, points: Tensor) -> tuple[_Certificate | None, Tensor | None]:
+        """``(certificate, found)`` for ``samples`` ``(R,)`` at ``points``
+        ``(R, *z_shape)``: ``found`` ``(R,)`` bool marks the rows with a kept certificate at
+        the same point (the latest kept for the sample), and ``certificate`` holds those
+        rows' (the others' entries are unset); ``(None, None)`` where none is found."""
+        if not self._kept or len(samples) == 0:
+            return None, None
+        size = 1 + max(int(samples.max()), *(int(kept[0].max()) for kept in self._kept))
+        source = torch.full((size,), -1, dtype=torch.int64, device=samples.device)
+        position = torch.full_like(source, -1)
+        for i, (kept, _, _) in enumerate(self._kept):  # a later one replaces an earlier one
+            source.index_fill_(0, kept, i)
+            position.index_copy_(0, kept, torch.arange(len(kept), device=samples.device))
+        source, position = source.index_select(0, samples), position.index_select(0, samples)
+        found = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+        out: list[Tensor] | None = None
+        for i, (_, kept_points, cert) in enumerate(self._kept):
+            rows = (source == i).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            at = position.index_select(0, rows)
+            same = _same_bits(kept_points.index_select(0, at), points.index_select(0, rows))
+            rows, at = rows[same], at[same]
+            if len(rows) == 0:
+                continue
+            if out is None:
+                out = [t.new_empty((len(samples), *t.shape[1:])) for t in cert]
+            for target, values in zip(out, cert, strict=True):
+                target.index_copy_(0, rows, values.index_select(0, at))
+            found.index_fill_(0, rows, True)
+        return (None, None) if out is None else (_Certificate(*out), found)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> Tensor:
+    """``(R,)`` bool: row ``i`` of ``a`` and of ``b`` (``(R, ...)``, float32 or float64)
+    hold identical bits (a NaN equal to itself, ``-0.0`` not equal to ``0.0``)."""
+    ints = torch.int32 if a.element_size() == 4 else torch.int64
+    return (a.view(ints) == b.view(ints)).flatten(1).all(dim=1)
+
+
 def _ieee_float32_products(device: torch.device) -> bool:
     """Whether float32 matrix products on ``device`` round as IEEE float32 (the rounding
     model of :func:`~model_core.bounds.product_error`): always on the CPU; on CUDA unless
@@ -313,8 +377,9 @@ class MonDEQClassifier(nn.Module):
         iterations 8, 16, 32, … (in checks), where its residual is at least
         :data:`FLOAT64_SHARE` rounding, stopping it once that meets the rule; and at the
         answer, where it ends unproven or short of its rule with its residual or bound that
-        much rounding. On the default models this proves every near tie that float32 could
-        not, by iteration 32, and converges every answer at ``tol`` 1e-4 (docs/math.md §2).
+        much rounding (a sample its certificate stopped reports that one). On the default
+        models this proves every near tie that float32 could not, by iteration 32, and
+        converges every answer at ``tol`` 1e-4 (docs/math.md §2).
 
         Args:
             x: ``(B, C, H, W)`` normalised input.
@@ -346,9 +411,10 @@ class MonDEQClassifier(nn.Module):
         dtype = self._solve_dtype("infer")
         x = x.to(device=device, dtype=dtype)
         certify = None
+        held = _HeldCertificates()
         if dtype == torch.float32:
             rule_tol = self.solver_settings.tol if tol is None else tol
-            certify = self._certifier(x, stop, logit_tol, rule_tol)
+            certify = self._certifier(x, stop, logit_tol, rule_tol, held)
         with self.op.fixed_weights():  # one check of the weight caches for the whole call
             z, stats, pre = self.deq.solve(
                 x,
@@ -386,7 +452,7 @@ class MonDEQClassifier(nn.Module):
             if dtype == torch.float32:
                 rows = self._rounding_bound(result, z, pre, stop, logit_tol)
                 if bool(rows.any()):  # (one host read per call, after the solve)
-                    self._certify_in_float64(result, x, z, rows.nonzero().squeeze(1))
+                    self._certify_in_float64(result, x, z, rows.nonzero().squeeze(1), held)
         return result
 
     def _rounding_bound(
@@ -428,13 +494,14 @@ class MonDEQClassifier(nn.Module):
         return rho >= FLOAT64_SHARE * (gap + rho)
 
     def _certifier(
-        self, x: Tensor, stop: str, logit_tol: float | None, tol: float
+        self, x: Tensor, stop: str, logit_tol: float | None, tol: float, held: _HeldCertificates
     ) -> Callable[[dict[str, Tensor]], Tensor]:
         """The ``certify`` of :func:`~model_core.solvers.iterate` for a float32 solve of
         ``x``: a running row whose residual is mostly rounding (:meth:`_rounding_dominated`)
         may stop once the float64 certificate at its point meets the rule (``tol``: the
         residual within ``tol``; ``label``: proven; ``logits``: every logit's bound within
-        ``logit_tol``), which the answer then reports (:meth:`_certify_in_float64`)."""
+        ``logit_tol``). The certificates that stop rows are kept in ``held``, and the answer
+        reports them (:meth:`_certify_in_float64`)."""
 
         def certify(out: dict[str, Tensor]) -> Tensor:
             z = out["x"]
@@ -442,15 +509,15 @@ class MonDEQClassifier(nn.Module):
             if not bool(ok.any()):
                 return ok
             rows = ok.nonzero().squeeze(1)
-            cert = self._float64_certificate(
-                x.index_select(0, out["row"].index_select(0, rows)), z.index_select(0, rows)
-            )
+            samples, points = out["row"].index_select(0, rows), z.index_select(0, rows)
+            cert = self._float64_certificate(x.index_select(0, samples), points)
             if stop == "tol":
                 met = torch.isfinite(cert.residual) & (cert.residual <= tol)
             elif stop == "label":
                 met = cert.proven
             else:
                 met = cert.logit_bound.amax(dim=1) <= logit_tol
+            held.keep(samples, points, cert, met)
             return ok.index_put((rows,), met)
 
         return certify
@@ -505,12 +572,30 @@ class MonDEQClassifier(nn.Module):
         )
 
     def _certify_in_float64(
-        self, result: InferenceResult, x: Tensor, z: Tensor, rows: Tensor
+        self,
+        result: InferenceResult,
+        x: Tensor,
+        z: Tensor,
+        rows: Tensor,
+        held: _HeldCertificates | None = None,
     ) -> None:
         """Replace ``rows`` (``(R,)`` int64) of a float32 ``result`` by their float64
         certificate at the same point (:meth:`_float64_certificate`), in place (§9,
-        "Rounding"); ``converged`` follows the new residual."""
-        cert = self._float64_certificate(x.index_select(0, rows), z.index_select(0, rows))
+        "Rounding"); ``converged`` follows the new residual. A row whose certificate
+        ``held`` keeps for its very point (the one that stopped it during the solve) takes
+        that one instead of computing it again."""
+        points = z.index_select(0, rows)
+        cert, found = (None, None) if held is None else held.take(rows, points)
+        if cert is None:
+            cert = self._float64_certificate(x.index_select(0, rows), points)
+        elif not bool(found.all()):
+            fresh = (~found).nonzero().squeeze(1)  # positions in rows
+            new = self._float64_certificate(
+                x.index_select(0, rows.index_select(0, fresh)), points.index_select(0, fresh)
+            )
+            cert = _Certificate(
+                *(a.index_copy(0, fresh, b) for a, b in zip(cert, new, strict=True))
+            )
         stats = result.stats
         stats.residual = stats.residual.index_copy(0, rows, cert.residual)
         stats.converged = stats.converged.index_copy(

@@ -152,9 +152,9 @@ def infer_with_points(model, x, monkeypatch, **kwargs):
         seen["z"] = out[0]
         return out
 
-    def bound_and_keep(*args, **kw):
-        out = bound(*args, **kw)
-        seen.setdefault("centres", []).append(out[0])
+    def bound_and_keep(op, nonlin, z, *args, **kw):
+        out = bound(op, nonlin, z, *args, **kw)
+        seen.setdefault("centres", []).append((z, out[0]))  # (the point, its centre)
         return out
 
     model.deq.solve = solve_and_keep  # an instance attribute, deleted below
@@ -167,14 +167,21 @@ def infer_with_points(model, x, monkeypatch, **kwargs):
     # The centre of every row: the float32 bound's, then the float64 one's for the rows
     # certified again in float64 (their logits are read there, in float64).
     # (The stopping rules' checks evaluate the bound too, in float32 and, for rows at the
-    # rounding floor, in float64, before the answer's: the last float32 evaluation, then the
-    # last float64 one where rows were certified again.)
+    # rounding floor, in float64, before the answer's: the last float32 evaluation, then,
+    # for each row certified again, the last float64 one at its returned point. That one
+    # ran during the solve where the certificate stopped the row there, and the answer
+    # reports it rather than computing it again; else at the answer.)
     dtype = result.logits.dtype
-    first = [c for c in seen["centres"] if c.dtype == dtype][-1]
-    refined = result.certified_in_float64.nonzero().squeeze(1)
-    again = [seen["centres"][-1]] if len(refined) else []
-    assert not again or (again[0].dtype != dtype and len(again[0]) == len(refined))
-    centre = first.double().index_copy(0, refined, again[0]) if again else first
+    first = [c for _, c in seen["centres"] if c.dtype == dtype][-1]
+    refined = result.certified_in_float64.nonzero().squeeze(1).tolist()
+    again = bool(refined)
+    centre = first.double() if again else first
+    wide = [(point, c) for point, c in seen["centres"] if c.dtype != dtype]
+    for row in refined:
+        point = seen["z"][row].double()
+        at = [c[i] for zs, c in wide for i in range(len(zs)) if torch.equal(zs[i], point)]
+        assert at, f"row {row}: no float64 certificate at its returned point"
+        centre[row] = at[-1]
     with torch.no_grad():
         read = torch.nn.functional.linear(
             model.features(centre.to(first.dtype)).double()

@@ -1,0 +1,165 @@
+"""What keeps the float64 certificate cheap (docs/math.md §2 "Certified again in float64",
+§9), pinned to give the answers that computing everything would.
+
+A float32 answer that float32's rounding leaves undecided is certified again in float64 at
+its point (``MonDEQClassifier._float64_certificate``), during the solve and at the answer.
+Two things keep that cheap, and each must leave every answer as it was:
+
+* the certificate that stopped a row during the solve is the one its answer reports: the
+  answer does not compute it again at the same point (``_HeldCertificates``), and a kept
+  certificate serves only a point equal to its own bit for bit;
+* the certificate forms ``W r`` in float32 and adds that product's error to its bound
+  (``bounds.product_error``; the claims it keeps are checked against an independent float64
+  equilibrium in ``test_rounding_claims.py``, case 5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_core.models as models_module
+from model_core import build_model
+from model_core.bounds import ROUNDING_ULPS, product_error
+
+CONFIGS = {
+    "fc": {"arch": "fc", "in_channels": 1, "image_size": 6, "hidden": 12},
+    "conv": {"arch": "conv", "in_channels": 1, "image_size": 6, "channels": 2},
+}
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def small(arch: str, seed: int = 2):
+    torch.manual_seed(seed)
+    return build_model(CONFIGS[arch])
+
+
+def inputs(n: int, seed: int = 4) -> torch.Tensor:
+    return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+class CertificateCalls:
+    """Wraps ``model._float64_certificate`` (an instance attribute) to record each call's
+    rows, points and certificate, and whether the solve had returned (the answer's)."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[torch.Tensor, object, bool]] = []
+        self.solved = False
+        self._inner = model._float64_certificate
+
+    def __call__(self, x, z):
+        cert = self._inner(x, z)
+        self.calls.append((z.clone(), cert, self.solved))
+        return cert
+
+    @property
+    def rows(self) -> int:
+        return sum(len(z) for z, _, _ in self.calls)
+
+
+def infer_counting(model, x, **kwargs):
+    """``model.infer(x, **kwargs)``, its :class:`CertificateCalls` and the solver's ``z``."""
+    calls = CertificateCalls(model)
+    seen = {}
+    solve = model.deq.solve
+
+    def solve_and_mark(*args, **kw):
+        out = solve(*args, **kw)
+        calls.solved, seen["z"] = True, out[0]
+        return out
+
+    model._float64_certificate = calls  # instance attributes, deleted below
+    model.deq.solve = solve_and_mark
+    try:
+        result = model.infer(x, **kwargs)
+    finally:
+        del model._float64_certificate, model.deq.solve
+    return result, calls, seen["z"]
+
+
+# ---- the answer reports the certificate that stopped the row --------------------------------
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"tol": 1e-5}, {"stop": "logits", "logit_tol": 1e-6, "check_every": 2}],
+    ids=["tol", "logits"],
+)
+def test_a_row_stopped_by_its_certificate_is_not_certified_again(arch, kwargs):
+    model, x = small(arch), inputs(10)
+    result, calls, z = infer_counting(model, x, **kwargs)
+    # Every row stops on its float64 certificate during the solve (at 16 or 32, not the
+    # cap), and the answer computes none.
+    assert result.certified_in_float64.all()
+    assert set(result.stats.iterations.tolist()) <= {16, 32}
+    assert [at_answer for _, _, at_answer in calls.calls] == [False] * len(calls.calls)
+    # Each row's answer is the certificate computed at its returned point, number for number.
+    for row in range(10):
+        certs = [
+            (cert, i)
+            for points, cert, _ in calls.calls
+            for i in range(len(points))
+            if torch.equal(points[i], z[row])
+        ]
+        cert, i = certs[-1]
+        assert result.stats.residual[row].item() == cert.residual[i].item()
+        assert result.stats.converged[row].item()
+        assert result.logits[row].tolist() == cert.logits[i].tolist()
+        assert result.error_bound[row].item() == cert.error_bound[i].item()
+        assert result.logit_error_bound[row].tolist() == cert.logit_bound[i].tolist()
+        assert result.label_proven[row].item() == cert.proven[i].item()
+
+
+def test_a_row_certified_again_at_another_point_is_certified_at_the_answer():
+    # max_iter 9: every row is offered the certificate at 8 (not met at tol 1e-7), runs one
+    # more iteration and stops at the cap: the answer certifies it at that new point.
+    model, x = small("conv"), inputs(10)
+    result, calls, z = infer_counting(model, x, tol=1e-7, max_iter=9)
+    assert result.stats.iterations.tolist() == [9] * 10
+    during = [points for points, _, at_answer in calls.calls if not at_answer]
+    answer_rows = sum(len(points) for points, _, at_answer in calls.calls if at_answer)
+    assert answer_rows == int(result.certified_in_float64.sum()) > 0
+    assert all(
+        not torch.equal(p[i], z[row]) for p in during for i in range(len(p)) for row in range(10)
+    )
+
+
+def test_a_kept_certificate_serves_only_its_own_point():
+    model, x = small("fc"), inputs(3)
+    with torch.no_grad():
+        z, _, _ = model.deq.solve(x, tol=1e-12, max_iter=20)
+        cert = model._float64_certificate(x, z)
+    held = models_module._HeldCertificates()
+    assert held.take(torch.tensor([0, 1, 2]), z) == (None, None)
+    held.keep(torch.tensor([0, 1, 2]), z, cert, torch.tensor([True, True, False]))
+    moved = z.clone()
+    moved[0, 3] = torch.nextafter(moved[0, 3], torch.tensor(1.0))  # one ulp
+    # asked in another order: row 1 at its point, row 0 one ulp away, row 2 never kept
+    kept, found = held.take(torch.tensor([1, 0, 2]), moved[[1, 0, 2]])
+    assert found.tolist() == [True, False, False]
+    assert kept.residual[0].item() == cert.residual[1].item()
+    assert kept.logits[0].tolist() == cert.logits[1].tolist()
+    # a later certificate of a sample replaces the earlier one
+    later = models_module._Certificate(*(t[[0]].clone() for t in cert))
+    later = later._replace(residual=later.residual * 2)
+    held.keep(torch.tensor([1]), z[[0]], later, torch.tensor([True]))
+    assert held.take(torch.tensor([1]), z[[1]]) == (None, None)  # (kept at z[0]'s point now)
+    kept, found = held.take(torch.tensor([1]), z[[0]])
+    assert found.tolist() == [True] and kept.residual.item() == 2 * cert.residual[0].item()
+
+
+# ---- the float32 product's error -----------------------------------------------------------
+
+
+def test_product_error_is_the_rounding_model_of_a_product_plus_the_cast():
+    # 16 eps (‖r‖ + ‖W r‖ + ‖W‖ ‖r‖) for the product, eps ‖W‖ ‖r‖ for r's cast to float32
+    got = product_error(
+        torch.tensor([2.0], dtype=torch.float64),
+        torch.tensor([3.0], dtype=torch.float64),
+        torch.float32,
+        5.0,
+    )
+    expected = ROUNDING_ULPS * EPS32 * (2.0 + 3.0 + 10.0) + EPS32 * 10.0
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-15)
