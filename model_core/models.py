@@ -182,6 +182,31 @@ def _same_bits(a: Tensor, b: Tensor) -> Tensor:
     return (a.view(ints) == b.view(ints)).flatten(1).all(dim=1)
 
 
+def _rounding_dominated(gap: Tensor, rho: Tensor) -> Tensor:
+    """``(B,)`` bool: ``ρ ≥ FLOAT64_SHARE · (‖z − σ(p)‖ + ρ)`` (``gap`` and ``rho`` from
+    :meth:`MonDEQClassifier._rounding_terms`): the residual is at least that share
+    rounding (§2), and its float32 test can say little more however long the solve runs."""
+    return rho >= FLOAT64_SHARE * (gap + rho)
+
+
+def _above_tol(z_norm: Tensor, gap: Tensor, rho: Tensor, tol: float) -> Tensor:
+    """``(B,)`` bool: the float64 certificate's residual at this float32 point is certain
+    to be above ``tol`` (docs/math.md §2, "Certified again in float64"), from the float32
+    residual's parts (:meth:`MonDEQClassifier._rounding_terms`).
+
+    The exact ``p`` lies within ``ρ`` of the float32 one and σ is non-expansive, so the
+    exact gap ``‖z − σ(p)‖`` is at least ``gap − ρ``, and the float64 residual, an upper
+    bound on the exact one, at least ``(gap − ρ)/‖z‖``: its own rounding term cancels
+    its ``p``'s. The norms' rounding is allowed ``64 eps`` relative each way, and the
+    float32 ``tol`` the certificate is compared with ``2 eps``. False where ``‖z‖ = 0``
+    or a part is NaN (the certificate decides)."""
+    eps = torch.finfo(gap.dtype).eps
+    low = (gap.double() * (1.0 - 64.0 * eps) - rho.double()) / (
+        z_norm.double() * (1.0 + 64.0 * eps)
+    )
+    return (z_norm > 0) & (low > tol * (1.0 + 2.0 * eps))
+
+
 def _ieee_float32_products(device: torch.device) -> bool:
     """Whether float32 matrix products on ``device`` round as IEEE float32 (the rounding
     model of :func:`~model_core.bounds.product_error`): always on the CPU; on CUDA unless
@@ -462,12 +487,10 @@ class MonDEQClassifier(nn.Module):
 
         Unproven, or unconverged (``"tol"``) or above ``logit_tol`` (``"logits"``); finite;
         and with the rounding term ``ρ`` (:func:`~model_core.bounds.rounding_error`) at
-        least :data:`FLOAT64_SHARE` of the residual (:meth:`_rounding_dominated`) or of the
+        least :data:`FLOAT64_SHARE` of the residual (:func:`_rounding_dominated`) or of the
         error bound."""
         stats = result.stats
-        z_norm = torch.linalg.vector_norm(z.flatten(1), dim=1)
-        pre_norm = torch.linalg.vector_norm(pre.flatten(1), dim=1)
-        rho = rounding_error(z_norm, pre_norm, z.dtype, stats.pre_scale)
+        _, gap, rho = self._rounding_terms(z, pre, stats.pre_scale)
         in_bound = rho * (1.0 + self.op.weight_norm() / self.op.m)
         # The rule's own aim, and the label's proof: under "label", an unconverged residual
         # is the rule's doing (it stops before tol), not rounding's.
@@ -477,35 +500,38 @@ class MonDEQClassifier(nn.Module):
         elif stop == "logits":
             undecided |= result.logit_error_bound.amax(dim=1) > logit_tol
         finite = torch.isfinite(stats.residual) & torch.isfinite(result.error_bound)
-        dominated = self._rounding_dominated(z, pre, stats.pre_scale) | (
-            in_bound >= FLOAT64_SHARE * result.error_bound
-        )
+        dominated = _rounding_dominated(gap, rho) | (in_bound >= FLOAT64_SHARE * result.error_bound)
         return undecided & finite & dominated
 
-    def _rounding_dominated(self, z: Tensor, pre: Tensor, pre_scale: Tensor | None) -> Tensor:
-        """``(B,)`` bool: ``ρ ≥ FLOAT64_SHARE · (‖z − σ(p)‖ + ρ)``, the residual at ``z``
-        ``(B, *z_shape)`` with ``p = pre`` is at least that share rounding (§2): its
-        float32 test can say little more, however long the solve runs."""
+    def _rounding_terms(
+        self, z: Tensor, pre: Tensor, pre_scale: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(‖z‖, ‖z − σ(p)‖, ρ)``, each ``(B,)``, at ``z`` ``(B, *z_shape)`` with ``p =
+        pre`` as computed and ``pre_scale`` its rounding scale: the parts of the residual
+        (5′) of §2 (:func:`~model_core.bounds.rounding_error`)."""
         z_norm = torch.linalg.vector_norm(z.flatten(1), dim=1)
         pre_norm = torch.linalg.vector_norm(pre.flatten(1), dim=1)
         rho = rounding_error(z_norm, pre_norm, z.dtype, pre_scale)
         step = z - self.deq.nonlin(pre)
-        gap = torch.linalg.vector_norm(step.flatten(1), dim=1)
-        return rho >= FLOAT64_SHARE * (gap + rho)
+        return z_norm, torch.linalg.vector_norm(step.flatten(1), dim=1), rho
 
     def _certifier(
         self, x: Tensor, stop: str, logit_tol: float | None, tol: float, held: _HeldCertificates
     ) -> Callable[[dict[str, Tensor]], Tensor]:
         """The ``certify`` of :func:`~model_core.solvers.iterate` for a float32 solve of
-        ``x``: a running row whose residual is mostly rounding (:meth:`_rounding_dominated`)
+        ``x``: a running row whose residual is mostly rounding (:func:`_rounding_dominated`)
         may stop once the float64 certificate at its point meets the rule (``tol``: the
         residual within ``tol``; ``label``: proven; ``logits``: every logit's bound within
-        ``logit_tol``). The certificates that stop rows are kept in ``held``, and the answer
-        reports them (:meth:`_certify_in_float64`)."""
+        ``logit_tol``). Under ``tol`` a row whose float64 residual is sure to be above
+        ``tol`` is not certified (:func:`_above_tol`). The certificates that stop rows are
+        kept in ``held``, and the answer reports them (:meth:`_certify_in_float64`)."""
 
         def certify(out: dict[str, Tensor]) -> Tensor:
             z = out["x"]
-            ok = self._rounding_dominated(z, out["pre"], out.get("pre_scale"))
+            z_norm, gap, rho = self._rounding_terms(z, out["pre"], out.get("pre_scale"))
+            ok = _rounding_dominated(gap, rho)
+            if stop == "tol":
+                ok &= ~_above_tol(z_norm, gap, rho, tol)
             if not bool(ok.any()):
                 return ok
             rows = ok.nonzero().squeeze(1)

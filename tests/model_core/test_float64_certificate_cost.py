@@ -3,11 +3,14 @@
 
 A float32 answer that float32's rounding leaves undecided is certified again in float64 at
 its point (``MonDEQClassifier._float64_certificate``), during the solve and at the answer.
-Two things keep that cheap, and each must leave every answer as it was:
+Three things keep that cheap, and each must leave every answer as it was:
 
 * the certificate that stopped a row during the solve is the one its answer reports: the
   answer does not compute it again at the same point (``_HeldCertificates``), and a kept
   certificate serves only a point equal to its own bit for bit;
+* under ``stop="tol"`` a row whose float64 residual is sure to be above ``tol`` is not
+  offered the certificate (``_above_tol``): a necessary condition, checked here against the
+  float64 residual itself at every point the solve offers;
 * the certificate forms ``W r`` in float32 and adds that product's error to its bound
   (``bounds.product_error``; the claims it keeps are checked against an independent float64
   equilibrium in ``test_rounding_claims.py``, case 5).
@@ -36,6 +39,22 @@ def small(arch: str, seed: int = 2):
 
 def inputs(n: int, seed: int = 4) -> torch.Tensor:
     return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def answer(result) -> dict[str, list]:
+    """Every field of an answer, as lists (NaN radii as -1 so that equal answers compare
+    equal)."""
+    return {
+        "iterations": result.stats.iterations.tolist(),
+        "residual": result.stats.residual.tolist(),
+        "converged": result.stats.converged.tolist(),
+        "logits": result.logits.tolist(),
+        "error_bound": result.error_bound.tolist(),
+        "logit_error_bound": result.logit_error_bound.tolist(),
+        "label_proven": result.label_proven.tolist(),
+        "certified_radius": result.certified_radius.nan_to_num(-1.0).tolist(),
+        "certified_in_float64": result.certified_in_float64.tolist(),
+    }
 
 
 class CertificateCalls:
@@ -147,6 +166,94 @@ def test_a_kept_certificate_serves_only_its_own_point():
     assert held.take(torch.tensor([1]), z[[1]]) == (None, None)  # (kept at z[0]'s point now)
     kept, found = held.take(torch.tensor([1]), z[[0]])
     assert found.tolist() == [True] and kept.residual.item() == 2 * cert.residual[0].item()
+
+
+# ---- the tol filter ------------------------------------------------------------------------
+
+
+TOLS = [1e-4, 3e-5, 1e-5, 1e-6]
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_the_tol_filter_skips_only_rows_float64_cannot_meet(arch):
+    # At every point the solve offers (iterations 8, 16, 32, ...), every row the filter
+    # marks has a float64 residual above tol: the filter is a necessary condition.
+    model, x = small(arch), inputs(10)
+    offered = []
+    make = model._certifier
+
+    def certifier(x_, stop, logit_tol, tol, held):
+        inner = make(x_, stop, logit_tol, tol, held)
+
+        def certify(out):
+            offered.append(
+                (
+                    tol,
+                    out["x"].clone(),
+                    out["pre"].clone(),
+                    out["pre_scale"].clone(),
+                    out["row"].clone(),
+                )
+            )
+            return inner(out)
+
+        return certify
+
+    model._certifier = certifier  # an instance attribute, deleted below
+    try:
+        for tol in TOLS:
+            for method in ("peaceman_rachford", "forward_backward"):
+                model.infer(x, tol=tol, method=method, max_iter=80)
+    finally:
+        del model._certifier
+    marked = 0
+    for tol, z, pre, scale, rows in offered:
+        z_norm, gap, rho = model._rounding_terms(z, pre, scale)
+        above = models_module._above_tol(z_norm, gap, rho, tol)
+        if not bool(above.any()):
+            continue
+        with torch.no_grad():
+            cert = model._float64_certificate(x[rows[above]], z[above])
+        assert (cert.residual > tol).all(), (tol, cert.residual.tolist())
+        marked += int(above.sum())
+    assert marked > 0  # (the check above ran on some rows)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_the_tol_filter_changes_no_answer(arch, monkeypatch):
+    model, x = small(arch), inputs(10)
+    fewer = False
+    for tol in TOLS:
+        for method in ("peaceman_rachford", "forward_backward"):
+            kwargs = {"tol": tol, "method": method, "max_iter": 80}
+            got, calls, _ = infer_counting(model, x, **kwargs)
+            with monkeypatch.context() as patch:
+                never = lambda z_norm, *_: torch.zeros_like(z_norm, dtype=torch.bool)  # noqa: E731
+                patch.setattr(models_module, "_above_tol", never)
+                expected, unfiltered, _ = infer_counting(model, x, **kwargs)
+            assert answer(got) == answer(expected), kwargs
+            assert calls.rows <= unfiltered.rows, kwargs
+            fewer |= calls.rows < unfiltered.rows
+    # (The small conv model's offered rows are all within float64's reach here.)
+    assert fewer == (arch == "fc")  # the filter skipped some row
+
+
+def test_above_tol_at_its_edges():
+    z_norm = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    gap = torch.tensor([2e-4, 2e-4, 5.0, float("nan"), 1.1e-4])
+    rho = torch.tensor([0.5e-4, 1.5e-4, 0.0, 0.0, 0.0])
+    # (gap − ρ)/‖z‖: 1.5e-4 above 1e-4; 0.5e-4 below; ‖z‖ = 0 and NaN: the certificate
+    # decides; 1.1e-4 above by far more than the allowance.
+    assert models_module._above_tol(z_norm, gap, rho, 1e-4).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    # within the norms' and tol's allowance of tol: not marked
+    edge = torch.tensor([1e-4 * (1 + 60 * EPS32)])
+    assert not models_module._above_tol(torch.ones(1), edge, torch.zeros(1), 1e-4).item()
 
 
 # ---- the float32 product's error -----------------------------------------------------------
