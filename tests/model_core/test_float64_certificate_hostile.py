@@ -152,6 +152,9 @@ LOOP_CASES = {
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_every_loop_and_chunking_give_the_same_certified_answers(arch, monkeypatch):
     model, x = small(arch, seed=2), inputs(10, seed=4)
+    z, _, _ = model.deq.solve(x, tol=1e-3)
+    scale = 1.0 + model.op.weight_norm() / model.op.m
+    floor = torch.finfo(torch.float32).eps * z.flatten(1).norm(dim=1) * scale
     for kwargs, iterations, certified in LOOP_CASES[arch]:
         base = model.infer(x, loop="compact", **kwargs)
         expected = iterations if isinstance(iterations, list) else [iterations] * 10
@@ -168,7 +171,13 @@ def test_every_loop_and_chunking_give_the_same_certified_answers(arch, monkeypat
         for name, other in runs.items():
             assert flags(other) == flags(base), (kwargs, name)
             torch.testing.assert_close(other.logits, base.logits, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(other.error_bound, base.error_bound, rtol=1e-5, atol=0.0)
+            # A batch of another shape may sum a GEMM in another order (MKL on AMD EPYC
+            # does, on rows 8-9 of this batch): the float32 point moves by an ulp, and a
+            # bound at float32's floor, or a float64 one at that point, by up to its
+            # rounding level eps‖z‖(1 + ‖W‖/m) (measured: a tenth of it).
+            moved = (other.error_bound - base.error_bound).abs()
+            allowed = 1e-5 * base.error_bound + floor
+            assert bool((moved <= allowed).all()), (kwargs, name, (moved / allowed).max())
 
 
 # ---- weights written in place --------------------------------------------------------------
