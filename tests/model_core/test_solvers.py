@@ -417,8 +417,8 @@ def test_the_first_step_from_the_image_gives_the_same_solve(channels, loop):
     op, x = _conv_problem(channels)
     kw = dict(method="peaceman_rachford", alpha=1.0, tol=1e-4, max_iter=200,
               preactivation=True, bias_scale=op.injection_scale(x), loop=loop)  # fmt: skip
-    z0, s0, p0 = solve_forward(op, ReLU(), op.bias(x), **kw)
-    z1, s1, p1 = solve_forward(op, ReLU(), op.bias(x), image=x, **kw)
+    z0, s0, _ = solve_forward(op, ReLU(), op.bias(x), **kw)
+    z1, s1, _ = solve_forward(op, ReLU(), op.bias(x), image=x, **kw)
     assert torch.equal(s0.iterations, s1.iterations)
     assert torch.equal(s0.converged, s1.converged) and bool(s1.converged.all())
     assert int(s1.iterations.min()) > 1  # (the point is the later steps')
