@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model_core import load_checkpoint  # noqa: E402
+from model_core.files import atomic_write  # noqa: E402
 from mondeq_cli.args import positive_int  # noqa: E402
 from mondeq_cli.benchmark import machine_probe, timed  # noqa: E402
 from training.data import load_dataset  # noqa: E402
@@ -111,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(args.out)  # never a half-written file
+    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
     return 0
 
 

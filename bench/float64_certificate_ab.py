@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import model_core  # noqa: E402
 import model_core.models as new_models  # noqa: E402
 from model_core import load_checkpoint  # noqa: E402
+from model_core.files import atomic_write  # noqa: E402
 from model_core.runtime import tune_allocator  # noqa: E402
 from mondeq_cli.args import positive_int  # noqa: E402
 from mondeq_cli.benchmark import PAPER_MODELS, PAPER_SOLVER, machine_probe  # noqa: E402
@@ -207,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(args.out)  # never a half-written file
+    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from model_core.files import atomic_write
 from model_core.runtime import tune_allocator
 from mondeq_cli.benchmark import (
     DEFAULT_MODELS,
@@ -83,9 +84,7 @@ def main() -> None:
             "shims": "mondeq_cli.reference (torch.rfft/irfft, relu keeping its input)",
         }
     dest = out / f"{stem}-{dev}.json"
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    tmp.replace(dest)
+    atomic_write(dest, (json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n").encode())
     print(format_table(rows))
     print("\n" + format_probe(meta["probe_before"], meta["probe_after"]))
     if reference is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from model_core import build_model
+from model_core.files import atomic_write
 from model_core.runtime import tune_allocator
 from mondeq_cli.benchmark import (
     MIN_SIDE_BY_SIDE_REPEATS,
@@ -161,9 +162,9 @@ def main() -> None:
             r.setdefault("probe", earlier.get("probe"))  # files from before per-row probes
             # a figure quoted from an issue, which older files carried: never a divisor
             r.pop("reference_s_per_epoch", None)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=2) + "\n")
-    tmp.replace(dest)
+    atomic_write(
+        dest, (json.dumps({"machine": machine, "rows": kept + rows}, indent=2) + "\n").encode()
+    )
     print(f"\nwrote {dest}")
 
 
