@@ -435,7 +435,7 @@ class MultiTierOperator(MonotoneOperator):
             if i == last:
                 ys[i] = t_inv @ r
                 continue
-            grp = self._alias(i, (r if r is not None else first).device)
+            grp = self._alias(i, t_inv.device)
             if i == 0 and first is not None:
                 prev_grp = first
             else:
