@@ -208,18 +208,21 @@ class EquilibriumLayer(nn.Module):
             return self.nonlin(self.solve(x)[2])  # ẑ = σ(W z + U x + b), as with autograd
         s = self.settings
         bias = self.op.bias(x)
-        z, stats, pre = solve_forward(
-            self.op,
-            self.nonlin,
-            bias.detach(),
-            method=s.method,
-            alpha=self.resolve_alpha(s.method, s.alpha),
-            tol=s.tol,
-            max_iter=s.max_iter,
-            preactivation=True,
-            bias_scale=self.op.injection_scale(x.detach()),
-            image=x.detach(),
-        )
+        # A training step: its rounding terms may take the cheaper bound on ‖W‖ (the weights
+        # change after the step, and the tight one would be paid at every step).
+        with self.op.weights_in_training():
+            z, stats, pre = solve_forward(
+                self.op,
+                self.nonlin,
+                bias.detach(),
+                method=s.method,
+                alpha=self.resolve_alpha(s.method, s.alpha),
+                tol=s.tol,
+                max_iter=s.max_iter,
+                preactivation=True,
+                bias_scale=self.op.injection_scale(x.detach()),
+                image=x.detach(),
+            )
         # ẑ = σ(W z* + U x + b) with autograd; W z* is known from the solve.
         pre = self.op.multiply_known(z, pre - bias.detach()) + bias
         z_hat = self.nonlin(pre)
@@ -243,14 +246,15 @@ class _ImplicitBackward(torch.autograd.Function):
         (jac,) = ctx.saved_tensors
         layer: EquilibriumLayer = ctx.layer
         s = layer.settings.backward()
-        out, stats = solve_backward(
-            layer.op,
-            jac,
-            grad.contiguous(),
-            method=s.method,
-            alpha=layer.resolve_alpha(s.method, s.alpha),
-            tol=s.tol,
-            max_iter=s.max_iter,
-        )
+        with layer.op.weights_in_training():  # as the forward (EquilibriumLayer.forward)
+            out, stats = solve_backward(
+                layer.op,
+                jac,
+                grad.contiguous(),
+                method=s.method,
+                alpha=layer.resolve_alpha(s.method, s.alpha),
+                tol=s.tol,
+                max_iter=s.max_iter,
+            )
         layer.last_backward_stats = stats
         return out, None, None

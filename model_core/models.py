@@ -488,7 +488,8 @@ class MonDEQClassifier(nn.Module):
         Unproven, or unconverged (``"tol"``) or above ``logit_tol`` (``"logits"``); finite;
         and with the rounding term ``ρ`` (:func:`~model_core.bounds.rounding_error`) at
         least :data:`FLOAT64_SHARE` of the residual (:func:`_rounding_dominated`) or of the
-        error bound."""
+        error bound, or an unproven label that the error bound less its rounding term
+        (and the head's) would prove."""
         stats = result.stats
         _, gap, rho = self._rounding_terms(z, pre, stats.pre_scale)
         in_bound = rho * (1.0 + self.op.weight_norm() / self.op.m)
@@ -501,6 +502,13 @@ class MonDEQClassifier(nn.Module):
             undecided |= result.logit_error_bound.amax(dim=1) > logit_tol
         finite = torch.isfinite(stats.residual) & torch.isfinite(result.error_bound)
         dominated = _rounding_dominated(gap, rho) | (in_bound >= FLOAT64_SHARE * result.error_bound)
+        # An unproven label that the bound without float32's rounding would prove: rounding
+        # is all that stands between it and its proof, whatever its share of the bound.
+        reach = (result.error_bound - in_bound).clamp_min(0.0)
+        w, pool, distances = self.head.weight, self.pool_norm(), self._head_geometry()[1]
+        logits = result.logits
+        slack = rival_slack(logits, w, pool, reach, distances)
+        dominated |= ~result.label_proven & proven_labels(logits, w, pool, reach, slack)
         return undecided & finite & dominated
 
     def _rounding_terms(

@@ -77,3 +77,11 @@ class FCOperator(MonotoneOperator):
 
     def _injection_norm(self) -> float:
         return spectral_norm_above(self.U.weight)
+
+    def _weight_norm(self, tight: bool) -> float:
+        # Tight or not: exact (to float64's rounding, then raised past it), both n × n
+        # matrices formed in float64, where the products of float32 weights are exact.
+        a, b = self.A.weight.detach().double(), self.B.weight.detach().double()
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        k = self.m * eye + a.T @ a - b + b.T  # I − W
+        return max(spectral_norm_above(k), spectral_norm_above(eye - k))

@@ -126,7 +126,8 @@ def test_an_empty_batch_gets_an_empty_answer(arch, stop):
 
 
 # Per setting: the ten rows' iterations (one number: the same for each) and how many of them
-# were certified in float64.
+# were certified in float64 (each architecture has a setting where some rows are and others
+# are not; these follow the bound on ‖W‖ the rounding terms read, MonotoneOperator.weight_norm).
 # The certificate is first offered at check 8: iteration 8 under tol, 16 with check_every 2,
 # 24 with 3; max_iter 8 offers none during the solve (the answer's certificate still runs).
 LOOP_CASES = {
@@ -134,13 +135,13 @@ LOOP_CASES = {
         ({"tol": 1e-5, "max_iter": 8}, 8, 10),
         ({"tol": 1e-5, "max_iter": 9}, 9, 10),
         ({"tol": 1e-6, "max_iter": 40}, 16, 10),
-        ({"tol": 1e-4}, [16, 10, 11, 12, 12, 10, 10, 10, 13, 10], 1),
+        ({"tol": 7e-5}, [16, 11, 12, 13, 13, 11, 11, 11, 16, 11], 2),
         ({"stop": "logits", "logit_tol": 1e-6, "check_every": 2}, 16, 10),
         ({"stop": "logits", "logit_tol": 3e-7, "check_every": 3}, 24, 10),
     ],
     "conv": [
         ({"tol": 1e-5, "max_iter": 8}, 8, 0),
-        ({"tol": 1e-5, "max_iter": 9}, 9, 4),
+        ({"tol": 1e-5, "max_iter": 10}, 10, 9),
         ({"tol": 1e-6, "max_iter": 40}, 32, 10),
         ({"tol": 3e-5}, [32, 16, 32, 32, 32, 16, 32, 32, 32, 16], 10),
         ({"stop": "logits", "logit_tol": 1e-6, "check_every": 2}, 32, 10),

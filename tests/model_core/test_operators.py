@@ -403,3 +403,41 @@ def test_pieces_on_the_padded_transform_equal_the_whole_batch(dtype, monkeypatch
         from_spectrum(whole, 6, rows), from_spectrum(whole, 6), rtol=0, atol=8 * eps
     )
     torch.testing.assert_close(from_spectrum(whole, 6, rows), x, rtol=0, atol=64 * eps)
+
+
+@pytest.mark.parametrize("m", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_weight_norm_bounds_w_and_i_minus_w_from_above(name, m):
+    # Both of weight_norm's bounds against the dense matrices' exact norms: never below
+    # either (the rounding terms rely on it), and the tight bound exact where it claims to
+    # be (fc; one conv tier) and never above the cheap one.
+    op = OPERATORS[name](m)[0]
+    w = dense_w(op)
+    eye = torch.eye(w.shape[0], dtype=w.dtype)
+    exact = max(torch.linalg.matrix_norm(w, ord=2), torch.linalg.matrix_norm(eye - w, ord=2))
+    tight = op.weight_norm()
+    with op.weights_in_training():
+        op.clear_cache()
+        cheap = op.weight_norm()
+        assert op.weight_norm() == cheap  # cached
+    assert op.weight_norm() == tight  # outside the scope: the tight one again
+    assert exact.item() <= tight <= cheap
+    if name == "fc":  # both matrices' norms, exactly
+        assert tight == pytest.approx(exact.item(), rel=1e-9)
+    elif op.tiers == 1:
+        # max(m, |1 − m|) + ‖L − B + Bᵀ‖, the second norm exact
+        k_minus = torch.linalg.matrix_norm(eye - w - op.m * eye, ord=2).item()
+        assert tight == pytest.approx(max(op.m, abs(1.0 - op.m)) + k_minus, rel=1e-9)
+
+
+def test_weight_norm_follows_the_weights_and_a_tight_bound_serves_training():
+    op = tiers([2, 3], 4)
+    tight = op.weight_norm()
+    with op.weights_in_training():
+        assert op.weight_norm() == tight  # held for these weights: as good, and free
+        with torch.no_grad():
+            op.log_g.add_(2.0)  # A_i = √g A0/‖A0‖ grows e-fold
+        cheap = op.weight_norm()
+    w = dense_w(op)
+    assert torch.linalg.matrix_norm(w, ord=2).item() <= cheap != tight
+    assert cheap >= op.weight_norm() > tight

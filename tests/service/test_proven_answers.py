@@ -114,7 +114,7 @@ def delta(after: dict, before: dict) -> dict:
 def test_stop_label_proves_every_label_near_ties_in_float64(served, pixels, fc):
     """fmnist-fc, 200 test images, one V2 request per rule: under ``stop: "label"`` every
     label is proven, each the exact equilibrium's (a float64 solve to tol 1e-10). 193 are
-    proven by the float32 test, in 7.44 iterations on average against 10.41 for the same 193
+    proven by the float32 test, in 7.42 iterations on average against 10.41 for the same 193
     under the default tol rule (1e-2), which proves 188 of the 200. The other 7 include the
     near ties that float32 cannot prove: their exact top-two margin (0.035 to 0.19) is
     within what the error bound's floor (the rounding of ``p = W z + U x + b``, docs/math.md
@@ -144,10 +144,10 @@ def test_stop_label_proves_every_label_near_ties_in_float64(served, pixels, fc):
     assert label["iterations"][late].tolist() == [16, 16, 16, 16, 32, 16, 16]  # in float64
     early = ~late
     assert torch.equal(label["label"], exact.labels)
-    assert label["iterations"].sum().item() == 1563  # 1435 on the other 193 + 128
-    assert label["iterations"][early].sum().item() == 1435  # mean 7.44
-    assert tol["iterations"][early].sum().item() == 2009  # mean 10.41 on the same 193
-    assert tol["iterations"].sum().item() == 2089  # mean 10.445
+    assert label["iterations"].sum().item() == 1559  # 1431 on the other 193 + 128
+    assert label["iterations"][early].sum().item() == 1431  # mean 7.42
+    assert tol["iterations"][early].sum().item() == 2008  # mean 10.41 on the same 193
+    assert tol["iterations"].sum().item() == 2088  # mean 10.44
     assert int(tol["label_proven"].sum()) == 188
     assert torch.equal(tol["label"][tol["label_proven"]], exact.labels[tol["label_proven"]])
     # The proven radius is stated for the exact equilibrium: shrunk by the bound, never larger.
@@ -169,9 +169,10 @@ def test_stop_label_proves_every_label_near_ties_in_float64(served, pixels, fc):
     assert n_conv == 23  # 177 stopped, proven, before their residual reached 1e-2 (+ 6 ties)
     assert moved["label true"] == 200 and moved["label false"] == 0
     assert moved["tol true"] == 188 and moved["tol false"] == 12
-    # Certified in float64: the 7 late labels; under tol, 8 unproven answers whose bound is
-    # mostly rounding (at the answer, 3 of them proven so).
-    assert moved["label float64"] == 7 and moved["tol float64"] == 8
+    # Certified in float64: the 7 late labels; under tol, 6 unproven answers whose bound is
+    # mostly rounding, or that only rounding keeps from a proof (at the answer, 1 of them
+    # proven so).
+    assert moved["label float64"] == 7 and moved["tol float64"] == 6
     assert moved["label bounds"] == 200 and moved["tol bounds"] == 200
     assert moved["label unconverged"] == 200 - n_conv and moved["tol unconverged"] == 0
     assert moved["label bound sum"] == pytest.approx(
@@ -183,8 +184,8 @@ def test_stop_label_proves_every_label_near_ties_in_float64(served, pixels, fc):
 @needs_images
 def test_stop_logits_meets_its_logit_accuracy(served, pixels, fc):
     """``stop: "logits"`` with ``logit_tol`` 0.5 on 50 images: every logit's bound within
-    0.5 (``logit_error_bound``, named in ``outputs``, ``[50, 10]``) in at most 16
-    iterations, as in-process. A ``logit_tol`` below float32's floor (0.14 to 0.36 on these
+    0.5 (``logit_error_bound``, named in ``outputs``, ``[50, 10]``) in at most 15
+    iterations, as in-process. A ``logit_tol`` below float32's floor (0.13 to 0.32 on these
     images: the error bound's rounding term on fmnist-fc, docs/math.md §2, §9) is never met
     by the float32 test: at 0.1 every sample's test stalls, and the bounds evaluated in
     float64 at its point meet it at iteration 16 or 32 (before, at ``max_iter`` 300)."""
@@ -213,8 +214,8 @@ def test_stop_logits_meets_its_logit_accuracy(served, pixels, fc):
             answers[logit_tol] = out
     met, floor = answers[0.5], answers[0.1]
     assert (met["logit_error_bound"].amax(dim=1) <= 0.5).all()
-    assert met["iterations"].max().item() == 16
-    assert floor["iterations"].tolist() == [32 if i in (4, 18, 49) else 16 for i in range(50)]
+    assert met["iterations"].max().item() == 15
+    assert floor["iterations"].tolist() == [32 if i in (4, 13, 18, 49) else 16 for i in range(50)]
     assert (floor["logit_error_bound"].amax(dim=1) <= 0.1).all()
 
 
@@ -281,8 +282,8 @@ def test_requests_with_different_rules_never_share_a_solve(served, pixels, fc):
 def test_image_upload_takes_the_stopping_rule(served, fc):
     """The V1 form: ``stop=label`` on docs/examples/fmnist-test-0.png (test image 0): the
     ankle boot, proven, in 6 iterations as in-process; ``stop=logits`` with ``logit_tol``
-    0.5: met in 12 (the default ``tol`` rule takes 9), where 0.05 would be below float32's
-    floor on this image (0.18) and run to ``max_iter``."""
+    0.5: met in 10 (the default ``tol`` rule takes 9), where 0.05 would be below float32's
+    floor on this image (0.17) and run to ``max_iter``."""
     files = {"file": ("a.png", PNG.read_bytes(), "image/png")}
     x = torch.from_numpy(read_idx(IMAGES)[:1].copy()).unsqueeze(1).float() / 255.0
     with served.client() as client:
@@ -303,7 +304,7 @@ def test_image_upload_takes_the_stopping_rule(served, fc):
         ref = local(fc, x, stop="logits", logit_tol=0.5)
         assert rule_met(ref, "logits", 0.5).item()
         (pred,) = r.json()["predictions"]
-        assert pred["iterations"] == ref.stats.iterations.item() == 12
+        assert pred["iterations"] == ref.stats.iterations.item() == 10
         assert local(fc, x).stats.iterations.item() == 9  # the default rule stops elsewhere
         assert pred["error_bound"] == pytest.approx(ref.error_bound.item(), rel=1e-5)
 
