@@ -46,10 +46,13 @@ def transfer(weight: Tensor, s: int) -> Tensor:
     # magnitude cheaper than an FFT of the zero-padded kernel (and of its backward).
     phases = _transfer_phases(k, s, weight.dtype, weight.device)
     cweight = weight.reshape(n_out * n_in, k * k).to(phases.dtype)
-    spec = cweight @ phases  # (n_out·n_in, F)
-    # Contiguous: bmm on the permuted view (and its backward) copies it matrix by matrix,
-    # F small copies per product (1,440 a training step of the 32-channel conv model).
-    return spec.view(n_out, n_in, -1).permute(2, 0, 1).contiguous()
+    # (F, n_out·n_in), contiguous as bmm wants its operands (on a permuted view it, and its
+    # backward, copy matrix by matrix: 1,440 small copies a step of the 32-channel conv
+    # model): the GEMM writes the frequency-major layout itself, where a product in the
+    # kernel's layout needed a permuting copy of the whole block set (32 MB for 81
+    # channels, forward and backward) after it.
+    spec = phases.mT @ cweight.mT
+    return spec.view(-1, n_out, n_in)
 
 
 _PHASE_CACHE: dict[tuple, Tensor] = {}
