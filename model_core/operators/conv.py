@@ -89,11 +89,13 @@ class _TierSpectra:
 
 
 def _adjoint(x: Tensor) -> Tensor:
-    """``xᴴ`` per frequency, materialised (contiguous, conjugation applied). A conjugate-
+    """``xᴴ`` per frequency, materialised: the conjugation applied, in one pass. A conjugate-
     transposed *view* is no cheaper: ``bmm`` resolves the conjugation into a copy of the
     whole operand at every call (torch 2.14: an 81-channel block set, 32 MB, costs 3–9 ms
-    more per product than the same product with the copy made once)."""
-    return x.mH.contiguous()
+    more per product than the same product with the copy made once). Either row- or
+    column-major comes out (``linalg.inv`` returns the latter, whose ``mH`` is row-major
+    already, so ``contiguous()`` would keep the conjugate view); BLAS reads both in place."""
+    return x.mH.resolve_conj()
 
 
 class _Adjointed:
@@ -112,7 +114,7 @@ class _Adjointed:
         self._adjoint: Tensor | None = None
 
     def adjoint(self) -> Tensor:
-        """``blockᴴ`` per frequency, contiguous."""
+        """``blockᴴ`` per frequency, conjugation applied (:func:`_adjoint`)."""
         h = self._adjoint
         if h is None:
             h = self._adjoint = _adjoint(self.block)
