@@ -441,3 +441,20 @@ def test_weight_norm_follows_the_weights_and_a_tight_bound_serves_training():
     w = dense_w(op)
     assert torch.linalg.matrix_norm(w, ord=2).item() <= cheap != tight
     assert cheap >= op.weight_norm() > tight
+
+
+@pytest.mark.parametrize("m", [0.3, 1.0])
+def test_a_wide_fc_layer_bounds_w_from_the_weights_alone_in_training(m):
+    # Above EXACT_NORM_MAX a training step takes the O(n²) bound, never below the exact one.
+    torch.manual_seed(0)
+    op = FCOperator(5, 300, m=m).double()
+    w = dense_w_fc(op)
+    eye = torch.eye(300, dtype=w.dtype)
+    exact = max(torch.linalg.matrix_norm(w, ord=2), torch.linalg.matrix_norm(eye - w, ord=2))
+    with op.weights_in_training():
+        cheap = op.weight_norm()
+    assert exact.item() <= op.weight_norm() <= cheap
+    assert op.weight_norm() == pytest.approx(exact.item(), rel=1e-9)
+    a, b = op.A.weight.detach(), op.B.weight.detach()
+    one_inf = [(x.abs().sum(0).max() * x.abs().sum(1).max()).sqrt().item() for x in (a, b)]
+    assert cheap == pytest.approx(max(m, 1 - m) + one_inf[0] ** 2 + 2 * one_inf[1], rel=1e-9)
