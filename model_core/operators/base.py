@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -260,14 +261,19 @@ class MonotoneOperator(nn.Module):
         (:meth:`_weight_norm`; docs/math.md §9, "The bound on ‖W‖₂").
 
         The operator's tightest bound, except inside :meth:`weights_in_training`, where a
-        cheaper one that may be looser does. Cached per weights (every bound asks for it).
+        cheaper one that may be looser does. ``inf`` where a parameter is not finite (a
+        diverged training step: every bound and residual then reads ``inf``, where the
+        eigensolvers behind the bound would raise). Cached per weights (every bound asks
+        for it).
         """
         key = self._weights_key()
         tight = self._in_training == 0
         held = self._w_norm_cache
         if held is None or held[0] != key or (tight and not held[2]):
             with torch.no_grad():
-                held = self._w_norm_cache = (key, float(self._weight_norm(tight)), tight)
+                finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
+                bound = float(self._weight_norm(tight)) if finite else math.inf
+                held = self._w_norm_cache = (key, bound, tight)
         return held[1]
 
     @contextmanager

@@ -7,6 +7,8 @@ the injection, and the resolvent cache.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from problems import circ_conv, dense_of, dense_w_fc, dense_w_multitier, randomize_
@@ -458,3 +460,18 @@ def test_a_wide_fc_layer_bounds_w_from_the_weights_alone_in_training(m):
     a, b = op.A.weight.detach(), op.B.weight.detach()
     one_inf = [(x.abs().sum(0).max() * x.abs().sum(1).max()).sqrt().item() for x in (a, b)]
     assert cheap == pytest.approx(max(m, 1 - m) + one_inf[0] ** 2 + 2 * one_inf[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fc", "conv-even", "2-tier"])
+@pytest.mark.parametrize("training", [False, True])
+def test_weight_norm_of_non_finite_weights_is_inf(name, training):
+    # A diverged step's NaN reaches the bound as inf (every rounding term then reads inf),
+    # not as an eigensolver's "failed to converge".
+    op = OPERATORS[name]()[0]
+    with torch.no_grad():
+        next(p for n, p in op.named_parameters() if n.startswith("B")).view(-1)[0] = math.nan
+    if training:
+        with op.weights_in_training():
+            assert op.weight_norm() == math.inf
+    else:
+        assert op.weight_norm() == math.inf
