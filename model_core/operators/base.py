@@ -70,6 +70,17 @@ def spectral_norm_above(matrices: Tensor) -> float:
     return torch.linalg.matrix_norm(m, ord=2).max().item() * (1.0 + 1e-12)
 
 
+def spectral_norms_above(matrices: Tensor) -> Tensor:
+    """``‖M‖₂`` of each float64 (or complex128) matrix of ``matrices`` (``(..., p, q)``, a
+    ``(...)`` tensor), from above: :func:`spectral_norm_above` per matrix, as ``√λ_max`` of
+    the smaller Gram matrix (Hermitian eigenvalues take about three quarters of the SVDs'
+    time on cifar-conv's 612 blocks of 81 × 81), raised past its rounding (``q`` products
+    per entry, and the eigensolver's backward error: far below the 1e-9 added)."""
+    m = matrices
+    g = m @ m.mH if m.shape[-2] <= m.shape[-1] else m.mH @ m
+    return torch.linalg.eigvalsh(g)[..., -1].clamp_min(0.0).sqrt() * (1.0 + 1e-9)
+
+
 def same_values(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` hold identical values bit for bit (NaN equal to itself, ``-0.0``
     not equal to ``0.0``): how every cache kept per weights checks that they still hold."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..nonlinearity import border_mask
 from . import base
-from .base import MonotoneOperator, chunk_rows, spectral_norm_above
+from .base import MonotoneOperator, chunk_rows, spectral_norm_above, spectral_norms_above
 from .spectral import (
     AliasGroups,
     block_diag4,
@@ -327,8 +327,9 @@ class MultiTierOperator(MonotoneOperator):
         diagonal's norm plus its sub-diagonal's, and each of those is its largest block.
 
         * ``tight`` (serving: the weights stay, and the bound is paid once): every norm
-          exact, from the frequency blocks built in float64 (:func:`_gram_norms`; one
-          tier, ``max_f ‖K̂_f − m I‖₂``: exact. cifar-conv about 0.6 s, once).
+          exact, from the frequency blocks built in float64
+          (:func:`~.base.spectral_norms_above`; one tier, ``max_f ‖K̂_f − m I‖₂``: exact.
+          cifar-conv about 0.6 s, once).
         * Otherwise (a training step, whose weights change after it), from the kernels
           alone (:func:`conv_norm_above`; cifar-conv about 25 ms a step, where 50 steps of
           power iteration took 560 ms): ``‖D_i‖ ≤ ‖A_i‖² + ‖S_i‖² + 2 ‖B_i‖``.
@@ -342,10 +343,10 @@ class MultiTierOperator(MonotoneOperator):
             diag = sub = 0.0
             for i, sp in enumerate(specs):
                 eye = torch.eye(sp.k.shape[-1], dtype=sp.k.dtype, device=sp.k.device)
-                diag = max(diag, _gram_norms(sp.k - self.m * eye).max().item())
+                diag = max(diag, spectral_norms_above(sp.k - self.m * eye).max().item())
                 if i + 1 < self.tiers:  # ‖Â_(i+1)‖ ‖S_i‖, S_i exact in its group layout
-                    a_next = _gram_norms(specs[i + 1].a_hat).max().item()
-                    sub = max(sub, 2.0 * a_next * _gram_norms(sp.s_blk).max().item())
+                    a_next = spectral_norms_above(specs[i + 1].a_hat).max().item()
+                    sub = max(sub, 2.0 * a_next * spectral_norms_above(sp.s_blk).max().item())
             return (base + diag + sub) * (1.0 + 1e-12)
         a = [conv_norm_above(w) for w in a_w]
         sv = [conv_norm_above(w) for w in s_w] + [0.0]  # the last tier has no S
@@ -605,32 +606,24 @@ def conv_norm_above(weight: Tensor) -> float:
       ``n_out × n_in k²``, ``n_in × n_out k²``, ``n_out k × n_in k`` (rows by kernel row)
       and by kernel column (Singla & Feizi, "Fantastic Four", ICLR 2021, Theorem 1).
 
-    Each ``‖R‖₂`` as ``√λ_max`` of the smaller Gram matrix, in float64, raised past that
-    computation's rounding. On the paper's CIFAR kernels at initialisation 1.7× the exact
-    ``max_f ‖ŵ(f)‖₂`` (random taps do not add up), within 2% after ten Adam steps; on the
-    trained fmnist-conv 1.2×. About 3 ms for an 81-channel kernel, where the exact value
-    takes SVDs of its 612 frequency blocks.
+    Each ``‖R‖₂`` in float64, raised past its rounding (:func:`~.base.spectral_norms_above`).
+    On the paper's CIFAR kernels at initialisation 1.7× the exact ``max_f ‖ŵ(f)‖₂`` (random
+    taps do not add up), within 2% after ten Adam steps; on the trained fmnist-conv 1.2×.
+    About 3 ms for an 81-channel kernel, where the exact value takes SVDs of its 612
+    frequency blocks.
     """
     w = weight.detach().to(torch.float64)
     n_out, n_in, kh, kw = w.shape
     taps = w.flatten(2).permute(2, 0, 1)
-    tap_sum = _gram_norms(taps).sum().item()
+    tap_sum = spectral_norms_above(taps).sum().item()
     reshapes = (
         w.reshape(n_out, -1),
         w.transpose(0, 1).reshape(n_in, -1),
         w.permute(0, 2, 1, 3).reshape(n_out * kh, -1),
         w.permute(0, 3, 1, 2).reshape(n_out * kw, -1),
     )
-    four = math.sqrt(kh * kw) * min(_gram_norms(r).item() for r in reshapes)
+    four = math.sqrt(kh * kw) * min(spectral_norms_above(r).item() for r in reshapes)
     return min(tap_sum, four)
-
-
-def _gram_norms(m: Tensor) -> Tensor:
-    """``‖M‖₂`` of each float64 (or complex128) matrix of ``m`` (``(..., p, q)``) as
-    ``√λ_max`` of the smaller Gram matrix, raised past its rounding (``q`` products per
-    entry, and the Hermitian eigensolver's backward error: far below the 1e-9 added)."""
-    g = m @ m.mH if m.shape[-2] <= m.shape[-1] else m.mH @ m
-    return torch.linalg.eigvalsh(g)[..., -1].clamp_min(0.0).sqrt() * (1.0 + 1e-9)
 
 
 def _kernel(n_out: int, n_in: int, k: int) -> nn.Parameter:
